@@ -1,0 +1,279 @@
+"""The `dispatcher` command line. Exit codes: 0 success, 2 bad usage or config, 1 runtime failure.
+
+Every error is one clear line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn, TypeVar
+
+import orjson
+
+from dispatcher import __version__
+from dispatcher.config import Config, ConfigError, load_config
+
+__all__ = ["main"]
+
+_T = TypeVar("_T")
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"dispatcher: {message} (see dispatcher --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="dispatcher", description="Webhook dispatcher for email delivery events.")
+    p.add_argument("--version", action="version", version=f"dispatcher {__version__}")
+    p.add_argument("--config", help="config file (default: $DISPATCHER_CONFIG or "
+                   "config/dispatcher.toml)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--workers", type=int, default=None,
+                     help="worker processes (default: [dispatcher].workers, 0 = one per core)")
+    run.add_argument("--worker-child", action="store_true", help=argparse.SUPPRESS)
+
+    demo = sub.add_parser("demo", help="run the whole local loop once and print a summary")
+    demo.add_argument("--events", type=int, default=20, help="sample events to publish")
+    demo.add_argument("--keep", action="store_true", help="keep the demo's queues afterwards")
+
+    sub.add_parser("check-config", help="validate and print the effective config")
+
+    pub = sub.add_parser("publish", help="publish event JSON (an object or JSON lines)")
+    pub.add_argument("file", nargs="?", default="-", help="a file, or - for stdin (default)")
+
+    keys = sub.add_parser("keys", help="manage signing keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    ksub.add_parser("generate", help="create a signing key (active at once)")
+    rot = ksub.add_parser("rotate", help="publish a new key now; it signs after the JWKS "
+                          "cache age; the old one retires after token_ttl + cache age")
+    rot.add_argument("--publish-lead", default=None,
+                     help="how long the new key is published before it signs "
+                     "(default: [signing].jwks_max_age)")
+    ksub.add_parser("jwks", help="print the public key set")
+    ksub.add_parser("prune", help="remove keys whose retirement time has passed")
+
+    dlq = sub.add_parser("dlq", help="inspect and replay dead letters")
+    dsub = dlq.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser)
+    ls = dsub.add_parser("list", help="list dead letters (nothing is removed)")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    ls.add_argument("--limit", type=int, default=None, help="at most N records")
+    show = dsub.add_parser("show", help="one dead letter, with its body")
+    show.add_argument("id")
+    rep = dsub.add_parser("replay", help="deliver dead letters again")
+    rep.add_argument("ids", nargs="*", metavar="ID")
+    rep.add_argument("--all", action="store_true", help="every dead letter")
+    rep.add_argument("--subscriber", help="only dead letters of this subscriber")
+    purge = dsub.add_parser("purge", help="delete every dead letter")
+    purge.add_argument("--yes", action="store_true", help="do not ask")
+    exp = dsub.add_parser("export", help="write every dead letter as JSON lines")
+    exp.add_argument("file")
+    return p
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"dispatcher: {message}", file=sys.stderr)
+    return code
+
+
+def _run_async(coro_fn: Callable[[], Awaitable[_T]]) -> _T:
+    try:
+        import uvloop
+
+        return uvloop.run(coro_fn())  # type: ignore[no-any-return]
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.run(coro_fn())  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _fail(f"config: {exc}", EXIT_USAGE)
+    try:
+        return _dispatch(args, config)
+    except ConfigError as exc:
+        return _fail(f"config: {exc}", EXIT_USAGE)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_RUNTIME)
+    except Exception as exc:
+        return _fail(_describe(exc), EXIT_RUNTIME)
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    name = type(exc).__name__
+    if isinstance(exc, ConnectionError | OSError) or "AMQP" in name or "Connection" in name:
+        return f"broker: {text} (is RabbitMQ running and [broker].url right?)"
+    return f"{name}: {text}"
+
+
+def _dispatch(args: argparse.Namespace, config: Config) -> int:
+    from dispatcher.log import configure_logging
+
+    cmd = args.command
+    if cmd == "check-config":
+        sys.stdout.write(orjson.dumps(config.masked(), option=orjson.OPT_INDENT_2).decode() + "\n")
+        print(f"config OK: {config.source}, {len(config.subscribers)} subscribers", file=sys.stderr)
+        return EXIT_OK
+    if cmd == "run":
+        configure_logging(config.dispatcher.log_level, config.dispatcher.log_format)
+        return _cmd_run(args, config)
+    if cmd == "demo":
+        configure_logging("warning", "console")
+        from dispatcher.demo import run_demo
+
+        return _run_async(lambda: run_demo(config, events=args.events, keep=args.keep))
+    if cmd == "publish":
+        return _cmd_publish(args, config)
+    if cmd == "keys":
+        return _cmd_keys(args, config)
+    if cmd == "dlq":
+        return _cmd_dlq(args, config)
+    return _fail(f"unknown command {cmd}", EXIT_USAGE)  # pragma: no cover
+
+
+def _cmd_run(args: argparse.Namespace, config: Config) -> int:
+    workers = args.workers if args.workers is not None else config.dispatcher.workers
+    if workers < 0:
+        return _fail("--workers must be 0 (one per core) or more", EXIT_USAGE)
+    if workers == 0:
+        workers = os.cpu_count() or 1
+    if workers > 1 and not args.worker_child:
+        from dispatcher.supervisor import supervise
+
+        return supervise(config, workers=workers, config_path=args.config)
+    from dispatcher.daemon import serve
+
+    return _run_async(lambda: serve(config, config_path=args.config,
+                                    serve_ops=not args.worker_child))
+
+
+def _cmd_publish(args: argparse.Namespace, config: Config) -> int:
+    from dispatcher.publisher import PublishError, publish_events, read_events
+
+    try:
+        if args.file == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(args.file, "rb") as fh:
+                data = fh.read()
+    except OSError as exc:
+        return _fail(f"publish: cannot read {args.file}: {exc.strerror}", EXIT_USAGE)
+    try:
+        bodies = read_events(data)
+    except PublishError as exc:
+        return _fail(f"publish: {exc}", EXIT_USAGE)
+    n = _run_async(lambda: publish_events(config, bodies))
+    print(f"published {n} events to exchange {config.broker.exchange}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_keys(args: argparse.Namespace, config: Config) -> int:
+    from dispatcher.config import parse_duration
+    from signing import KeyRing, KeyRingError, generate_key, prune, rotate
+
+    s = config.signing
+    try:
+        if args.keys_command == "generate":
+            key = generate_key(s.keys_dir, s.algorithm)
+            print(f"generated {key.alg} key {key.kid} in {s.keys_dir}")
+        elif args.keys_command == "rotate":
+            lead = (parse_duration(args.publish_lead, "--publish-lead")
+                    if args.publish_lead is not None else s.jwks_max_age)
+            new, retiring = rotate(s.keys_dir, s.algorithm, publish_lead=lead,
+                                   retire_after=s.token_ttl + s.jwks_max_age)
+            print(f"new key {new.kid}: published now, signs from +{lead:g}s")
+            for old in retiring:
+                print(f"key {old.kid}: stays published until its tokens and caches expire")
+        elif args.keys_command == "prune":
+            removed = prune(s.keys_dir)
+            print(f"retired {len(removed)} keys" + (f": {', '.join(removed)}" if removed else ""))
+        else:
+            ring = KeyRing.load(s.keys_dir, s.algorithm, create_if_empty=False)
+            sys.stdout.write(orjson.dumps(ring.jwks(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    except KeyRingError as exc:
+        return _fail(f"keys: {exc}", EXIT_RUNTIME)
+    return EXIT_OK
+
+
+def _cmd_dlq(args: argparse.Namespace, config: Config) -> int:
+    from dispatcher.dead_letters import DeadLetterTool
+
+    tool = DeadLetterTool(config)
+    cmd = args.dlq_command
+    if cmd == "list":
+        if args.limit is not None and args.limit < 1:
+            return _fail("dlq list: --limit must be at least 1", EXIT_USAGE)
+        letters = _run_async(lambda: tool.list(args.limit))
+        if args.json:
+            for dl in letters:
+                sys.stdout.write(orjson.dumps(dl.record.as_dict()).decode() + "\n")
+        else:
+            _print_table([dl.record.as_dict() for dl in letters])
+        return EXIT_OK
+    if cmd == "show":
+        found = _run_async(lambda: tool.show(args.id))
+        if found is None:
+            return _fail(f"dlq show: no dead letter with id {args.id}", EXIT_RUNTIME)
+        out: dict[str, Any] = found.export()
+        out["headers"] = found.headers
+        sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
+        return EXIT_OK
+    if cmd == "replay":
+        if bool(args.ids) == bool(args.all):
+            return _fail("dlq replay: give dead-letter IDs or --all (not both)", EXIT_USAGE)
+        ids = None if args.all else args.ids
+        replayed, missing, kept = _run_async(lambda: tool.replay(ids, subscriber=args.subscriber))
+        print(f"replayed {replayed} dead letters")
+        if kept:
+            print(f"kept {len(kept)} whose subscriber is no longer configured: "
+                  f"{', '.join(sorted(kept))}", file=sys.stderr)
+        if missing:
+            return _fail(f"dlq replay: not found: {', '.join(sorted(missing))}", EXIT_RUNTIME)
+        return EXIT_OK
+    if cmd == "purge":
+        count = _run_async(tool.count)
+        if not args.yes:
+            if not sys.stdin.isatty():
+                return _fail(f"dlq purge: refusing to delete {count} dead letters without --yes "
+                             "(stdin is not a terminal)", EXIT_USAGE)
+            answer = input(f"Delete {count} dead letters from {config.broker.dead_letter_queue}? "
+                           "[y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing deleted")
+                return EXIT_OK
+        purged = _run_async(tool.purge)
+        print(f"purged {purged} dead letters")
+        return EXIT_OK
+    if cmd == "export":
+        n = _run_async(lambda: tool.export(args.file))
+        print(f"exported {n} dead letters to {args.file}")
+        return EXIT_OK
+    return _fail(f"unknown dlq command {cmd}", EXIT_USAGE)  # pragma: no cover
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    cols = ["id", "event", "subscriber", "attempts", "reason", "last_status", "dead_lettered_at"]
+    if not rows:
+        print("no dead letters")
+        return
+    cells = [[str(r.get(c) if r.get(c) is not None else "-") for c in cols] for r in rows]
+    widths = [min(max(len(c), *(len(row[i]) for row in cells)), 60) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for row in cells:
+        print("  ".join(v[:w].ljust(w) for v, w in zip(row, widths, strict=True)))
+    print(f"{len(rows)} dead letters")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,549 @@
+"""Configuration: TOML in, frozen and validated objects out.
+
+Everything is checked here, once, before any socket opens. Each problem becomes a
+`ConfigError` whose message is one line naming the key, e.g.
+``subscribers[1].timeout: bad duration "10 sec" (use ms, s, m or h)``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from dispatcher.events import KNOWN_EVENT_TYPES
+
+__all__ = [
+    "BreakerConfig",
+    "BrokerConfig",
+    "Config",
+    "ConfigError",
+    "DispatcherConfig",
+    "HttpConfig",
+    "RetryConfig",
+    "SigningConfig",
+    "SubscriberConfig",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+]
+
+DEFAULT_CONFIG_PATH = "config/dispatcher.toml"
+_T = TypeVar("_T")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line that names the key."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: object, key: str) -> float:
+    """Parse "250ms", "5s", "2m", "1h" (or a bare number of seconds) into seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f'{key}: bad duration {value!r} (use ms, s, m or h, e.g. "30s")')
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    else:
+        raise ConfigError(f'{key}: bad duration {value!r} (use ms, s, m or h, e.g. "30s")')
+    if seconds < 0:
+        raise ConfigError(f"{key}: duration must not be negative")
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    exchange: str = "email.events"
+    queue: str = "webhooks.dispatch"
+    binding_keys: tuple[str, ...] = ("Message.#",)
+    prefetch: int = 256
+    queue_type: str = "quorum"
+    max_event_bytes: int = 256 * 1024
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.queue}.dead"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    listen: str = "127.0.0.1:8088"
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True, slots=True)
+class SigningConfig:
+    issuer: str = "https://mail.example.com"
+    subject: str = "agent:webhook-dispatcher"
+    keys_dir: str = "keys"
+    algorithm: str = "EdDSA"
+    token_ttl: float = 300.0
+    jwks_max_age: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    schedule: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 10800, 21600)
+    jitter: float = 0.2
+    max_age: float = 86400.0
+    overflow_delay: float = 1.0
+
+    @property
+    def max_attempts(self) -> int:
+        return len(self.schedule) + 1
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    failure_threshold: int = 5
+    cooldown: float = 30.0
+    max_cooldown: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class DispatcherConfig:
+    drain_timeout: float = 30.0
+    workers: int = 0  # 0 = one per core
+    log_level: str = "info"
+    log_format: str = "auto"  # json | console | auto (console on a terminal)
+    max_response_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberConfig:
+    id: str
+    url: str
+    events: tuple[str, ...] = ("*",)
+    auth: str = "jwt"
+    hmac_secret_env: str | None = None
+    hmac_secrets: tuple[bytes, ...] = field(default=(), repr=False)
+    timeout: float = 10.0
+    max_in_flight: int = 64
+    rate_limit: float = 0.0
+
+    @property
+    def uses_jwt(self) -> bool:
+        return "jwt" in self.auth
+
+    @property
+    def uses_hmac(self) -> bool:
+        return "hmac" in self.auth
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    broker: BrokerConfig = BrokerConfig()
+    http: HttpConfig = HttpConfig()
+    signing: SigningConfig = SigningConfig()
+    retry: RetryConfig = RetryConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    dispatcher: DispatcherConfig = DispatcherConfig()
+    subscribers: tuple[SubscriberConfig, ...] = ()
+    allow_private_networks: bool = False
+    source: str = "<defaults>"
+
+    def subscriber(self, subscriber_id: str) -> SubscriberConfig | None:
+        for sub in self.subscribers:
+            if sub.id == subscriber_id:
+                return sub
+        return None
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration as plain data, with secrets masked."""
+        return {
+            "source": self.source,
+            "allow_private_networks": self.allow_private_networks,
+            "broker": {
+                "url": _mask_url(self.broker.url),
+                "exchange": self.broker.exchange,
+                "queue": self.broker.queue,
+                "binding_keys": list(self.broker.binding_keys),
+                "prefetch": self.broker.prefetch,
+                "queue_type": self.broker.queue_type,
+                "max_event_bytes": self.broker.max_event_bytes,
+            },
+            "http": {"listen": self.http.listen},
+            "signing": {
+                "issuer": self.signing.issuer,
+                "subject": self.signing.subject,
+                "keys_dir": self.signing.keys_dir,
+                "algorithm": self.signing.algorithm,
+                "token_ttl": self.signing.token_ttl,
+                "jwks_max_age": self.signing.jwks_max_age,
+            },
+            "retry": {
+                "schedule": list(self.retry.schedule),
+                "jitter": self.retry.jitter,
+                "max_age": self.retry.max_age,
+                "overflow_delay": self.retry.overflow_delay,
+            },
+            "breaker": {
+                "failure_threshold": self.breaker.failure_threshold,
+                "cooldown": self.breaker.cooldown,
+                "max_cooldown": self.breaker.max_cooldown,
+            },
+            "dispatcher": {
+                "drain_timeout": self.dispatcher.drain_timeout,
+                "workers": self.dispatcher.workers,
+                "log_level": self.dispatcher.log_level,
+                "log_format": self.dispatcher.log_format,
+                "max_response_bytes": self.dispatcher.max_response_bytes,
+            },
+            "subscribers": [
+                {
+                    "id": s.id,
+                    "url": s.url,
+                    "events": list(s.events),
+                    "auth": s.auth,
+                    "hmac_secret_env": s.hmac_secret_env,
+                    "hmac_secrets": ["***"] * len(s.hmac_secrets),
+                    "timeout": s.timeout,
+                    "max_in_flight": s.max_in_flight,
+                    "rate_limit": s.rate_limit,
+                }
+                for s in self.subscribers
+            ],
+        }
+
+
+def _mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+    return url
+
+
+# --- reading raw TOML tables ------------------------------------------------------------------
+
+
+class _Table:
+    """A TOML table being consumed key by key; leftovers are unknown keys."""
+
+    def __init__(self, data: object, name: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{name}: expected a table")
+        self._data = dict(data)
+        self._name = name
+
+    def key(self, k: str) -> str:
+        return f"{self._name}.{k}" if self._name else k
+
+    def take(self, k: str, kind: type[_T], default: _T) -> _T:
+        if k not in self._data:
+            return default
+        value = self._data.pop(k)
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)  # type: ignore[return-value]
+        if not ok:
+            raise ConfigError(f"{self.key(k)}: expected {kind.__name__}, got {value!r}")
+        return value  # type: ignore[no-any-return]
+
+    def take_raw(self, k: str, default: object) -> object:
+        return self._data.pop(k, default)
+
+    def take_duration(self, k: str, default: float) -> float:
+        if k not in self._data:
+            return default
+        return parse_duration(self._data.pop(k), self.key(k))
+
+    def take_str_list(self, k: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        if k not in self._data:
+            return default
+        value = self._data.pop(k)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{self.key(k)}: expected a list of strings, got {value!r}")
+        return tuple(value)
+
+    def finish(self) -> None:
+        if self._data:
+            unknown = sorted(self._data)[0]
+            raise ConfigError(f"{self.key(unknown)}: unknown key")
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+
+def _broker(t: _Table, env: Mapping[str, str]) -> BrokerConfig:
+    d = BrokerConfig()
+    url = t.take("url", str, d.url)
+    url = env.get("DISPATCHER_BROKER_URL", url)
+    parts = urlsplit(url)
+    _check(parts.scheme in ("amqp", "amqps") and bool(parts.hostname), t.key("url"),
+           f"bad broker URL {_mask_url(url)!r} (expected amqp://user:pass@host:port/vhost)")
+    cfg = BrokerConfig(
+        url=url,
+        exchange=t.take("exchange", str, d.exchange),
+        queue=t.take("queue", str, d.queue),
+        binding_keys=t.take_str_list("binding_keys", d.binding_keys),
+        prefetch=t.take("prefetch", int, d.prefetch),
+        queue_type=t.take("queue_type", str, d.queue_type),
+        max_event_bytes=t.take("max_event_bytes", int, d.max_event_bytes),
+    )
+    t.finish()
+    _check(bool(cfg.exchange), t.key("exchange"), "must not be empty")
+    _check(bool(cfg.queue), t.key("queue"), "must not be empty")
+    _check(bool(cfg.binding_keys), t.key("binding_keys"), "must list at least one key")
+    _check(1 <= cfg.prefetch <= 65535, t.key("prefetch"), "must be between 1 and 65535")
+    _check(cfg.queue_type in ("quorum", "classic"), t.key("queue_type"),
+           f'must be "quorum" or "classic", got {cfg.queue_type!r}')
+    _check(cfg.max_event_bytes >= 64, t.key("max_event_bytes"), "must be at least 64")
+    return cfg
+
+
+def _http(t: _Table) -> HttpConfig:
+    listen = t.take("listen", str, HttpConfig().listen)
+    t.finish()
+    host, sep, port = listen.rpartition(":")
+    _check(bool(sep and host and port.isdigit() and 0 <= int(port) <= 65535), t.key("listen"),
+           f"expected host:port, got {listen!r}")
+    return HttpConfig(listen=listen)
+
+
+def _signing(t: _Table) -> SigningConfig:
+    d = SigningConfig()
+    cfg = SigningConfig(
+        issuer=t.take("issuer", str, d.issuer),
+        subject=t.take("subject", str, d.subject),
+        keys_dir=t.take("keys_dir", str, d.keys_dir),
+        algorithm=t.take("algorithm", str, d.algorithm),
+        token_ttl=t.take_duration("token_ttl", d.token_ttl),
+        jwks_max_age=t.take_duration("jwks_max_age", d.jwks_max_age),
+    )
+    t.finish()
+    _check(cfg.algorithm in ("EdDSA", "ES256"), t.key("algorithm"),
+           f'must be "EdDSA" or "ES256", got {cfg.algorithm!r}')
+    _check(bool(cfg.issuer), t.key("issuer"), "must not be empty")
+    _check(bool(cfg.keys_dir), t.key("keys_dir"), "must not be empty")
+    _check(10 <= cfg.token_ttl <= 3600, t.key("token_ttl"), "must be between 10s and 1h")
+    return cfg
+
+
+def _retry(t: _Table) -> RetryConfig:
+    d = RetryConfig()
+    raw = t.take_raw("schedule", None)
+    if raw is None:
+        schedule = d.schedule
+    else:
+        _check(isinstance(raw, list), t.key("schedule"), "expected a list of durations")
+        assert isinstance(raw, list)
+        schedule = tuple(parse_duration(v, f"{t.key('schedule')}[{i}]") for i, v in enumerate(raw))
+    jitter = t.take("jitter", float, d.jitter)
+    cfg = RetryConfig(
+        schedule=schedule,
+        jitter=jitter,
+        max_age=t.take_duration("max_age", d.max_age),
+        overflow_delay=t.take_duration("overflow_delay", d.overflow_delay),
+    )
+    t.finish()
+    _check(0.0 <= cfg.jitter < 1.0, t.key("jitter"), "must be between 0 and 1 (exclusive)")
+    _check(len(cfg.schedule) <= 64, t.key("schedule"), "at most 64 retries")
+    _check(all(0 < s <= 3 * 86400 for s in cfg.schedule), t.key("schedule"),
+           "each delay must be more than 0 and at most 72h")
+    _check(cfg.max_age > 0, t.key("max_age"), "must be more than 0")
+    _check(cfg.overflow_delay > 0, t.key("overflow_delay"), "must be more than 0")
+    return cfg
+
+
+def _breaker(t: _Table) -> BreakerConfig:
+    d = BreakerConfig()
+    cfg = BreakerConfig(
+        failure_threshold=t.take("failure_threshold", int, d.failure_threshold),
+        cooldown=t.take_duration("cooldown", d.cooldown),
+        max_cooldown=t.take_duration("max_cooldown", d.max_cooldown),
+    )
+    t.finish()
+    _check(cfg.failure_threshold >= 1, t.key("failure_threshold"), "must be at least 1")
+    _check(cfg.cooldown > 0, t.key("cooldown"), "must be more than 0")
+    _check(cfg.max_cooldown >= cfg.cooldown, t.key("max_cooldown"), "must be >= cooldown")
+    return cfg
+
+
+def _dispatcher(t: _Table, env: Mapping[str, str]) -> DispatcherConfig:
+    d = DispatcherConfig()
+    cfg = DispatcherConfig(
+        drain_timeout=t.take_duration("drain_timeout", d.drain_timeout),
+        workers=t.take("workers", int, d.workers),
+        log_level=env.get("DISPATCHER_LOG_LEVEL", t.take("log_level", str, d.log_level)).lower(),
+        log_format=env.get("DISPATCHER_LOG_FORMAT", t.take("log_format", str, d.log_format)),
+        max_response_bytes=t.take("max_response_bytes", int, d.max_response_bytes),
+    )
+    t.finish()
+    _check(cfg.workers >= 0, t.key("workers"), "must be 0 (one per core) or more")
+    _check(cfg.log_level in ("debug", "info", "warning", "error"), t.key("log_level"),
+           f"must be debug, info, warning or error, got {cfg.log_level!r}")
+    _check(cfg.log_format in ("auto", "json", "console"), t.key("log_format"),
+           f"must be auto, json or console, got {cfg.log_format!r}")
+    _check(cfg.max_response_bytes >= 0, t.key("max_response_bytes"), "must not be negative")
+    return cfg
+
+
+_SUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_PATTERN = re.compile(r"^(\*|[A-Za-z]+\.\*|[A-Za-z]+\.[A-Za-z]+)$")
+
+
+def _subscriber(t: _Table, env: Mapping[str, str], allow_private: bool) -> SubscriberConfig:
+    sub_id = t.take("id", str, "")
+    _check(bool(_SUB_ID.match(sub_id)), t.key("id"),
+           f"must be 1-64 letters, digits, '_', '.', '-', got {sub_id!r}")
+    url = t.take("url", str, "")
+    _check_subscriber_url(url, t.key("url"), allow_private)
+    events = t.take_str_list("events", ("*",))
+    for i, pattern in enumerate(events):
+        _check(bool(_PATTERN.match(pattern)), f"{t.key('events')}[{i}]",
+               f'bad pattern {pattern!r} (use an exact name, "Message.*" or "*")')
+        if "*" not in pattern:
+            _check(pattern in KNOWN_EVENT_TYPES, f"{t.key('events')}[{i}]",
+                   f"unknown event type {pattern!r} (known: {', '.join(KNOWN_EVENT_TYPES)})")
+    _check(bool(events), t.key("events"), "must list at least one pattern")
+    auth = t.take("auth", str, "jwt")
+    _check(auth in ("jwt", "hmac", "jwt+hmac"), t.key("auth"),
+           f'must be "jwt", "hmac" or "jwt+hmac", got {auth!r}')
+    secret_env = t.take("hmac_secret_env", str, "") or None
+    secrets: tuple[bytes, ...] = ()
+    if "hmac" in auth:
+        _check(secret_env is not None, t.key("hmac_secret_env"),
+               f'required when auth = "{auth}"')
+        assert secret_env is not None
+        value = env.get(secret_env)
+        _check(bool(value), t.key("hmac_secret_env"),
+               f"environment variable {secret_env} is not set")
+        assert value is not None
+        secrets = _parse_hmac_secrets(value, t.key("hmac_secret_env"))
+    cfg = SubscriberConfig(
+        id=sub_id,
+        url=url,
+        events=events,
+        auth=auth,
+        hmac_secret_env=secret_env,
+        hmac_secrets=secrets,
+        timeout=t.take_duration("timeout", 10.0),
+        max_in_flight=t.take("max_in_flight", int, 64),
+        rate_limit=t.take("rate_limit", float, 0.0),
+    )
+    t.finish()
+    _check(0 < cfg.timeout <= 300, t.key("timeout"), "must be more than 0 and at most 5m")
+    _check(1 <= cfg.max_in_flight <= 10000, t.key("max_in_flight"), "must be 1 to 10000")
+    _check(cfg.rate_limit >= 0, t.key("rate_limit"), "must be 0 (unlimited) or more")
+    return cfg
+
+
+def _parse_hmac_secrets(value: str, key: str) -> tuple[bytes, ...]:
+    import base64
+    import binascii
+
+    out = []
+    for token in value.split():
+        raw = token.removeprefix("whsec_")
+        try:
+            decoded = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{key}: secret is not whsec_<base64>") from None
+        if len(decoded) < 16:
+            raise ConfigError(f"{key}: secret is shorter than 16 bytes")
+        out.append(decoded)
+    return tuple(out)
+
+
+def _check_subscriber_url(url: str, key: str, allow_private: bool) -> None:
+    parts = urlsplit(url)
+    _check(parts.scheme in ("http", "https") and bool(parts.hostname), key,
+           f"bad URL {url!r} (expected http(s)://host/path)")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ConfigError(f"{key}: bad port in {url!r}") from None
+    _check(not parts.username and not parts.password, key, "credentials in the URL are not allowed")
+    if allow_private:
+        return
+    host = parts.hostname or ""
+    _check(host.lower() not in ("localhost", "localhost.localdomain") and
+           not host.lower().endswith(".localhost"), key,
+           f"{host} is a loopback name (set allow_private_networks = true for local targets)")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return  # a name: checked again at connect time
+    _check(ip.is_global, key,
+           f"{ip} is not a public address (set allow_private_networks = true for local targets)")
+
+
+# --- entry points -----------------------------------------------------------------------------
+
+
+
+def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None,
+                 source: str = "<memory>") -> Config:
+    """Validate a parsed TOML document into a `Config`; raise `ConfigError` on any problem."""
+    env = os.environ if env is None else env
+    root = _Table(data, "")
+    allow_private = root.take("allow_private_networks", bool, False)
+    broker = _broker(_Table(root.take_raw("broker", {}), "broker"), env)
+    http = _http(_Table(root.take_raw("http", {}), "http"))
+    signing = _signing(_Table(root.take_raw("signing", {}), "signing"))
+    retry = _retry(_Table(root.take_raw("retry", {}), "retry"))
+    breaker = _breaker(_Table(root.take_raw("breaker", {}), "breaker"))
+    disp = _dispatcher(_Table(root.take_raw("dispatcher", {}), "dispatcher"), env)
+    raw_subs = root.take_raw("subscribers", [])
+    if not isinstance(raw_subs, list):
+        raise ConfigError("subscribers: expected [[subscribers]] tables")
+    subs = tuple(
+        _subscriber(_Table(s, f"subscribers[{i}]"), env, allow_private)
+        for i, s in enumerate(raw_subs)
+    )
+    seen: set[str] = set()
+    for i, s in enumerate(subs):
+        if s.id in seen:
+            raise ConfigError(f"subscribers[{i}].id: duplicate subscriber id {s.id!r}")
+        seen.add(s.id)
+    root.finish()
+    return Config(broker=broker, http=http, signing=signing, retry=retry, breaker=breaker,
+                  dispatcher=disp, subscribers=subs, allow_private_networks=allow_private,
+                  source=source)
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the config file (``--config``, ``DISPATCHER_CONFIG`` or the default)."""
+    env = os.environ if env is None else env
+    chosen = Path(path or env.get("DISPATCHER_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        text = chosen.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{chosen}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{chosen}: cannot read config file ({exc})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{chosen}: invalid TOML ({exc})") from None
+    cfg = parse_config(data, env, source=str(chosen))
+    keys_dir = Path(cfg.signing.keys_dir)
+    if not keys_dir.is_absolute():
+        # keys_dir is relative to the config file's directory's parent project, i.e. the cwd.
+        keys_dir = Path.cwd() / keys_dir
+    return replace(cfg, signing=replace(cfg.signing, keys_dir=str(keys_dir)))

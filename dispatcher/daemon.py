@@ -1,0 +1,216 @@
+"""The daemon's lifecycle: connect, declare, consume, and shut down in a fixed order.
+
+Start: signing keys, ops endpoints, HTTP session, broker connection, topology, consumer.
+Stop (SIGTERM/SIGINT): stop intake (cancel the consumer), drain held messages with a deadline,
+cancel and hand back the rest, close HTTP, the channels, the connection. SIGHUP reloads the
+subscribers; an invalid new config is refused and the old one stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from dataclasses import replace
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractRobustConnection
+
+from dispatcher import __version__
+from dispatcher.config import Config, ConfigError, load_config
+from dispatcher.delivery import HttpSender
+from dispatcher.metrics import Metrics, render_metrics
+from dispatcher.ops_http import OpsServer
+from dispatcher.pipeline import Pipeline
+from dispatcher.settlement import Settlement
+from dispatcher.topology import declare, queue_depths
+from signing import KeyRing, TokenMinter
+
+__all__ = ["Dispatcher", "serve"]
+
+log = structlog.get_logger("dispatcher.daemon")
+
+_KEY_REFRESH = 5.0
+_DEPTH_SAMPLE = 5.0
+
+
+class Dispatcher:
+    """One worker: an async context manager that consumes until `stop` is called."""
+
+    def __init__(self, config: Config, *, serve_ops: bool = True,
+                 config_path: str | None = None) -> None:
+        self.config = config
+        self._serve_ops = serve_ops
+        self._config_path = config_path
+        self.metrics = Metrics()
+        self.keyring = KeyRing.load(config.signing.keys_dir, config.signing.algorithm)
+        self._minter = TokenMinter(self.keyring, issuer=config.signing.issuer,
+                                   subject=config.signing.subject,
+                                   ttl_seconds=int(config.signing.token_ttl))
+        self._stack = contextlib.AsyncExitStack()
+        self._connection: AbstractRobustConnection | None = None
+        self._consumer: tuple[Any, str] | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.pipeline: Pipeline | None = None
+        self.ops: OpsServer | None = None
+
+    # --- readiness ------------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        conn = self._connection
+        return (
+            conn is not None and not self._stopping and self._consumer is not None
+            and conn.connected.is_set() and not conn.is_closed
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Dispatcher:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        cfg = self.config
+        if self._serve_ops:
+            self.ops = await self._stack.enter_async_context(OpsServer(
+                cfg.http.host, cfg.http.port, ready=self.ready,
+                metrics=lambda: render_metrics(self.metrics),
+                jwks=lambda: self.keyring.jwks(), jwks_max_age=cfg.signing.jwks_max_age))
+        sender = await self._stack.enter_async_context(HttpSender(
+            allow_private_networks=cfg.allow_private_networks,
+            max_response_bytes=cfg.dispatcher.max_response_bytes))
+
+        self._connection = await aio_pika.connect_robust(
+            cfg.broker.url,
+            client_properties={"connection_name": f"bounce-dispatcher/{__version__} pid {os.getpid()}"},
+        )
+        self._stack.push_async_callback(self._connection.close)
+        publish_channel = await self._connection.channel(publisher_confirms=True)
+        consume_channel = await self._connection.channel(publisher_confirms=False)
+        await consume_channel.set_qos(prefetch_count=cfg.broker.prefetch)
+        topology = await declare(consume_channel, cfg.broker)
+
+        self.pipeline = Pipeline(cfg, sender=sender, settlement=Settlement(publish_channel, cfg.broker),
+                                 minter=self._minter, metrics=self.metrics)
+        self.metrics.prefetch_limit.set(cfg.broker.prefetch)
+        tag = await topology.work.consume(self.pipeline.handle, no_ack=False)
+        self._consumer = (topology.work, tag)
+        self._connection.reconnect_callbacks.add(self._on_reconnect)
+        self._connection.close_callbacks.add(self._on_close)
+        self._background = [
+            asyncio.create_task(self._every(_KEY_REFRESH, self._refresh_keys)),
+            asyncio.create_task(self._every(_DEPTH_SAMPLE, self._sample_depths)),
+        ]
+        self._depth_channel = publish_channel
+        self.metrics.ready.set(1)
+        log.info("dispatcher_started", queue=cfg.broker.queue, prefetch=cfg.broker.prefetch,
+                 subscribers=[s.id for s in cfg.subscribers], version=__version__,
+                 listen=cfg.http.listen if self._serve_ops else None)
+
+    async def stop(self) -> None:
+        """Stop intake and drain; the context exit closes what is left."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.metrics.ready.set(0)
+        if self._consumer is not None:
+            queue, tag = self._consumer
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(queue.cancel(tag), timeout=5)
+        handed_back = 0
+        if self.pipeline is not None:
+            log.info("draining", held=self.pipeline.held,
+                     timeout=self.config.dispatcher.drain_timeout)
+            handed_back = await self.pipeline.drain(self.config.dispatcher.drain_timeout)
+        log.info("drained", handed_back=handed_back)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._stack.aclose()
+        log.info("dispatcher_stopped")
+
+    # --- reload ---------------------------------------------------------------------------------
+
+    def reload(self, new: Config | None = None) -> bool:
+        """Apply a new config's subscribers, retry and breaker settings; keep the old on error."""
+        try:
+            if new is None:
+                new = load_config(self._config_path)
+        except ConfigError as exc:
+            log.error("reload_refused", error=str(exc))
+            return False
+        restart_needed = [name for name in ("broker", "http", "signing")
+                          if getattr(new, name) != getattr(self.config, name)]
+        if restart_needed:
+            log.warning("reload_partial", ignored=restart_needed,
+                        hint="these sections take effect on restart")
+        merged = replace(new, broker=self.config.broker, http=self.config.http,
+                         signing=self.config.signing)
+        self.config = merged
+        if self.pipeline is not None:
+            self.pipeline.apply_config(merged)
+        log.info("reloaded", subscribers=[s.id for s in merged.subscribers])
+        return True
+
+    # --- background -----------------------------------------------------------------------------
+
+    async def _every(self, interval: float, job: Any) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("background_job_failed", job=job.__name__, error=str(exc))
+
+    async def _refresh_keys(self) -> None:
+        if self.keyring.reload_if_changed():
+            log.info("signing_keys_reloaded", kid=self.keyring.signing_key().kid)
+
+    async def _sample_depths(self) -> None:
+        conn = self._connection
+        if conn is None or not conn.connected.is_set():
+            return
+        depths = await queue_depths(self._depth_channel, self.config.broker)
+        for name, value in depths.items():
+            self.metrics.queue_depth.labels(name).set(value)
+
+    def _on_reconnect(self, *_: Any) -> None:
+        self.metrics.ready.set(0 if self._stopping else 1)
+        log.info("broker_reconnected")
+
+    def _on_close(self, *args: Any) -> None:
+        self.metrics.ready.set(0)
+        exc = args[1] if len(args) > 1 else None
+        if not self._stopping:
+            log.warning("broker_connection_lost", error=str(exc) if exc else None)
+
+
+async def serve(config: Config, *, config_path: str | None = None,
+                serve_ops: bool = True) -> int:
+    """Run one worker until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    async with Dispatcher(config, config_path=config_path, serve_ops=serve_ops) as disp:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, disp.reload)
+        started = time.monotonic()
+        await stop.wait()
+        log.info("shutdown_requested", uptime=round(time.monotonic() - started, 1))
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    return 0

@@ -1,0 +1,153 @@
+"""Per-subscriber lanes: the one place that bounds in-flight work, rate and waiting.
+
+A lane admits a delivery, or tells the caller to defer it (hand it to the durable retry path)
+so that a slow, saturated or failing subscriber never holds more than its share of the
+consumer's prefetch window and never starves the others:
+
+* at most ``max_in_flight`` requests in flight;
+* at most ``max_waiting`` deliveries queued behind them; beyond that, defer;
+* at most ``rate_limit`` requests per second (evenly spaced); a delivery whose turn is further
+  away than ``max_rate_wait`` is deferred instead of held;
+* the circuit breaker's verdict first: while it is open, everything is deferred.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dispatcher.circuit_breaker import BreakerState, CircuitBreaker
+from dispatcher.config import BreakerConfig, SubscriberConfig
+
+__all__ = ["Admitted", "Deferred", "Lane", "LaneSet"]
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    delay: float
+    why: str
+
+
+class Admitted:
+    """A held slot; release it exactly once with `Lane.release`."""
+
+    __slots__ = ("probe",)
+
+    def __init__(self, probe: bool) -> None:
+        self.probe = probe
+
+
+class Lane:
+    def __init__(
+        self,
+        sub: SubscriberConfig,
+        breaker: BreakerConfig,
+        *,
+        max_waiting: int,
+        max_rate_wait: float = 1.0,
+        on_breaker_change: Callable[[BreakerState, BreakerState, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sub = sub
+        self.max_waiting = max_waiting
+        self.max_rate_wait = max_rate_wait
+        self.breaker = CircuitBreaker(breaker, on_change=on_breaker_change)
+        self._clock = clock
+        self._slots = asyncio.Semaphore(sub.max_in_flight)
+        self._interval = 1.0 / sub.rate_limit if sub.rate_limit > 0 else 0.0
+        self._next_turn = 0.0
+        self.in_flight = 0
+        self.waiting = 0
+
+    async def acquire(self) -> Admitted | Deferred:
+        stay_away = self.breaker.ask(self._clock())
+        if stay_away is not None:
+            return Deferred(stay_away, "breaker_open")
+        slot = Admitted(self.breaker.state is BreakerState.HALF_OPEN)
+        if self._slots.locked() and self.waiting >= self.max_waiting:
+            self._drop_probe(slot)
+            return Deferred(0.0, "lane_full")
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            self._drop_probe(slot)
+            raise
+        finally:
+            self.waiting -= 1
+        self.in_flight += 1
+        if not self._interval:
+            return slot
+        # Turns are handed out after a slot is held, so sends stay evenly spaced.
+        now = self._clock()
+        turn = max(now, self._next_turn)
+        if turn - now > self.max_rate_wait:
+            self.release(slot, None)
+            return Deferred(turn - now, "rate_limited")
+        self._next_turn = turn + self._interval
+        if turn > now:
+            try:
+                await asyncio.sleep(turn - now)
+            except BaseException:
+                self.release(slot, None)
+                raise
+        return slot
+
+    def _drop_probe(self, slot: Admitted) -> None:
+        if slot.probe:
+            self.breaker.release_probe()
+
+    def release(self, slot: Admitted, ok: bool | None) -> None:
+        """Give the slot back; ``ok`` is the breaker verdict (None: no verdict)."""
+        self.in_flight -= 1
+        self._slots.release()
+        if ok is True:
+            self.breaker.success()
+        elif ok is False:
+            self.breaker.failure(self._clock())
+        else:
+            self._drop_probe(slot)
+
+
+class LaneSet:
+    """Lanes by subscriber id; rebuilt on reload, keeping a lane whose limits did not change."""
+
+    def __init__(
+        self,
+        breaker: BreakerConfig,
+        *,
+        prefetch: int,
+        on_breaker_change: Callable[[str, BreakerState, BreakerState, str], None] | None = None,
+    ) -> None:
+        self._breaker = breaker
+        self._prefetch = prefetch
+        self._on_change = on_breaker_change
+        self._lanes: dict[str, Lane] = {}
+
+    def lane(self, sub: SubscriberConfig) -> Lane:
+        lane = self._lanes.get(sub.id)
+        if lane is None or lane.sub != sub:
+            lane = self._make(sub)
+            self._lanes[sub.id] = lane
+        return lane
+
+    def lanes(self) -> list[Lane]:
+        return list(self._lanes.values())
+
+    def retain(self, ids: set[str]) -> None:
+        for sub_id in list(self._lanes):
+            if sub_id not in ids:
+                del self._lanes[sub_id]
+
+    def _make(self, sub: SubscriberConfig) -> Lane:
+        # One subscriber may hold at most half of the prefetch window (in flight + waiting).
+        max_waiting = max(0, min(sub.max_in_flight, self._prefetch // 2 - sub.max_in_flight))
+        callback = self._on_change
+
+        def changed(old: BreakerState, new: BreakerState, why: str) -> None:
+            if callback is not None:
+                callback(sub.id, old, new, why)
+
+        return Lane(sub, self._breaker, max_waiting=max_waiting, on_breaker_change=changed)

@@ -1,0 +1,287 @@
+"""The delivery pipeline: one consumed message in, every matching subscriber settled, one ack.
+
+`Pipeline.handle` is the only place that acks or requeues a work-queue message. A message is
+acked when each of its deliveries is settled: delivered (2xx), or parked in the retry tiers, or
+written as a dead letter, both confirmed by the broker. Anything else (a publish that failed,
+a cancellation during shutdown, a bug) requeues the message: at-least-once, never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+
+from dispatcher.config import Config, SubscriberConfig
+from dispatcher.delivery import HttpSender
+from dispatcher.endpoint_limits import Admitted, LaneSet
+from dispatcher.events import Event, InvalidEvent, parse_event
+from dispatcher.metrics import Metrics
+from dispatcher.records import H_PUBLISHED_AT, H_ROUTING_KEY, Delivery, published_at
+from dispatcher.retry_policy import (
+    DeadLetter,
+    Decision,
+    Delivered,
+    Outcome,
+    OutcomeKind,
+    Retry,
+    decide,
+    defer_delay,
+)
+from dispatcher.routing import RoutingTable
+from dispatcher.settlement import Settlement
+from signing import TokenMinter, sign_hmac
+
+__all__ = ["Pipeline"]
+
+log = structlog.get_logger("dispatcher.pipeline")
+
+
+class _Verdict(enum.Enum):
+    ACK = "ack"
+    REQUEUE = "requeue"
+
+
+def _breaker_verdict(outcome: Outcome) -> bool | None:
+    """Does this outcome say the endpoint is healthy (True), unhealthy (False), or neither?"""
+    if outcome.kind is OutcomeKind.DELIVERED:
+        return True
+    if outcome.kind is OutcomeKind.FAILED:
+        status = outcome.status
+        return False if status is None or status >= 500 or status == 429 else None
+    return None
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        sender: HttpSender,
+        settlement: Settlement,
+        minter: TokenMinter | None,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._sender = sender
+        self._settlement = settlement
+        self._minter = minter
+        self._metrics = metrics
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._lanes = LaneSet(config.breaker, prefetch=config.broker.prefetch,
+                              on_breaker_change=self._breaker_changed)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.config = config
+        self._routing = RoutingTable(config.subscribers)
+
+    # --- configuration -------------------------------------------------------------------------
+
+    def apply_config(self, config: Config) -> None:
+        """Swap subscribers; deliveries already running keep the settings they started with."""
+        self.config = config
+        self._routing = RoutingTable(config.subscribers)
+        self._lanes.retain({s.id for s in config.subscribers})
+
+    @property
+    def held(self) -> int:
+        """Messages taken from the queue and not yet acked or requeued."""
+        return len(self._tasks)
+
+    @property
+    def lanes(self) -> LaneSet:
+        return self._lanes
+
+    async def drain(self, timeout: float) -> int:
+        """Wait for held messages to settle; cancel (and so requeue) what is left. Returns it."""
+        pending = set(self._tasks)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+        return len(pending)
+
+    # --- one message -------------------------------------------------------------------------
+
+    async def handle(self, message: AbstractIncomingMessage) -> None:
+        """The consumer callback. Owns the ack or requeue of ``message``."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._metrics.prefetch_used.inc()
+        verdict = _Verdict.REQUEUE
+        try:
+            verdict = await self._process(message)
+        except asyncio.CancelledError:
+            log.warning("message_handed_back", reason="shutdown", message_id=message.message_id)
+        except Exception as exc:  # a bug or a broker failure: hand the message back
+            log.error("message_failed", error=f"{type(exc).__name__}: {exc}",
+                      message_id=message.message_id, exc_info=not isinstance(exc, AMQPError))
+        finally:
+            self._tasks.discard(task)
+            self._metrics.prefetch_used.dec()
+            await self._finish(message, verdict)
+
+    async def _finish(self, message: AbstractIncomingMessage, verdict: _Verdict) -> None:
+        try:
+            if verdict is _Verdict.ACK:
+                await message.ack()
+            else:
+                await message.nack(requeue=True)
+        except (ChannelInvalidStateError, AMQPError, ConnectionError, RuntimeError) as exc:
+            # The channel went away (a reconnect): the broker redelivers the message.
+            log.warning("settle_failed", verdict=verdict.value, error=str(exc) or type(exc).__name__)
+
+    async def _process(self, message: AbstractIncomingMessage) -> _Verdict:
+        now = self._clock()
+        headers: dict[str, Any] = dict(message.headers or {})
+        delivery = Delivery.from_headers(headers, now)
+        if delivery is None:
+            headers[H_ROUTING_KEY] = message.routing_key or ""
+        carry = {k: headers[k] for k in (H_PUBLISHED_AT, H_ROUTING_KEY) if k in headers}
+        if H_PUBLISHED_AT not in carry and message.timestamp is not None and delivery is None:
+            stamp = published_at(headers, message.timestamp)
+            if stamp is not None:
+                carry[H_PUBLISHED_AT] = int(stamp * 1000)
+
+        try:
+            event = parse_event(message.body, message_id=message.message_id,
+                                max_bytes=self.config.broker.max_event_bytes)
+        except InvalidEvent as exc:
+            self._metrics.events.labels("invalid").inc()
+            reason = f"invalid_event: {exc}"
+            await self._settlement.dead_letter(
+                message.body, reason=reason, event_id=_safe_id(message.message_id),
+                event_type=None, delivery=delivery, carry=carry)
+            self._metrics.dead_letters.labels("invalid_event").inc()
+            log.warning("event_invalid", reason=reason, routing_key=message.routing_key)
+            return _Verdict.ACK
+
+        if delivery is None:
+            self._metrics.events.labels("event").inc()
+            targets = self._routing.targets(event.type)
+            work = [(s, Delivery(s.id, 1, now)) for s in targets]
+        else:
+            self._metrics.events.labels("retry").inc()
+            sub = self.config.subscriber(delivery.subscriber)
+            if sub is None or not any(s is sub for s in self._routing.targets(event.type)):
+                await self._settle(event, None, delivery, DeadLetter("subscriber_removed"), carry)
+                return _Verdict.ACK
+            work = [(sub, delivery)]
+
+        if len(work) == 1:
+            await self._deliver(event, *work[0], carry)
+        elif work:
+            await asyncio.gather(*(self._deliver(event, s, d, carry) for s, d in work))
+        return _Verdict.ACK
+
+    # --- one delivery ------------------------------------------------------------------------
+
+    async def _deliver(self, event: Event, sub: SubscriberConfig, delivery: Delivery,
+                       carry: dict[str, Any]) -> None:
+        with structlog.contextvars.bound_contextvars(
+            event_id=event.id, subscriber=sub.id, attempt=delivery.attempt
+        ):
+            lane = self._lanes.lane(sub)
+            slot = await lane.acquire()
+            if isinstance(slot, Admitted):
+                outcome = await self._attempt(event, sub, delivery, lane_release=(lane, slot))
+            else:
+                wait = defer_delay(slot.why, slot.delay, delivery.deferrals,
+                                   self.config.retry.overflow_delay, self._rng)
+                outcome = Outcome(OutcomeKind.DEFERRED, error=slot.why, defer_for=wait)
+            now = self._clock()
+            decision = decide(attempt=delivery.attempt, outcome=outcome,
+                              first_attempt_at=delivery.first_attempt_at, now=now,
+                              policy=self.config.retry, rng=self._rng)
+            if isinstance(decision, Delivered):
+                stamp = carry.get(H_PUBLISHED_AT)
+                if stamp is not None:
+                    self._metrics.end_to_end.labels(sub.id).observe(max(0.0, now - stamp / 1000))
+                self._metrics.delivered.labels(sub.id).inc()
+                return
+            await self._settle(event, sub, delivery, decision, carry, outcome)
+
+    async def _attempt(self, event: Event, sub: SubscriberConfig, delivery: Delivery,
+                       lane_release: tuple[Any, Admitted]) -> Outcome:
+        lane, slot = lane_release
+        verdict: bool | None = None
+        in_flight = self._metrics.in_flight.labels(sub.id)
+        in_flight.inc()
+        try:
+            headers = self._request_headers(event, sub)
+            started = time.perf_counter()
+            outcome = await self._sender.post(sub.url, event.body, headers, sub.timeout)
+            self._metrics.request_time.labels(sub.id).observe(time.perf_counter() - started)
+            self._metrics.deliveries.labels(sub.id, outcome.label).inc()
+            verdict = _breaker_verdict(outcome)
+            return outcome
+        finally:
+            in_flight.dec()
+            lane.release(slot, verdict)
+
+    def _request_headers(self, event: Event, sub: SubscriberConfig) -> dict[str, str]:
+        ts = int(self._clock())
+        headers = {
+            "Content-Type": "application/json",
+            "webhook-id": event.id,
+            "webhook-timestamp": str(ts),
+        }
+        if sub.uses_jwt and self._minter is not None:
+            started = time.perf_counter()
+            token = self._minter.mint(audience=sub.url, webhook_id=event.id, body=event.body,
+                                      now=ts)
+            self._metrics.mint_time.observe(time.perf_counter() - started)
+            headers["Authorization"] = f"Bearer {token}"
+        if sub.uses_hmac:
+            headers["webhook-signature"] = sign_hmac(sub.hmac_secrets, event.id, ts, event.body)
+        return headers
+
+    async def _settle(self, event: Event, sub: SubscriberConfig | None, delivery: Delivery,
+                      decision: Decision, carry: dict[str, Any],
+                      outcome: Outcome | None = None) -> None:
+        """Publish the retry or dead letter a decision calls for; returns once confirmed."""
+        deferred = outcome is not None and outcome.kind is OutcomeKind.DEFERRED
+        if outcome is not None and not deferred:
+            delivery = Delivery(delivery.subscriber, delivery.attempt, delivery.first_attempt_at,
+                                delivery.deferrals, outcome.status, outcome.error)
+        if isinstance(decision, Retry):
+            why = outcome.error if deferred and outcome and outcome.error else "failed"
+            nxt = Delivery(delivery.subscriber, decision.next_attempt, delivery.first_attempt_at,
+                           delivery.deferrals + (1 if deferred else 0), delivery.last_status,
+                           delivery.last_error)
+            await self._settlement.retry(event.body, event_id=event.id, event_type=event.type,
+                                         delivery=nxt, delay=decision.delay, carry=carry)
+            self._metrics.retries.labels(delivery.subscriber, why).inc()
+            log.info("delivery_retry_scheduled", why=why, delay=round(decision.delay, 3),
+                     next_attempt=decision.next_attempt, status=delivery.last_status,
+                     error=delivery.last_error)
+        elif isinstance(decision, DeadLetter):
+            dead_id = await self._settlement.dead_letter(
+                event.body, reason=decision.reason, event_id=event.id, event_type=event.type,
+                delivery=delivery, carry=carry)
+            self._metrics.dead_letters.labels(decision.reason).inc()
+            log.warning("delivery_dead_lettered", reason=decision.reason, dead_letter=dead_id,
+                        subscriber=delivery.subscriber, status=delivery.last_status,
+                        error=delivery.last_error)
+
+    def _breaker_changed(self, sub_id: str, old: Any, new: Any, why: str) -> None:
+        self._metrics.breaker_state.labels(sub_id).set(new.value)
+        log.warning("breaker_state_changed", subscriber=sub_id, old=old.name.lower(),
+                    new=new.name.lower(), why=why)
+
+
+def _safe_id(value: str | None) -> str | None:
+    if value and len(value) <= 128 and value.isprintable():
+        return value
+    return None

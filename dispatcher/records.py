@@ -1,0 +1,188 @@
+"""What travels with a message besides its body: the dispatcher's own headers.
+
+RabbitMQ ignores re-published ``x-death`` headers since 4.0, so the attempt count and the
+first-attempt time travel in headers of our own. A retry names its one subscriber; a dead
+letter carries the record that ``dispatcher dlq`` shows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "DeadLetterRecord",
+    "Delivery",
+    "H_ATTEMPT",
+    "H_DEAD_AT",
+    "H_DEAD_ID",
+    "H_DEFERRALS",
+    "H_EVENT_TYPE",
+    "H_FIRST_ATTEMPT",
+    "H_LAST_ERROR",
+    "H_LAST_STATUS",
+    "H_PUBLISHED_AT",
+    "H_REASON",
+    "H_ROUTING_KEY",
+    "H_SUBSCRIBER",
+    "iso_now",
+    "published_at",
+]
+
+H_SUBSCRIBER = "x-dispatch-subscriber"  # the one subscriber a retry is for
+H_ATTEMPT = "x-dispatch-attempt"  # the attempt number the message is due for (1-based)
+H_FIRST_ATTEMPT = "x-dispatch-first-attempt"  # unix ms of the first attempt
+H_DEFERRALS = "x-dispatch-deferrals"  # times the delivery was deferred without an attempt
+H_LAST_STATUS = "x-dispatch-last-status"
+H_LAST_ERROR = "x-dispatch-last-error"
+H_EVENT_TYPE = "x-dispatch-event"
+H_ROUTING_KEY = "x-dispatch-routing-key"  # the routing key the event was published with
+H_PUBLISHED_AT = "x-published-at"  # unix ms when the delivery node published (optional)
+H_REASON = "x-dead-reason"
+H_DEAD_ID = "x-dead-id"
+H_DEAD_AT = "x-dead-lettered-at"
+
+
+def iso_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _int(value: object, default: int = 0) -> int:
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value)
+    if isinstance(value, bytes | str):
+        try:
+            return int(value)
+        except ValueError:
+            return default
+    return default
+
+
+def _str(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def published_at(headers: Mapping[str, Any], timestamp: dt.datetime | None) -> float | None:
+    """When the event was published (unix seconds), from our header or the AMQP timestamp."""
+    value = headers.get(H_PUBLISHED_AT)
+    if value is not None and not isinstance(value, bool):
+        try:
+            return float(value) / 1000.0
+        except (TypeError, ValueError):
+            pass
+    if timestamp is not None:
+        if timestamp.tzinfo is None:
+            timestamp = timestamp.replace(tzinfo=dt.UTC)
+        return timestamp.timestamp()
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One (event, subscriber) delivery's progress, as carried in retry headers."""
+
+    subscriber: str
+    attempt: int  # the attempt now due
+    first_attempt_at: float  # unix seconds
+    deferrals: int = 0
+    last_status: int | None = None
+    last_error: str | None = None
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, Any], now: float) -> Delivery | None:
+        sub = _str(headers.get(H_SUBSCRIBER))
+        if not sub:
+            return None
+        first_ms = _int(headers.get(H_FIRST_ATTEMPT), 0)
+        status = _int(headers.get(H_LAST_STATUS), 0)
+        return cls(
+            subscriber=sub,
+            attempt=max(1, _int(headers.get(H_ATTEMPT), 1)),
+            first_attempt_at=first_ms / 1000.0 if first_ms > 0 else now,
+            deferrals=max(0, _int(headers.get(H_DEFERRALS), 0)),
+            last_status=status or None,
+            last_error=_str(headers.get(H_LAST_ERROR)),
+        )
+
+    def headers(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            H_SUBSCRIBER: self.subscriber,
+            H_ATTEMPT: self.attempt,
+            H_FIRST_ATTEMPT: int(self.first_attempt_at * 1000),
+            H_DEFERRALS: self.deferrals,
+        }
+        if self.last_status is not None:
+            out[H_LAST_STATUS] = self.last_status
+        if self.last_error:
+            out[H_LAST_ERROR] = self.last_error[:500]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRecord:
+    """The contract's dead-letter fields, read back from a message in ``<queue>.dead``."""
+
+    id: str
+    event_id: str | None
+    event: str | None
+    subscriber: str | None
+    attempts: int
+    reason: str
+    last_status: int | None
+    last_error: str | None
+    dead_lettered_at: str | None
+
+    @classmethod
+    def from_message(
+        cls, headers: Mapping[str, Any], message_id: str | None, fallback_id: str
+    ) -> DeadLetterRecord:
+        reason = _str(headers.get(H_REASON))
+        if reason is None:
+            reason = _broker_reason(headers)
+        attempt = _int(headers.get(H_ATTEMPT), 0)
+        status = _int(headers.get(H_LAST_STATUS), 0)
+        return cls(
+            id=_str(headers.get(H_DEAD_ID)) or fallback_id,
+            event_id=message_id,
+            event=_str(headers.get(H_EVENT_TYPE)),
+            subscriber=_str(headers.get(H_SUBSCRIBER)),
+            attempts=attempt,
+            reason=reason,
+            last_status=status or None,
+            last_error=_str(headers.get(H_LAST_ERROR)),
+            dead_lettered_at=_str(headers.get(H_DEAD_AT)),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "event_id": self.event_id,
+            "event": self.event,
+            "subscriber": self.subscriber,
+            "attempts": self.attempts,
+            "reason": self.reason,
+            "last_status": self.last_status,
+            "last_error": self.last_error,
+            "dead_lettered_at": self.dead_lettered_at,
+        }
+
+
+def _broker_reason(headers: Mapping[str, Any]) -> str:
+    """A dead letter the broker wrote (reject, delivery limit): name it from x-death."""
+    first = _str(headers.get("x-first-death-reason"))
+    if first:
+        return f"broker_{first}"
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
+        return f"broker_{_str(deaths[0].get('reason')) or 'unknown'}"
+    return "unknown"

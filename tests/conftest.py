@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import Names, ReceiverServer, cleanup_topology, make_config, unique_names
+
+from dispatcher.config import Config
+
+
+def _broker_up() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _require_broker() -> None:
+    if not _broker_up():
+        pytest.fail("RabbitMQ is not answering on 127.0.0.1:5672 (start it: rabbitmq-server -detached)")
+
+
+@pytest.fixture
+def names() -> Names:
+    return unique_names()
+
+
+@pytest.fixture
+def keys_dir(tmp_path: Path) -> str:
+    return str(tmp_path / "keys")
+
+
+@pytest.fixture
+async def receivers() -> AsyncIterator[ReceiverServer]:
+    async with ReceiverServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def make(names: Names, keys_dir: str) -> AsyncIterator[Callable[..., Config]]:
+    """Build a config with unique broker names; its topology is deleted after the test."""
+    made: list[Config] = []
+
+    def factory(subscribers: list[dict[str, Any]], **kwargs: Any) -> Config:
+        cfg = make_config(names, keys_dir, subscribers, **kwargs)
+        made.append(cfg)
+        return cfg
+
+    yield factory
+    if made:
+        await cleanup_topology(made[-1])

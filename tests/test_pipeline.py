@@ -1,0 +1,177 @@
+"""The core pipeline against the real broker and real receivers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+
+import jwt
+from harness import (
+    SEED_EVENT,
+    Publisher,
+    ReceiverServer,
+    always,
+    dead_letters,
+    event_body,
+    hang,
+    wait_for_dead_letters,
+    running,
+    settle,
+    wait_until,
+)
+
+from signing import KeyRing
+
+
+async def test_seed_event_is_delivered_byte_for_byte_to_matching_subscribers_only(
+    make, receivers: ReceiverServer
+) -> None:
+    bounces = receivers.add("bounces")
+    everything = receivers.add("everything")
+    complaints = receivers.add("complaints")
+    cfg = make([
+        {"id": "bounces", "url": bounces.url, "events": ["Message.Bounced"]},
+        {"id": "everything", "url": everything.url, "events": ["*"]},
+        {"id": "complaints", "url": complaints.url, "events": ["Message.Complained"]},
+    ])
+    async with running(cfg) as disp, Publisher(cfg) as pub:
+        await pub.publish(SEED_EVENT, message_id="evt-seed-1")
+        assert await wait_until(lambda: bounces.count == 1 and everything.count == 1)
+        await settle()
+        jwks = disp.keyring.jwks()
+
+    assert complaints.count == 0
+    for rec in (bounces, everything):
+        got = rec.requests[0]
+        assert got.body == SEED_EVENT
+        assert got.headers["Content-Type"] == "application/json"
+        assert got.headers["webhook-id"] == "evt-seed-1"
+        assert got.headers["User-Agent"].startswith("bounce-dispatcher/")
+        token = got.headers["Authorization"].removeprefix("Bearer ")
+        key = jwt.PyJWK(jwks["keys"][0])
+        claims = jwt.decode(token, key, algorithms=["EdDSA"], audience=rec.url,
+                            issuer=cfg.signing.issuer)
+        assert claims["webhook_id"] == "evt-seed-1"
+        assert claims["scope"] == "webhooks:deliver"
+    assert bounces.requests[0].headers["Authorization"] != everything.requests[0].headers["Authorization"]
+
+
+async def test_event_type_patterns_route(make, receivers: ReceiverServer) -> None:
+    family = receivers.add("family")
+    exact = receivers.add("exact")
+    star = receivers.add("star")
+    cfg = make([
+        {"id": "family", "url": family.url, "events": ["Message.*"]},
+        {"id": "exact", "url": exact.url, "events": ["Message.Complained", "Message.Deferred"]},
+        {"id": "star", "url": star.url, "events": ["*"]},
+    ])
+    kinds = ["Message.Bounced", "Message.Deferred", "Message.Delivered", "Message.Complained",
+             "Message.Unsubscribed"]
+    async with running(cfg), Publisher(cfg) as pub:
+        for i, kind in enumerate(kinds):
+            await pub.publish(event_body(kind, n=i, event_id=f"e{i}"))
+        assert await wait_until(lambda: family.count == 5 and star.count == 5 and exact.count == 2)
+        await settle()
+    assert sorted(exact.ids()) == ["e1", "e3"]
+    assert sorted(family.ids()) == [f"e{i}" for i in range(5)]
+
+
+async def test_event_id_comes_from_message_id_then_body_id(make, receivers) -> None:
+    rec = receivers.add("r")
+    cfg = make([{"id": "r", "url": rec.url}])
+    async with running(cfg), Publisher(cfg) as pub:
+        await pub.publish(event_body(n=1, event_id="from-body"))
+        await pub.publish(event_body(n=2, event_id="ignored"), message_id="from-property")
+        assert await wait_until(lambda: rec.count == 2)
+    assert sorted(rec.ids()) == ["from-body", "from-property"]
+
+
+async def test_failed_delivery_is_never_lost(make, receivers) -> None:
+    broken = receivers.add("broken", always(500))
+    timing_out = receivers.add("slow", hang(30))
+    cfg = make(
+        [{"id": "broken", "url": broken.url}, {"id": "slow", "url": timing_out.url,
+                                               "timeout": "200ms"}],
+        retry={"schedule": ["20ms"], "jitter": 0.0},
+    )
+    async with running(cfg), Publisher(cfg) as pub:
+        await pub.publish(event_body(event_id="keep-me"))
+        letters = await wait_for_dead_letters(cfg, 2)
+    assert broken.attempts == 2 and timing_out.attempts == 0
+    assert sorted((d.record.subscriber, d.record.event_id, d.record.reason) for d in letters) == [
+        ("broken", "keep-me", "attempts_exhausted"),
+        ("slow", "keep-me", "attempts_exhausted"),
+    ]
+    by_sub = {d.record.subscriber: d for d in letters}
+    assert by_sub["broken"].record.last_status == 500
+    assert by_sub["slow"].record.last_error.startswith("timeout")
+    assert by_sub["broken"].body == event_body(event_id="keep-me")
+
+
+MALFORMED: list[tuple[str, bytes, dict]] = [
+    ("not json", b"this is not json", {}),
+    ("invalid utf-8", b'{"event": "Message.Bounced", "x": "\xff\xfe"}', {}),
+    ("array", b'[{"event": "Message.Bounced"}]', {}),
+    ("missing event", b'{"timestamp": "2026-03-12T09:14:02Z", "data": {}}', {}),
+    ("unknown type", b'{"event": "Message.Exploded", "timestamp": "2026-03-12T09:14:02Z", "data": {}}', {}),
+    ("missing data", b'{"event": "Message.Delivered", "timestamp": "2026-03-12T09:14:02Z"}', {}),
+    ("bad recipient", event_body(recipient="not-an-address"), {}),
+    ("bad bounce_type", event_body(bounce_type="Exploded"), {}),
+    ("wrong type timestamp", b'{"event": "Message.Delivered", "timestamp": 5, "data": {}}', {}),
+    ("oversized", b'{"event": "Message.Delivered", "timestamp": "2026-03-12T09:14:02Z", '
+                  b'"data": {"pad": "' + b"x" * 300_000 + b'"}}', {}),
+    ("empty", b"", {}),
+    ("bad message_id", event_body(n=3), {"message_id": "has spaces in it"}),
+]
+
+
+async def test_malformed_messages_are_dead_lettered_while_valid_ones_flow(make, receivers) -> None:
+    rec = receivers.add("r")
+    cfg = make([{"id": "r", "url": rec.url}])
+    async with running(cfg), Publisher(cfg) as pub:
+        for i, (_, body, props) in enumerate(MALFORMED):
+            await pub.publish(body, routing_key="Message.Bounced", **props)
+            await pub.publish(event_body(n=i, event_id=f"good-{i}"))
+        assert await wait_until(lambda: rec.count == len(MALFORMED))
+        await settle()
+    letters = await dead_letters(cfg)
+    assert len(letters) == len(MALFORMED)
+    assert all(d.record.reason.startswith("invalid_event: ") for d in letters)
+    assert sorted(rec.ids()) == sorted(f"good-{i}" for i in range(len(MALFORMED)))
+    assert {d.body for d in letters} == {body for _, body, _ in MALFORMED}
+    reasons = {d.body: d.record.reason for d in letters}
+    assert "not valid UTF-8 JSON" in reasons[b"this is not json"]
+    assert "over the" in reasons[MALFORMED[9][1]]
+
+
+async def test_redirect_is_not_followed(make, receivers) -> None:
+    target = receivers.add("target")
+    redirecting = receivers.add("redirect", always(307, {"Location": "/hooks/target"}))
+    cfg = make([{"id": "redirect", "url": redirecting.url}], retry={"schedule": []})
+    async with running(cfg), Publisher(cfg) as pub:
+        await pub.publish(event_body(event_id="r1"))
+        assert await wait_until(lambda: redirecting.attempts == 1)
+        await settle()
+    assert target.count == 0
+    [letter] = await dead_letters(cfg)
+    assert letter.record.reason == "attempts_exhausted"
+    assert letter.record.last_error.startswith("redirect: 307")
+
+
+async def test_jwks_endpoint_serves_the_signing_key(make, receivers) -> None:
+    import aiohttp
+
+    rec = receivers.add("r")
+    cfg = make([{"id": "r", "url": rec.url}])
+    async with running(cfg) as disp, aiohttp.ClientSession() as http:
+        assert disp.ops is not None
+        base = f"http://127.0.0.1:{disp.ops.port}"
+        async with http.get(f"{base}/.well-known/jwks.json") as resp:
+            assert resp.status == 200
+            jwks = await resp.json()
+        async with http.get(f"{base}/healthz") as resp:
+            assert resp.status == 200
+        async with http.get(f"{base}/readyz") as resp:
+            assert resp.status == 200
+    ring = KeyRing.load(cfg.signing.keys_dir, create_if_empty=False)
+    assert [k["kid"] for k in jwks["keys"]] == [ring.signing_key().kid]
+    await asyncio.sleep(0)
