@@ -12,6 +12,7 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 from multidict import CIMultiDict
 
 from dispatcher import __version__
@@ -43,8 +44,15 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 class HttpSender:
     """Owns the one aiohttp session every delivery goes through."""
 
-    def __init__(self, *, allow_private_networks: bool, max_response_bytes: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        *,
+        allow_private_networks: bool,
+        max_response_bytes: int = 64 * 1024,
+        resolver: AbstractResolver | None = None,
+    ) -> None:
         self._guard = not allow_private_networks
+        self._resolver = resolver
         self._max_response_bytes = max_response_bytes
         self._session: aiohttp.ClientSession | None = None
 
@@ -52,7 +60,7 @@ class HttpSender:
         connector = aiohttp.TCPConnector(
             limit=0,  # bounded per subscriber by the endpoint lanes, not here
             ttl_dns_cache=60,
-            resolver=GuardedResolver() if self._guard else None,
+            resolver=GuardedResolver(self._resolver) if self._guard else self._resolver,
             enable_cleanup_closed=False,
         )
         self._session = aiohttp.ClientSession(

@@ -208,7 +208,7 @@ class Pipeline:
                 stamp = carry.get(H_PUBLISHED_AT)
                 if stamp is not None:
                     self._metrics.end_to_end.labels(sub.id).observe(max(0.0, now - stamp / 1000))
-                self._metrics.delivered.labels(sub.id).inc()
+                self._metrics.deliveries.labels(sub.id, "delivered").inc()
                 return
             await self._settle(event, sub, delivery, decision, carry, outcome)
 
@@ -223,7 +223,7 @@ class Pipeline:
             started = time.perf_counter()
             outcome = await self._sender.post(sub.url, event.body, headers, sub.timeout)
             self._metrics.request_time.labels(sub.id).observe(time.perf_counter() - started)
-            self._metrics.deliveries.labels(sub.id, outcome.label).inc()
+            self._metrics.attempts.labels(sub.id, outcome.label).inc()
             verdict = _breaker_verdict(outcome)
             return outcome
         finally:
@@ -271,6 +271,7 @@ class Pipeline:
                 event.body, reason=decision.reason, event_id=event.id, event_type=event.type,
                 delivery=delivery, carry=carry)
             self._metrics.dead_letters.labels(decision.reason).inc()
+            self._metrics.deliveries.labels(delivery.subscriber, "dead_lettered").inc()
             log.warning("delivery_dead_lettered", reason=decision.reason, dead_letter=dead_id,
                         subscriber=delivery.subscriber, status=delivery.last_status,
                         error=delivery.last_error)

@@ -6,7 +6,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Names, ReceiverServer, cleanup_topology, make_config, unique_names
+from harness import (
+    Names,
+    ReceiverServer,
+    cleanup_topology,
+    config_doc,
+    make_config,
+    unique_names,
+    write_toml,
+)
 
 from dispatcher.config import Config
 
@@ -46,8 +54,12 @@ async def make(names: Names, keys_dir: str) -> AsyncIterator[Callable[..., Confi
     """Build a config with unique broker names; its topology is deleted after the test."""
     made: list[Config] = []
 
-    def factory(subscribers: list[dict[str, Any]], **kwargs: Any) -> Config:
-        cfg = make_config(names, keys_dir, subscribers, **kwargs)
+    def factory(subscribers: list[dict[str, Any]], *, toml: Path | None = None,
+                env: dict[str, str] | None = None, **kwargs: Any) -> Config:
+        """The validated config; with ``toml``, also written there for a subprocess."""
+        cfg = make_config(names, keys_dir, subscribers, env=env, **kwargs)
+        if toml is not None:
+            write_toml(toml, config_doc(names, keys_dir, subscribers, **kwargs))
         made.append(cfg)
         return cfg
 

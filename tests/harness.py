@@ -83,7 +83,7 @@ class Receiver:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             body = await request.read()
-            n = len(self.requests) + 1
+            n = self.attempts + 1
             if self.behaviour is not None:
                 resp = await self.behaviour(self, request, n)
             else:
@@ -188,8 +188,9 @@ def unique_names() -> Names:
     return Names(prefix=f"test-{uuid.uuid4().hex[:10]}")
 
 
-def make_config(names: Names, keys_dir: str, subscribers: list[dict[str, Any]], *,
-                env: dict[str, str] | None = None, **sections: Any) -> Config:
+def config_doc(names: Names, keys_dir: str, subscribers: list[dict[str, Any]],
+               **sections: Any) -> dict[str, Any]:
+    """The TOML document (as data) for a test config; `make_config` validates it."""
     doc: dict[str, Any] = {
         "allow_private_networks": True,
         "broker": {"url": BROKER_URL, "exchange": names.exchange, "queue": names.queue,
@@ -197,6 +198,8 @@ def make_config(names: Names, keys_dir: str, subscribers: list[dict[str, Any]], 
         "http": {"listen": "127.0.0.1:0"},
         "signing": {"keys_dir": keys_dir, "token_ttl": "5m"},
         "retry": {"schedule": ["50ms", "100ms", "150ms"], "jitter": 0.0, "max_age": "1h"},
+        # Tests of the schedule must not see the breaker; breaker tests lower this.
+        "breaker": {"failure_threshold": 1000, "cooldown": "1s"},
         "dispatcher": {"drain_timeout": "5s", "log_level": "warning", "log_format": "json"},
         "subscribers": subscribers,
     }
@@ -205,7 +208,42 @@ def make_config(names: Names, keys_dir: str, subscribers: list[dict[str, Any]], 
             doc[key] = {**doc[key], **value}
         else:
             doc[key] = value
-    return parse_config(doc, env or {})
+    return doc
+
+
+def make_config(names: Names, keys_dir: str, subscribers: list[dict[str, Any]], *,
+                env: dict[str, str] | None = None, **sections: Any) -> Config:
+    return parse_config(config_doc(names, keys_dir, subscribers, **sections), env or {})
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return orjson.dumps(value).decode()
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def write_toml(path: Any, doc: dict[str, Any]) -> str:
+    """Write a config document as TOML (scalars, lists, tables, arrays of tables)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in doc.items() if not isinstance(v, dict | list)
+             or (isinstance(v, list) and not (v and isinstance(v[0], dict)))]
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            lines.append(f"\n[{key}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            for item in value:
+                lines.append(f"\n[[{key}]]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+    text = "\n".join(lines) + "\n"
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return str(path)
 
 
 async def cleanup_topology(config: Config) -> None:
@@ -284,3 +322,28 @@ async def dead_letters(config: Config) -> list[Any]:
     from dispatcher.dead_letters import DeadLetterTool
 
     return await DeadLetterTool(config, progress=None).list()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_ready(port: int, timeout: float = 20.0, want: int = 200) -> bool:
+    """Poll GET /readyz until it answers ``want``."""
+    import aiohttp
+
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                    if resp.status == want:
+                        return True
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    return False

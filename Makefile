@@ -1,0 +1,65 @@
+# One entry point for newcomers, CI and operators. Everything runs from a local .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup broker demo run receiver test check lint typecheck chaos chaos-smoke loadtest loadtest-smoke bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+broker:
+	scripts/ensure-broker
+
+## The main job: the whole local loop once (broker, dispatcher, receivers, events), then a summary.
+demo: setup broker
+	$(BIN)/dispatcher demo
+
+## The daemon with config/dispatcher.toml (pair it with `make receiver` in another terminal).
+run: setup broker
+	$(BIN)/dispatcher --config config/dispatcher.toml run
+
+receiver: setup
+	$(BIN)/python -m example_receiver --listen 127.0.0.1:9000 \
+	  --jwks-url http://127.0.0.1:8088/.well-known/jwks.json \
+	  --issuer https://mail.example.com --db sqlite:///var/receiver.sqlite3
+
+## Unit, integration and smoke-chaos/load tests against the real broker (what CI runs).
+test: setup broker
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check dispatcher signing
+
+typecheck: setup
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+## Fault injection at full scale (tens of thousands of events, repeated kills and link cuts).
+chaos: setup broker
+	CHAOS_SCALE=full $(BIN)/pytest tests/chaos -q -s -p no:cacheprovider --timeout 3600
+
+chaos-smoke: setup broker
+	$(BIN)/pytest tests/chaos -q -s
+
+## Load tests: baseline vs dispatcher, fan-out, latency, backlog, isolation (see loadtest/RESULTS.md).
+loadtest: setup broker
+	$(BIN)/python -m loadtest run --scenario all
+
+loadtest-smoke: setup broker
+	$(BIN)/python -m loadtest run --scenario smoke
+
+bench: setup
+	$(BIN)/python loadtest/bench_signing.py
+	$(BIN)/python loadtest/bench_hot_path.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info loadtest/out
