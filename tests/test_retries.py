@@ -131,3 +131,17 @@ async def test_pending_retry_survives_a_killed_dispatcher(make, receivers, tmp_p
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+async def test_quorum_queues_carry_retries_and_dead_letters(make, receivers) -> None:
+    """The production default: quorum work, tier and dead-letter queues."""
+    flaky = receivers.add("flaky", fail_times(1))
+    dead = receivers.add("dead", always(500))
+    cfg = make([{"id": "flaky", "url": flaky.url}, {"id": "dead", "url": dead.url}],
+               broker={"queue_type": "quorum"}, retry={"schedule": ["30ms"]})
+    async with running(cfg), Publisher(cfg) as pub:
+        await pub.publish(event_body(event_id="q1"))
+        [letter] = await wait_for_dead_letters(cfg, 1)
+        assert await wait_until(lambda: flaky.count == 1)
+    assert (letter.record.subscriber, letter.record.attempts) == ("dead", 2)
+    assert flaky.ids() == ["q1"] and flaky.attempts == 2
