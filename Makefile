@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup broker demo run receiver test check lint typecheck chaos chaos-smoke loadtest loadtest-smoke bench clean
+.PHONY: setup broker postgres demo run receiver test check lint typecheck chaos chaos-smoke loadtest loadtest-smoke bench clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 
 broker:
 	scripts/ensure-broker
+
+postgres:
+	scripts/ensure-postgres
 
 ## The main job: the whole local loop once (broker, dispatcher, receivers, events), then a summary.
 demo: setup broker
@@ -31,7 +34,7 @@ receiver: setup
 	  --issuer https://mail.example.com --db sqlite:///var/receiver.sqlite3
 
 ## Unit, integration and smoke-chaos/load tests against the real broker (what CI runs).
-test: setup broker
+test: setup broker postgres
 	$(BIN)/pytest -q
 
 lint: setup

@@ -64,7 +64,8 @@ async def test_list_show_export_replay_purge(make, receivers: ReceiverServer, tm
         shown = await cli(toml, "show", records[1]["id"])
         assert shown.returncode == 0
         detail = orjson.loads(shown.stdout)
-        assert detail["body"] == event_body(n=1, event_id="ev1").decode()
+        n = int(records[1]["event_id"].removeprefix("ev"))
+        assert detail["body"] == event_body(n=n, event_id=f"ev{n}").decode()
         missing = await cli(toml, "show", "no-such-id")
         assert missing.returncode == 1 and missing.stderr.count(b"\n") == 1
 

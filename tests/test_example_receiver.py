@@ -480,7 +480,7 @@ async def pg_schema() -> AsyncIterator[str]:
     try:
         conn = await asyncpg.connect(PG_DSN, timeout=5)
     except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL not reachable at {PG_DSN}: {exc}")
+        pytest.fail(f"PostgreSQL not reachable at {PG_DSN}: {exc} (start it; these tests need it)")
     schema = f"receiver_test_{uuid.uuid4().hex[:12]}"
     try:
         yield schema

@@ -1,0 +1,614 @@
+"""WebhookVerifier: every attack fails with its own reason; JWKS fetched from a loopback server."""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from cryptography.hazmat.primitives import serialization
+from multidict import CIMultiDict
+from signing_helpers import (
+    AUDIENCE,
+    BODY,
+    ISSUER,
+    WEBHOOK_ID,
+    JwksServer,
+    b64url,
+    claims_for,
+    craft_token,
+    headers_for,
+    hs256_token,
+    make_minter,
+    ring_header,
+)
+
+from signing import (
+    KeyRing,
+    MemoryReplayCache,
+    TokenMinter,
+    VerificationError,
+    WebhookVerifier,
+    generate_key,
+    sign_hmac,
+)
+from signing.errors import REASONS
+from signing.jwks_client import JwksClient, parse_jwks
+
+
+def _verifier(ring: KeyRing, **options: Any) -> WebhookVerifier:
+    settings: dict[str, Any] = {"jwks": ring.jwks(), "audience": AUDIENCE, "issuer": ISSUER}
+    settings.update(options)
+    return WebhookVerifier(**settings)
+
+
+async def _reason(verifier: WebhookVerifier, headers: Any, body: bytes = BODY) -> str:
+    with pytest.raises(VerificationError) as caught:
+        await verifier.verify(headers, body)
+    assert caught.value.reason in REASONS
+    return caught.value.reason
+
+
+def _mint(minter: TokenMinter, **options: Any) -> str:
+    settings: dict[str, Any] = {"audience": AUDIENCE, "webhook_id": WEBHOOK_ID, "body": BODY}
+    settings.update(options)
+    return minter.mint(**settings)
+
+
+async def test_valid_token_returns_its_claims(ring: KeyRing, minter: TokenMinter) -> None:
+    async with _verifier(ring) as verifier:
+        claims = await verifier.verify(headers_for(_mint(minter)), BODY)
+    assert isinstance(claims, dict)
+    assert claims["webhook_id"] == WEBHOOK_ID
+    assert claims["aud"] == AUDIENCE
+
+
+async def test_es256_token(es_ring: KeyRing) -> None:
+    async with _verifier(es_ring) as verifier:
+        claims = await verifier.verify(headers_for(_mint(make_minter(es_ring))), BODY)
+    assert isinstance(claims, dict)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        lambda token: {"AUTHORIZATION": f"bearer {token}", "Webhook-Id": WEBHOOK_ID},
+        lambda token: CIMultiDict({"Authorization": f"Bearer {token}", "WEBHOOK-ID": WEBHOOK_ID}),
+    ],
+    ids=["dict", "cimultidict"],
+)
+async def test_header_names_are_case_insensitive(
+    ring: KeyRing, minter: TokenMinter, headers: Callable[[str], Any]
+) -> None:
+    async with _verifier(ring) as verifier:
+        assert isinstance(await verifier.verify(headers(_mint(minter)), BODY), dict)
+
+
+def _other_key_same_kid(ring: KeyRing, tmp_path: Path) -> str:
+    forger = generate_key(tmp_path / "forger")
+    return craft_token(ring_header(ring), claims_for(), key=forger)
+
+
+def _tampered_claims(ring: KeyRing, minter: TokenMinter) -> str:
+    header, _, signature = _mint(minter).split(".")
+    payload = b64url(orjson.dumps(claims_for(aud=AUDIENCE, exp=int(time.time()) + 86_400)))
+    return f"{header}.{payload}.{signature}"
+
+
+def _hs256_with_public_key(ring: KeyRing) -> str:
+    public = ring.signing_key().private_key.public_key()
+    pem = public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hs256_token(ring_header(ring, alg="HS256"), claims_for(), pem)
+
+
+def _hs256_with_raw_x(ring: KeyRing) -> str:
+    x = ring.signing_key().public_jwk()["x"]
+    return hs256_token(ring_header(ring, alg="HS256"), claims_for(), x.encode())
+
+
+def _spare_bits_set(token: str) -> str:
+    """The same token with the unused low bits of the signature's last character set."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(token[-1])
+    return token[:-1] + alphabet[last ^ 1]
+
+
+def _expired_token(ring: KeyRing) -> str:
+    now = int(time.time())
+    claims = claims_for(iat=now - 400, exp=now - 100)
+    return craft_token(ring_header(ring), claims, key=ring.signing_key())
+
+
+# Each attack: how to build the request (headers, body) from the ring and minter; the reason.
+ATTACKS: dict[str, tuple[Callable[..., tuple[dict[str, str], bytes]], str]] = {
+    "forged with another key under the same kid": (
+        lambda ring, minter, tmp: (headers_for(_other_key_same_kid(ring, tmp)), BODY),
+        "bad_signature",
+    ),
+    "tampered body": (
+        lambda ring, minter, tmp: (headers_for(_mint(minter)), BODY + b" "),
+        "body_mismatch",
+    ),
+    "tampered claims": (
+        lambda ring, minter, tmp: (headers_for(_tampered_claims(ring, minter)), BODY),
+        "bad_signature",
+    ),
+    "signature stripped": (
+        lambda ring, minter, tmp: (headers_for(_mint(minter).rsplit(".", 1)[0] + "."), BODY),
+        "bad_signature",
+    ),
+    "expired": (
+        lambda ring, minter, tmp: (headers_for(_expired_token(ring)), BODY),
+        "expired",
+    ),
+    "issued in the future": (
+        lambda ring, minter, tmp: (headers_for(_mint(minter, now=int(time.time()) + 120)), BODY),
+        "not_yet_valid",
+    ),
+    "wrong audience": (
+        lambda ring, minter, tmp: (
+            headers_for(_mint(minter, audience="https://other.example/hooks")),
+            BODY,
+        ),
+        "wrong_audience",
+    ),
+    "wrong issuer": (
+        lambda ring, minter, tmp: (
+            headers_for(_mint(make_minter(ring, issuer="https://evil.example"))),
+            BODY,
+        ),
+        "wrong_issuer",
+    ),
+    "unknown kid": (
+        lambda ring, minter, tmp: (
+            headers_for(_mint(make_minter(KeyRing.load(tmp / "stranger")))),
+            BODY,
+        ),
+        "unknown_kid",
+    ),
+    "alg none": (
+        lambda ring, minter, tmp: (
+            headers_for(craft_token(ring_header(ring, alg="none"), claims_for())),
+            BODY,
+        ),
+        "algorithm_not_allowed",
+    ),
+    "HS256 keyed with the public key PEM": (
+        lambda ring, minter, tmp: (headers_for(_hs256_with_public_key(ring)), BODY),
+        "algorithm_not_allowed",
+    ),
+    "HS256 keyed with the public x": (
+        lambda ring, minter, tmp: (headers_for(_hs256_with_raw_x(ring)), BODY),
+        "algorithm_not_allowed",
+    ),
+    "ES256 claimed for an EdDSA key": (
+        lambda ring, minter, tmp: (
+            headers_for(
+                craft_token(
+                    ring_header(ring, alg="ES256"),
+                    claims_for(),
+                    key=generate_key(tmp / "es", "ES256"),
+                )
+            ),
+            BODY,
+        ),
+        "algorithm_not_allowed",
+    ),
+    "missing token": (lambda ring, minter, tmp: (headers_for(None), BODY), "missing_token"),
+    "basic auth instead of bearer": (
+        lambda ring, minter, tmp: (
+            {"Authorization": "Basic dXNlcjpwYXNz", "webhook-id": WEBHOOK_ID},
+            BODY,
+        ),
+        "missing_token",
+    ),
+    "empty bearer": (lambda ring, minter, tmp: (headers_for(""), BODY), "malformed_token"),
+    "one segment": (lambda ring, minter, tmp: (headers_for("abc"), BODY), "malformed_token"),
+    "garbage segments": (
+        lambda ring, minter, tmp: (headers_for("a.b.c"), BODY),
+        "malformed_token",
+    ),
+    "four segments": (
+        lambda ring, minter, tmp: (headers_for(_mint(minter) + ".AAAA"), BODY),
+        "malformed_token",
+    ),
+    "padding added": (
+        lambda ring, minter, tmp: (headers_for(_mint(minter) + "=="), BODY),
+        "malformed_token",
+    ),
+    "stray character inside a segment": (
+        lambda ring, minter, tmp: (headers_for(_mint(minter).replace(".", ".!", 1)), BODY),
+        "malformed_token",
+    ),
+    "spare bits of the signature set": (
+        lambda ring, minter, tmp: (headers_for(_spare_bits_set(_mint(minter))), BODY),
+        "malformed_token",
+    ),
+    "header not json": (
+        lambda ring, minter, tmp: (
+            headers_for(b64url(b"{not json") + "." + _mint(minter).split(".", 1)[1]),
+            BODY,
+        ),
+        "malformed_token",
+    ),
+    "kid with path characters": (
+        lambda ring, minter, tmp: (
+            headers_for(craft_token(ring_header(ring, kid="../../etc/passwd"), claims_for())),
+            BODY,
+        ),
+        "malformed_token",
+    ),
+    "kid not a string": (
+        lambda ring, minter, tmp: (
+            headers_for(craft_token(ring_header(ring, kid=7), claims_for())),
+            BODY,
+        ),
+        "malformed_token",
+    ),
+    "unsupported crit": (
+        lambda ring, minter, tmp: (
+            headers_for(
+                craft_token(
+                    ring_header(ring, crit=["b64"], b64=False),
+                    claims_for(),
+                    key=ring.signing_key(),
+                )
+            ),
+            BODY,
+        ),
+        "malformed_token",
+    ),
+    "typ JWT": (
+        lambda ring, minter, tmp: (
+            headers_for(
+                craft_token(ring_header(ring, typ="JWT"), claims_for(), key=ring.signing_key())
+            ),
+            BODY,
+        ),
+        "bad_type",
+    ),
+    "typ missing": (
+        lambda ring, minter, tmp: (
+            headers_for(craft_token(ring_header(ring, typ=None), claims_for())),
+            BODY,
+        ),
+        "bad_type",
+    ),
+    "wrong scope": (
+        lambda ring, minter, tmp: (headers_for(_mint(make_minter(ring, scope="admin"))), BODY),
+        "bad_scope",
+    ),
+    "webhook-id mismatch": (
+        lambda ring, minter, tmp: (headers_for(_mint(minter), webhook_id="evt_other"), BODY),
+        "webhook_id_mismatch",
+    ),
+    "webhook-id header missing": (
+        lambda ring, minter, tmp: (
+            {"Authorization": f"Bearer {_mint(minter)}"},
+            BODY,
+        ),
+        "webhook_id_mismatch",
+    ),
+    "no body_sha256 claim": (
+        lambda ring, minter, tmp: (
+            headers_for(
+                craft_token(ring_header(ring), claims_for(body_sha256=None), key=ring.signing_key())
+            ),
+            BODY,
+        ),
+        "missing_claim",
+    ),
+    "no jti claim": (
+        lambda ring, minter, tmp: (
+            headers_for(
+                craft_token(ring_header(ring), claims_for(jti=None), key=ring.signing_key())
+            ),
+            BODY,
+        ),
+        "missing_claim",
+    ),
+    "no exp claim": (
+        lambda ring, minter, tmp: (
+            headers_for(
+                craft_token(ring_header(ring), claims_for(exp=None), key=ring.signing_key())
+            ),
+            BODY,
+        ),
+        "missing_claim",
+    ),
+    "jti not a string": (
+        lambda ring, minter, tmp: (
+            headers_for(craft_token(ring_header(ring), claims_for(jti=5), key=ring.signing_key())),
+            BODY,
+        ),
+        "malformed_token",
+    ),
+    "claims not an object": (
+        lambda ring, minter, tmp: (
+            headers_for(craft_token(ring_header(ring), [1, 2], key=ring.signing_key())),  # type: ignore[arg-type]
+            BODY,
+        ),
+        "malformed_token",
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+async def test_attack_is_refused_with_its_reason(
+    attack: str, ring: KeyRing, minter: TokenMinter, tmp_path: Path
+) -> None:
+    build, reason = ATTACKS[attack]
+    headers, body = build(ring, minter, tmp_path)
+    async with _verifier(ring) as verifier:
+        assert await _reason(verifier, headers, body) == reason
+
+
+async def test_replayed_token(ring: KeyRing, minter: TokenMinter) -> None:
+    headers = headers_for(_mint(minter))
+    async with _verifier(ring) as verifier:
+        await verifier.verify(headers, BODY)
+        assert await _reason(verifier, headers) == "replayed"
+
+
+async def test_failed_request_does_not_use_up_the_token(ring: KeyRing, minter: TokenMinter) -> None:
+    token = _mint(minter)
+    async with _verifier(ring) as verifier:
+        assert await _reason(verifier, headers_for(token), BODY + b"x") == "body_mismatch"
+        assert isinstance(await verifier.verify(headers_for(token), BODY), dict)
+
+
+async def test_replay_cache_holds_ids_until_expiry_plus_leeway(
+    ring: KeyRing, minter: TokenMinter
+) -> None:
+    cache = MemoryReplayCache()
+    token = _mint(minter)
+    async with _verifier(ring, replay_cache=cache, leeway=10) as verifier:
+        claims = await verifier.verify(headers_for(token), BODY)
+    assert isinstance(claims, dict)
+    assert await cache.seen(claims["jti"], 0)
+    assert cache._expiry[claims["jti"]] == claims["exp"] + 10
+
+
+async def test_scope_may_be_a_list(ring: KeyRing) -> None:
+    minter = make_minter(ring, scope="events:read webhooks:deliver")
+    async with _verifier(ring) as verifier:
+        assert isinstance(await verifier.verify(headers_for(_mint(minter)), BODY), dict)
+
+
+async def test_issuer_is_optional(ring: KeyRing) -> None:
+    token = _mint(make_minter(ring, issuer="https://anyone.example"))
+    async with _verifier(ring, issuer=None) as verifier:
+        assert isinstance(await verifier.verify(headers_for(token), BODY), dict)
+
+
+# -- HMAC, alone and together with the token ------------------------------------------------------
+
+
+def _hmac_headers(secret: bytes, body: bytes = BODY, msg_id: str = WEBHOOK_ID) -> dict[str, str]:
+    timestamp = int(time.time())
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign_hmac([secret], msg_id, timestamp, body),
+    }
+
+
+def _whsec(secret: bytes) -> str:
+    return "whsec_" + base64.b64encode(secret).decode()
+
+
+async def test_hmac_only_returns_the_webhook_id() -> None:
+    secret = os.urandom(32)
+    async with WebhookVerifier(hmac_secrets=_whsec(secret)) as verifier:
+        assert await verifier.verify(_hmac_headers(secret), BODY) == WEBHOOK_ID
+        assert await _reason(verifier, _hmac_headers(secret), BODY + b"!") == "bad_signature"
+        assert await _reason(verifier, {"webhook-id": WEBHOOK_ID}) == "missing_header"
+
+
+async def test_hmac_secret_rotation_list() -> None:
+    old, new = os.urandom(32), os.urandom(32)
+    async with WebhookVerifier(hmac_secrets=[_whsec(old), _whsec(new)]) as verifier:
+        assert await verifier.verify(_hmac_headers(old), BODY) == WEBHOOK_ID
+        assert await verifier.verify(_hmac_headers(new), BODY) == WEBHOOK_ID
+
+
+async def test_token_and_hmac_both_required_when_both_configured(
+    ring: KeyRing, minter: TokenMinter
+) -> None:
+    secret = os.urandom(32)
+    async with _verifier(ring, hmac_secrets=_whsec(secret)) as verifier:
+        both = {**headers_for(_mint(minter)), **_hmac_headers(secret)}
+        assert isinstance(await verifier.verify(both, BODY), dict)
+
+        bad_hmac = {**headers_for(_mint(minter)), **_hmac_headers(os.urandom(32))}
+        assert await _reason(verifier, bad_hmac) == "bad_signature"
+        token_only = headers_for(_mint(minter))
+        assert await _reason(verifier, token_only) == "missing_header"
+        assert await _reason(verifier, _hmac_headers(secret)) == "missing_token"
+        assert await _reason(verifier, {"webhook-id": WEBHOOK_ID}) == "no_credentials"
+
+
+async def test_failed_hmac_does_not_use_up_the_token(ring: KeyRing, minter: TokenMinter) -> None:
+    secret = os.urandom(32)
+    token_headers = headers_for(_mint(minter))
+    async with _verifier(ring, hmac_secrets=_whsec(secret)) as verifier:
+        bad = {**token_headers, **_hmac_headers(os.urandom(32))}
+        assert await _reason(verifier, bad) == "bad_signature"
+        good = {**token_headers, **_hmac_headers(secret)}
+        assert isinstance(await verifier.verify(good, BODY), dict)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, "configure jwks_url, jwks or hmac_secrets"),
+        ({"jwks": {"keys": []}}, "audience"),
+        ({"jwks": {"keys": []}, "jwks_url": "http://x", "audience": "a"}, "not both"),
+        ({"hmac_secrets": "whsec_***"}, "base64"),
+        ({"hmac_secrets": "whsec_AAAA", "leeway": -1}, "leeway"),
+        ({"hmac_secrets": "whsec_AAAA", "require_scope": ""}, "require_scope"),
+    ],
+)
+def test_bad_configuration_fails_at_construction(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        WebhookVerifier(**options)
+
+
+# -- JWKS over HTTP -------------------------------------------------------------------------------
+
+
+async def test_jwks_is_fetched_once_and_cached(
+    ring: KeyRing, minter: TokenMinter, jwks_server: JwksServer
+) -> None:
+    jwks_server.document = ring.jwks()
+    async with WebhookVerifier(jwks_url=jwks_server.url, audience=AUDIENCE) as verifier:
+        for _ in range(3):
+            await verifier.verify(headers_for(_mint(minter)), BODY)
+    assert jwks_server.requests == 1
+
+
+async def test_unknown_kid_refetches_then_is_rate_limited(
+    ring: KeyRing, minter: TokenMinter, tmp_path: Path, jwks_server: JwksServer
+) -> None:
+    jwks_server.document = ring.jwks()
+    newer = KeyRing.load(tmp_path / "newer")
+    stranger = KeyRing.load(tmp_path / "stranger")
+    async with WebhookVerifier(jwks_url=jwks_server.url, audience=AUDIENCE) as verifier:
+        await verifier.verify(headers_for(_mint(minter)), BODY)
+        assert jwks_server.requests == 1
+
+        # A key published after the first fetch is found by refetching.
+        jwks_server.document = {"keys": ring.jwks()["keys"] + newer.jwks()["keys"]}
+        await verifier.verify(headers_for(_mint(make_minter(newer))), BODY)
+        assert jwks_server.requests == 2
+
+        # A kid that is nowhere does not turn every request into a fetch.
+        stranger_minter = make_minter(stranger)
+        for _ in range(5):
+            token = _mint(stranger_minter)
+            assert await _reason(verifier, headers_for(token)) == "unknown_kid"
+        assert jwks_server.requests == 2
+
+
+async def test_jwks_server_error_is_jwks_unavailable(
+    minter: TokenMinter, jwks_server: JwksServer
+) -> None:
+    jwks_server.status = 500
+    async with WebhookVerifier(jwks_url=jwks_server.url, audience=AUDIENCE) as verifier:
+        assert await _reason(verifier, headers_for(_mint(minter))) == "jwks_unavailable"
+        # Rate-limited: the second request does not hit the failing server again.
+        assert await _reason(verifier, headers_for(_mint(minter))) == "jwks_unavailable"
+    assert jwks_server.requests == 1
+
+
+async def test_jwks_redirect_is_not_followed(minter: TokenMinter, jwks_server: JwksServer) -> None:
+    jwks_server.status = 302
+    jwks_server.headers = {"Location": "http://127.0.0.1:1/elsewhere"}
+    async with WebhookVerifier(jwks_url=jwks_server.url, audience=AUDIENCE) as verifier:
+        assert await _reason(verifier, headers_for(_mint(minter))) == "jwks_unavailable"
+
+
+async def test_jwks_unreachable_is_jwks_unavailable(minter: TokenMinter) -> None:
+    url = "http://127.0.0.1:9/.well-known/jwks.json"
+    async with WebhookVerifier(jwks_url=url, audience=AUDIENCE) as verifier:
+        assert await _reason(verifier, headers_for(_mint(minter))) == "jwks_unavailable"
+
+
+async def test_verifier_uses_a_given_session_and_leaves_it_open(
+    ring: KeyRing, minter: TokenMinter, jwks_server: JwksServer
+) -> None:
+    import aiohttp
+
+    jwks_server.document = ring.jwks()
+    async with aiohttp.ClientSession() as session:
+        verifier = WebhookVerifier(jwks_url=jwks_server.url, audience=AUDIENCE, session=session)
+        await verifier.verify(headers_for(_mint(minter)), BODY)
+        await verifier.close()
+        assert not session.closed
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_cache_expires_after_max_age(ring: KeyRing, jwks_server: JwksServer) -> None:
+    jwks_server.document = ring.jwks()
+    jwks_server.headers = {"Cache-Control": "public, max-age=60"}
+    kid = ring.signing_key().kid
+    clock = _Clock()
+    client = JwksClient(jwks_server.url, cache_ttl=300, clock=clock)
+    try:
+        await client.get(kid)
+        clock.now += 59
+        await client.get(kid)
+        assert jwks_server.requests == 1
+        clock.now += 2
+        await client.get(kid)
+        assert jwks_server.requests == 2
+    finally:
+        await client.close()
+
+
+async def test_stale_keys_are_kept_while_the_server_fails(
+    ring: KeyRing, jwks_server: JwksServer
+) -> None:
+    jwks_server.document = ring.jwks()
+    kid = ring.signing_key().kid
+    clock = _Clock()
+    client = JwksClient(jwks_server.url, cache_ttl=30, min_refetch_interval=10, clock=clock)
+    try:
+        await client.get(kid)
+        jwks_server.status = 503
+        clock.now += 31
+        assert (await client.get(kid)).kid == kid
+        assert (await client.get(kid)).kid == kid
+        assert jwks_server.requests == 2  # one failed refresh, then rate-limited
+        clock.now += 10
+        await client.get(kid)
+        assert jwks_server.requests == 3
+        # A key that was removed from the document stops verifying once refetched.
+        jwks_server.status = 200
+        jwks_server.document = {"keys": []}
+        clock.now += 31
+        with pytest.raises(VerificationError) as caught:
+            await client.get(kid)
+        assert caught.value.reason == "unknown_kid"
+    finally:
+        await client.close()
+
+
+def test_parse_jwks_pins_algorithms_and_skips_unusable_keys(
+    ring: KeyRing, es_ring: KeyRing
+) -> None:
+    ed, es = ring.jwks()["keys"][0], es_ring.jwks()["keys"][0]
+    off_curve = {**es, "kid": "offcurve", "y": es["x"]}
+    document = {
+        "keys": [
+            ed,
+            es,
+            {**ed, "kid": "enc", "use": "enc"},
+            {**ed, "kid": "claims-es256", "alg": "ES256"},
+            {**ed, "kid": "bad/kid"},
+            {**ed, "kid": "short", "x": "AAAA"},
+            off_curve,
+            {"kty": "RSA", "kid": "rsa", "n": "AQAB", "e": "AQAB"},
+            {"kty": "oct", "kid": "hmac", "k": "c2VjcmV0"},
+            {"kty": "OKP", "crv": "X25519", "kid": "x25519", "x": ed["x"]},
+            "not a jwk",
+        ]
+    }
+    keys = parse_jwks(document)
+    assert {kid: key.alg for kid, key in keys.items()} == {ed["kid"]: "EdDSA", es["kid"]: "ES256"}
+    with pytest.raises(ValueError):
+        parse_jwks({"keys": "nope"})
