@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import jwt
+import orjson
 from harness import (
     SEED_EVENT,
     Publisher,
@@ -175,3 +177,41 @@ async def test_jwks_endpoint_serves_the_signing_key(make, receivers) -> None:
     ring = KeyRing.load(cfg.signing.keys_dir, create_if_empty=False)
     assert [k["kid"] for k in jwks["keys"]] == [ring.signing_key().kid]
     await asyncio.sleep(0)
+
+
+async def test_posts_verify_with_our_verifier_jwcrypto_and_standard_webhooks(make, receivers
+                                                                            ) -> None:
+    import aiohttp
+    from jwcrypto import jwk as jw_jwk
+    from jwcrypto import jwt as jw_jwt
+    from standardwebhooks.webhooks import Webhook
+
+    from signing import WebhookVerifier
+
+    secret = "whsec_" + "dGhpcyBpcyBhIHRlc3Qgc2VjcmV0IGZvciBobWFj"
+    both = receivers.add("both")
+    cfg = make([{"id": "both", "url": both.url, "auth": "jwt+hmac",
+                 "hmac_secret_env": "BOTH_SECRET"}], env={"BOTH_SECRET": secret})
+    async with running(cfg) as disp, Publisher(cfg) as pub:
+        await pub.publish(SEED_EVENT, message_id="evt-verify")
+        assert await wait_until(lambda: both.count == 1)
+        assert disp.ops is not None
+        jwks_url = f"http://127.0.0.1:{disp.ops.port}/.well-known/jwks.json"
+        async with aiohttp.ClientSession() as http, http.get(jwks_url) as resp:
+            jwks_text = await resp.text()
+        got = both.requests[0]
+        async with WebhookVerifier(jwks_url=jwks_url, audience=both.url,
+                                   issuer=cfg.signing.issuer, hmac_secrets=secret) as verifier:
+            claims = await verifier.verify(got.headers, got.body)
+    assert claims["webhook_id"] == "evt-verify" and claims["aud"] == both.url
+
+    token = got.headers["Authorization"].removeprefix("Bearer ")
+    keyset = jw_jwk.JWKSet.from_json(jwks_text)
+    checked = jw_jwt.JWT(jwt=token, key=keyset, algs=["EdDSA"],
+                         check_claims={"iss": cfg.signing.issuer, "aud": both.url})
+    import hashlib
+
+    body_hash = base64.urlsafe_b64encode(hashlib.sha256(SEED_EVENT).digest()).rstrip(b"=")
+    assert orjson.loads(checked.claims)["body_sha256"] == body_hash.decode()
+
+    Webhook(secret).verify(got.body, {k.lower(): v for k, v in got.headers.items()})
