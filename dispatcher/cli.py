@@ -6,10 +6,9 @@ Every error is one clear line on stderr.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import orjson
@@ -32,13 +31,18 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dispatcher", description="Webhook dispatcher for email delivery events.")
     p.add_argument("--version", action="version", version=f"dispatcher {__version__}")
-    p.add_argument("--config", help="config file (default: $DISPATCHER_CONFIG or "
-                   "config/dispatcher.toml)")
+    p.add_argument(
+        "--config", help="config file (default: $DISPATCHER_CONFIG or config/dispatcher.toml)"
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run the daemon")
-    run.add_argument("--workers", type=int, default=None,
-                     help="worker processes (default: [dispatcher].workers, 0 = one per core)")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default: [dispatcher].workers, 0 = one per core)",
+    )
     run.add_argument("--worker-child", action="store_true", help=argparse.SUPPRESS)
 
     demo = sub.add_parser("demo", help="run the whole local loop once and print a summary")
@@ -53,11 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="manage signing keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
     ksub.add_parser("generate", help="create a signing key (active at once)")
-    rot = ksub.add_parser("rotate", help="publish a new key now; it signs after the JWKS "
-                          "cache age; the old one retires after token_ttl + cache age")
-    rot.add_argument("--publish-lead", default=None,
-                     help="how long the new key is published before it signs "
-                     "(default: [signing].jwks_max_age)")
+    rot = ksub.add_parser(
+        "rotate",
+        help="publish a new key now; it signs after the JWKS "
+        "cache age; the old one retires after token_ttl + cache age",
+    )
+    rot.add_argument(
+        "--publish-lead",
+        default=None,
+        help="how long the new key is published before it signs (default: [signing].jwks_max_age)",
+    )
     ksub.add_parser("jwks", help="print the public key set")
     ksub.add_parser("prune", help="remove keys whose retirement time has passed")
 
@@ -84,13 +93,10 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _run_async(coro_fn: Callable[[], Awaitable[_T]]) -> _T:
-    try:
-        import uvloop
+def _run_async(coro_fn: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    import uvloop
 
-        return uvloop.run(coro_fn())  # type: ignore[no-any-return]
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.run(coro_fn())  # type: ignore[arg-type]
+    return uvloop.run(coro_fn())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,8 +160,9 @@ def _cmd_run(args: argparse.Namespace, config: Config) -> int:
         return supervise(config, workers=workers, config_path=args.config)
     from dispatcher.daemon import serve
 
-    return _run_async(lambda: serve(config, config_path=args.config,
-                                    serve_ops=not args.worker_child))
+    return _run_async(
+        lambda: serve(config, config_path=args.config, serve_ops=not args.worker_child)
+    )
 
 
 def _cmd_publish(args: argparse.Namespace, config: Config) -> int:
@@ -188,10 +195,17 @@ def _cmd_keys(args: argparse.Namespace, config: Config) -> int:
             key = generate_key(s.keys_dir, s.algorithm)
             print(f"generated {key.alg} key {key.kid} in {s.keys_dir}")
         elif args.keys_command == "rotate":
-            lead = (parse_duration(args.publish_lead, "--publish-lead")
-                    if args.publish_lead is not None else s.jwks_max_age)
-            new, retiring = rotate(s.keys_dir, s.algorithm, publish_lead=lead,
-                                   retire_after=s.token_ttl + s.jwks_max_age)
+            lead = (
+                parse_duration(args.publish_lead, "--publish-lead")
+                if args.publish_lead is not None
+                else s.jwks_max_age
+            )
+            new, retiring = rotate(
+                s.keys_dir,
+                s.algorithm,
+                publish_lead=lead,
+                retire_after=s.token_ttl + s.jwks_max_age,
+            )
             print(f"new key {new.kid}: published now, signs from +{lead:g}s")
             for old in retiring:
                 print(f"key {old.kid}: stays published until its tokens and caches expire")
@@ -236,8 +250,11 @@ def _cmd_dlq(args: argparse.Namespace, config: Config) -> int:
         replayed, missing, kept = _run_async(lambda: tool.replay(ids, subscriber=args.subscriber))
         print(f"replayed {replayed} dead letters")
         if kept:
-            print(f"kept {len(kept)} whose subscriber is no longer configured: "
-                  f"{', '.join(sorted(kept))}", file=sys.stderr)
+            print(
+                f"kept {len(kept)} whose subscriber is no longer configured: "
+                f"{', '.join(sorted(kept))}",
+                file=sys.stderr,
+            )
         if missing:
             return _fail(f"dlq replay: not found: {', '.join(sorted(missing))}", EXIT_RUNTIME)
         return EXIT_OK
@@ -245,10 +262,14 @@ def _cmd_dlq(args: argparse.Namespace, config: Config) -> int:
         count = _run_async(tool.count)
         if not args.yes:
             if not sys.stdin.isatty():
-                return _fail(f"dlq purge: refusing to delete {count} dead letters without --yes "
-                             "(stdin is not a terminal)", EXIT_USAGE)
-            answer = input(f"Delete {count} dead letters from {config.broker.dead_letter_queue}? "
-                           "[y/N] ")
+                return _fail(
+                    f"dlq purge: refusing to delete {count} dead letters without --yes "
+                    "(stdin is not a terminal)",
+                    EXIT_USAGE,
+                )
+            answer = input(
+                f"Delete {count} dead letters from {config.broker.dead_letter_queue}? [y/N] "
+            )
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing deleted")
                 return EXIT_OK

@@ -11,7 +11,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -293,8 +293,11 @@ def _broker(t: _Table, env: Mapping[str, str]) -> BrokerConfig:
     url = t.take("url", str, d.url)
     url = env.get("DISPATCHER_BROKER_URL", url)
     parts = urlsplit(url)
-    _check(parts.scheme in ("amqp", "amqps") and bool(parts.hostname), t.key("url"),
-           f"bad broker URL {_mask_url(url)!r} (expected amqp://user:pass@host:port/vhost)")
+    _check(
+        parts.scheme in ("amqp", "amqps") and bool(parts.hostname),
+        t.key("url"),
+        f"bad broker URL {_mask_url(url)!r} (expected amqp://user:pass@host:port/vhost)",
+    )
     cfg = BrokerConfig(
         url=url,
         exchange=t.take("exchange", str, d.exchange),
@@ -309,8 +312,11 @@ def _broker(t: _Table, env: Mapping[str, str]) -> BrokerConfig:
     _check(bool(cfg.queue), t.key("queue"), "must not be empty")
     _check(bool(cfg.binding_keys), t.key("binding_keys"), "must list at least one key")
     _check(1 <= cfg.prefetch <= 65535, t.key("prefetch"), "must be between 1 and 65535")
-    _check(cfg.queue_type in ("quorum", "classic"), t.key("queue_type"),
-           f'must be "quorum" or "classic", got {cfg.queue_type!r}')
+    _check(
+        cfg.queue_type in ("quorum", "classic"),
+        t.key("queue_type"),
+        f'must be "quorum" or "classic", got {cfg.queue_type!r}',
+    )
     _check(cfg.max_event_bytes >= 64, t.key("max_event_bytes"), "must be at least 64")
     return cfg
 
@@ -319,8 +325,11 @@ def _http(t: _Table) -> HttpConfig:
     listen = t.take("listen", str, HttpConfig().listen)
     t.finish()
     host, sep, port = listen.rpartition(":")
-    _check(bool(sep and host and port.isdigit() and 0 <= int(port) <= 65535), t.key("listen"),
-           f"expected host:port, got {listen!r}")
+    _check(
+        bool(sep and host and port.isdigit() and 0 <= int(port) <= 65535),
+        t.key("listen"),
+        f"expected host:port, got {listen!r}",
+    )
     return HttpConfig(listen=listen)
 
 
@@ -335,8 +344,11 @@ def _signing(t: _Table) -> SigningConfig:
         jwks_max_age=t.take_duration("jwks_max_age", d.jwks_max_age),
     )
     t.finish()
-    _check(cfg.algorithm in ("EdDSA", "ES256"), t.key("algorithm"),
-           f'must be "EdDSA" or "ES256", got {cfg.algorithm!r}')
+    _check(
+        cfg.algorithm in ("EdDSA", "ES256"),
+        t.key("algorithm"),
+        f'must be "EdDSA" or "ES256", got {cfg.algorithm!r}',
+    )
     _check(bool(cfg.issuer), t.key("issuer"), "must not be empty")
     _check(bool(cfg.keys_dir), t.key("keys_dir"), "must not be empty")
     _check(10 <= cfg.token_ttl <= 3600, t.key("token_ttl"), "must be between 10s and 1h")
@@ -362,8 +374,11 @@ def _retry(t: _Table) -> RetryConfig:
     t.finish()
     _check(0.0 <= cfg.jitter < 1.0, t.key("jitter"), "must be between 0 and 1 (exclusive)")
     _check(len(cfg.schedule) <= 64, t.key("schedule"), "at most 64 retries")
-    _check(all(0 < s <= 3 * 86400 for s in cfg.schedule), t.key("schedule"),
-           "each delay must be more than 0 and at most 72h")
+    _check(
+        all(0 < s <= 3 * 86400 for s in cfg.schedule),
+        t.key("schedule"),
+        "each delay must be more than 0 and at most 72h",
+    )
     _check(cfg.max_age > 0, t.key("max_age"), "must be more than 0")
     _check(cfg.overflow_delay > 0, t.key("overflow_delay"), "must be more than 0")
     return cfg
@@ -394,10 +409,16 @@ def _dispatcher(t: _Table, env: Mapping[str, str]) -> DispatcherConfig:
     )
     t.finish()
     _check(cfg.workers >= 0, t.key("workers"), "must be 0 (one per core) or more")
-    _check(cfg.log_level in ("debug", "info", "warning", "error"), t.key("log_level"),
-           f"must be debug, info, warning or error, got {cfg.log_level!r}")
-    _check(cfg.log_format in ("auto", "json", "console"), t.key("log_format"),
-           f"must be auto, json or console, got {cfg.log_format!r}")
+    _check(
+        cfg.log_level in ("debug", "info", "warning", "error"),
+        t.key("log_level"),
+        f"must be debug, info, warning or error, got {cfg.log_level!r}",
+    )
+    _check(
+        cfg.log_format in ("auto", "json", "console"),
+        t.key("log_format"),
+        f"must be auto, json or console, got {cfg.log_format!r}",
+    )
     _check(cfg.max_response_bytes >= 0, t.key("max_response_bytes"), "must not be negative")
     return cfg
 
@@ -408,30 +429,42 @@ _PATTERN = re.compile(r"^(\*|[A-Za-z]+\.\*|[A-Za-z]+\.[A-Za-z]+)$")
 
 def _subscriber(t: _Table, env: Mapping[str, str], allow_private: bool) -> SubscriberConfig:
     sub_id = t.take("id", str, "")
-    _check(bool(_SUB_ID.match(sub_id)), t.key("id"),
-           f"must be 1-64 letters, digits, '_', '.', '-', got {sub_id!r}")
+    _check(
+        bool(_SUB_ID.match(sub_id)),
+        t.key("id"),
+        f"must be 1-64 letters, digits, '_', '.', '-', got {sub_id!r}",
+    )
     url = t.take("url", str, "")
     _check_subscriber_url(url, t.key("url"), allow_private)
     events = t.take_str_list("events", ("*",))
     for i, pattern in enumerate(events):
-        _check(bool(_PATTERN.match(pattern)), f"{t.key('events')}[{i}]",
-               f'bad pattern {pattern!r} (use an exact name, "Message.*" or "*")')
+        _check(
+            bool(_PATTERN.match(pattern)),
+            f"{t.key('events')}[{i}]",
+            f'bad pattern {pattern!r} (use an exact name, "Message.*" or "*")',
+        )
         if "*" not in pattern:
-            _check(pattern in KNOWN_EVENT_TYPES, f"{t.key('events')}[{i}]",
-                   f"unknown event type {pattern!r} (known: {', '.join(KNOWN_EVENT_TYPES)})")
+            _check(
+                pattern in KNOWN_EVENT_TYPES,
+                f"{t.key('events')}[{i}]",
+                f"unknown event type {pattern!r} (known: {', '.join(KNOWN_EVENT_TYPES)})",
+            )
     _check(bool(events), t.key("events"), "must list at least one pattern")
     auth = t.take("auth", str, "jwt")
-    _check(auth in ("jwt", "hmac", "jwt+hmac"), t.key("auth"),
-           f'must be "jwt", "hmac" or "jwt+hmac", got {auth!r}')
+    _check(
+        auth in ("jwt", "hmac", "jwt+hmac"),
+        t.key("auth"),
+        f'must be "jwt", "hmac" or "jwt+hmac", got {auth!r}',
+    )
     secret_env = t.take("hmac_secret_env", str, "") or None
     secrets: tuple[bytes, ...] = ()
     if "hmac" in auth:
-        _check(secret_env is not None, t.key("hmac_secret_env"),
-               f'required when auth = "{auth}"')
+        _check(secret_env is not None, t.key("hmac_secret_env"), f'required when auth = "{auth}"')
         assert secret_env is not None
         value = env.get(secret_env)
-        _check(bool(value), t.key("hmac_secret_env"),
-               f"environment variable {secret_env} is not set")
+        _check(
+            bool(value), t.key("hmac_secret_env"), f"environment variable {secret_env} is not set"
+        )
         assert value is not None
         secrets = _parse_hmac_secrets(value, t.key("hmac_secret_env"))
     cfg = SubscriberConfig(
@@ -471,8 +504,11 @@ def _parse_hmac_secrets(value: str, key: str) -> tuple[bytes, ...]:
 
 def _check_subscriber_url(url: str, key: str, allow_private: bool) -> None:
     parts = urlsplit(url)
-    _check(parts.scheme in ("http", "https") and bool(parts.hostname), key,
-           f"bad URL {url!r} (expected http(s)://host/path)")
+    _check(
+        parts.scheme in ("http", "https") and bool(parts.hostname),
+        key,
+        f"bad URL {url!r} (expected http(s)://host/path)",
+    )
     try:
         _ = parts.port
     except ValueError:
@@ -481,23 +517,29 @@ def _check_subscriber_url(url: str, key: str, allow_private: bool) -> None:
     if allow_private:
         return
     host = parts.hostname or ""
-    _check(host.lower() not in ("localhost", "localhost.localdomain") and
-           not host.lower().endswith(".localhost"), key,
-           f"{host} is a loopback name (set allow_private_networks = true for local targets)")
+    _check(
+        host.lower() not in ("localhost", "localhost.localdomain")
+        and not host.lower().endswith(".localhost"),
+        key,
+        f"{host} is a loopback name (set allow_private_networks = true for local targets)",
+    )
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return  # a name: checked again at connect time
-    _check(ip.is_global, key,
-           f"{ip} is not a public address (set allow_private_networks = true for local targets)")
+    _check(
+        ip.is_global,
+        key,
+        f"{ip} is not a public address (set allow_private_networks = true for local targets)",
+    )
 
 
 # --- entry points -----------------------------------------------------------------------------
 
 
-
-def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None,
-                 source: str = "<memory>") -> Config:
+def parse_config(
+    data: Mapping[str, Any], env: Mapping[str, str] | None = None, source: str = "<memory>"
+) -> Config:
     """Validate a parsed TOML document into a `Config`; raise `ConfigError` on any problem."""
     env = os.environ if env is None else env
     root = _Table(data, "")
@@ -521,13 +563,22 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None,
             raise ConfigError(f"subscribers[{i}].id: duplicate subscriber id {s.id!r}")
         seen.add(s.id)
     root.finish()
-    return Config(broker=broker, http=http, signing=signing, retry=retry, breaker=breaker,
-                  dispatcher=disp, subscribers=subs, allow_private_networks=allow_private,
-                  source=source)
+    return Config(
+        broker=broker,
+        http=http,
+        signing=signing,
+        retry=retry,
+        breaker=breaker,
+        dispatcher=disp,
+        subscribers=subs,
+        allow_private_networks=allow_private,
+        source=source,
+    )
 
 
-def load_config(path: str | os.PathLike[str] | None = None,
-                env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Config:
     """Read and validate the config file (``--config``, ``DISPATCHER_CONFIG`` or the default)."""
     env = os.environ if env is None else env
     chosen = Path(path or env.get("DISPATCHER_CONFIG") or DEFAULT_CONFIG_PATH)

@@ -7,6 +7,7 @@ channel closes, so a crash mid-listing loses nothing. Replay publishes a fresh d
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import sys
 import time
@@ -41,8 +42,10 @@ class DeadLetter:
 
 
 def _decode(message: AbstractIncomingMessage) -> DeadLetter:
-    headers = {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
-               for k, v in (message.headers or {}).items()}
+    headers = {
+        k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
+        for k, v in (message.headers or {}).items()
+    }
     fallback = f"tag-{message.delivery_tag}"
     record = DeadLetterRecord.from_message(headers, message.message_id, fallback)
     return DeadLetter(record=record, body=message.body, headers=headers)
@@ -79,8 +82,9 @@ class DeadLetterTool:
         async with self._channel() as (_, queue):
             return int(queue.declaration_result.message_count or 0)
 
-    async def _scan(self, queue: AbstractQueue, what: str,
-                    limit: int | None = None) -> AsyncIterator[tuple[AbstractIncomingMessage, DeadLetter]]:
+    async def _scan(
+        self, queue: AbstractQueue, what: str, limit: int | None = None
+    ) -> AsyncIterator[tuple[AbstractIncomingMessage, DeadLetter]]:
         progress = _Progress(what, self._progress)
         while limit is None or progress.count < limit:
             message = await queue.get(no_ack=False, fail=False, timeout=10)
@@ -101,13 +105,13 @@ class DeadLetterTool:
         return None
 
     async def export(self, path: str) -> int:
-        n = 0
-        with open(path, "wb") as out:
-            async with self._channel() as (_, queue):
-                async for _, dl in self._scan(queue, "exported"):
-                    out.write(orjson.dumps(dl.export()) + b"\n")
-                    n += 1
-        return n
+        """Write every dead letter as a JSON line; the queue keeps them all."""
+        lines: list[bytes] = []
+        async with self._channel() as (_, queue):
+            async for _, dl in self._scan(queue, "exported"):
+                lines.append(orjson.dumps(dl.export()) + b"\n")
+        await asyncio.to_thread(_write_lines, path, lines)
+        return len(lines)
 
     async def replay(
         self, ids: Collection[str] | None, *, subscriber: str | None = None
@@ -152,11 +156,20 @@ class DeadLetterTool:
         # Without a subscriber (an invalid event, a broker dead letter) it goes back through
         # the whole pipeline as a new event.
         return aio_pika.Message(
-            dl.body, headers=headers, message_id=dl.record.event_id,
-            content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            timestamp=time.time())
+            dl.body,
+            headers=headers,
+            message_id=dl.record.event_id,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            timestamp=time.time(),
+        )
 
     async def purge(self) -> int:
         async with self._channel() as (_, queue):
             result = await queue.purge()
             return int(getattr(result, "message_count", 0) or 0)
+
+
+def _write_lines(path: str, lines: list[bytes]) -> None:
+    with open(path, "wb") as out:
+        out.writelines(lines)

@@ -110,10 +110,15 @@ class HttpSender:
         except aiohttp.ClientPayloadError as exc:
             return Outcome(OutcomeKind.FAILED, error=f"connection: {_one_line(str(exc))}")
         except aiohttp.ClientResponseError as exc:
-            return Outcome(OutcomeKind.FAILED, status=exc.status or None,
-                           error=f"protocol: {_one_line(exc.message)}")
+            return Outcome(
+                OutcomeKind.FAILED,
+                status=exc.status or None,
+                error=f"protocol: {_one_line(exc.message)}",
+            )
         except (aiohttp.ClientError, OSError) as exc:
-            return Outcome(OutcomeKind.FAILED, error=f"connection: {_one_line(str(exc)) or type(exc).__name__}")
+            return Outcome(
+                OutcomeKind.FAILED, error=f"connection: {_one_line(str(exc)) or type(exc).__name__}"
+            )
 
     async def _read_capped(self, resp: aiohttp.ClientResponse) -> str:
         """Up to the cap of the body, for the dead-letter record; the rest is discarded."""
@@ -147,4 +152,3 @@ def _classify(status: int, headers: Mapping[str, str], snippet: str) -> Outcome:
     else:
         error = f"http {status}: {_one_line(snippet)}" if snippet.strip() else f"http {status}"
     return Outcome(OutcomeKind.FAILED, status=status, error=error, retry_after=retry_after)
-

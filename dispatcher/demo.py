@@ -39,8 +39,11 @@ _RECIPIENTS = ["ada", "grace", "linus", "margaret", "ken", "barbara", "dennis", 
 def sample_events(n: int, run: str) -> list[bytes]:
     """A mix like a real stream: mostly hard bounces, some soft ones, complaints, deliveries."""
     kinds = [
-        ("Message.Bounced", "HardBounce", "550 5.1.1 The email account that you tried to reach "
-         "does not exist"),
+        (
+            "Message.Bounced",
+            "HardBounce",
+            "550 5.1.1 The email account that you tried to reach does not exist",
+        ),
         ("Message.Bounced", "SoftBounce", "452 4.2.2 Mailbox full"),
         ("Message.Complained", None, None),
         ("Message.Bounced", "HardBounce", "550 5.1.2 Bad destination domain"),
@@ -53,9 +56,16 @@ def sample_events(n: int, run: str) -> list[bytes]:
         data: dict[str, Any] = {"messageid": f"msg{i:05d}", "recipient": f"{who}{i}@example.com"}
         if bounce:
             data.update(bounce_type=bounce, diagnostic_code=code)
-        out.append(orjson.dumps({"id": f"demo-{run}-{i:04d}", "event": event,
-                                 "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                 "data": data}))
+        out.append(
+            orjson.dumps(
+                {
+                    "id": f"demo-{run}-{i:04d}",
+                    "event": event,
+                    "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "data": data,
+                }
+            )
+        )
     return out
 
 
@@ -73,7 +83,8 @@ async def _broker_reachable(url: str) -> bool:
     parts = urlsplit(url)
     try:
         _, writer = await asyncio.wait_for(
-            asyncio.open_connection(parts.hostname, parts.port or 5672), timeout=3)
+            asyncio.open_connection(parts.hostname, parts.port or 5672), timeout=3
+        )
     except (OSError, TimeoutError):
         return False
     writer.close()
@@ -103,8 +114,11 @@ async def run_demo(config: Config, *, events: int = 20, keep: bool = False) -> i
 
     if not await _broker_reachable(config.broker.url):
         where = urlsplit(config.broker.url).netloc.split("@")[-1]
-        print(f"dispatcher demo: RabbitMQ is not answering at {where}. Start it (rabbitmq-server -detached, or docker compose up -d "
-              "rabbitmq) and run the demo again.", file=sys.stderr)
+        print(
+            f"dispatcher demo: RabbitMQ is not answering at {where}. Start it "
+            "(rabbitmq-server -detached, or docker compose up -d rabbitmq) and run the demo again.",
+            file=sys.stderr,
+        )
         return 1
 
     run = uuid.uuid4().hex[:6]
@@ -115,24 +129,35 @@ async def run_demo(config: Config, *, events: int = 20, keep: bool = False) -> i
     cfg = replace(
         config,
         allow_private_networks=True,
-        broker=replace(config.broker, exchange=f"demo-{run}.events", queue=f"demo-{run}.dispatch",
-                       queue_type="classic"),
+        broker=replace(
+            config.broker,
+            exchange=f"demo-{run}.events",
+            queue=f"demo-{run}.dispatch",
+            queue_type="classic",
+        ),
         http=replace(config.http, listen=f"127.0.0.1:{ops_port}"),
         signing=replace(config.signing, keys_dir=str(workdir / "keys")),
         retry=replace(config.retry, schedule=(0.2, 0.5, 1.0), jitter=0.0),
         # Every event's first try fails on purpose here: keep the breaker out of the story.
         breaker=BreakerConfig(failure_threshold=1000, cooldown=1.0),
         subscribers=(
-            SubscriberConfig(id="example-receiver", url=receiver_url,
-                             events=("Message.Bounced", "Message.Complained")),
+            SubscriberConfig(
+                id="example-receiver",
+                url=receiver_url,
+                events=("Message.Bounced", "Message.Complained"),
+            ),
             SubscriberConfig(id="flaky", url=flaky_url, events=("Message.Bounced",)),
         ),
     )
     db_path = workdir / "receiver.sqlite3"
     settings = ReceiverSettings(
-        db_url=f"sqlite:///{db_path}", host="127.0.0.1", port=receiver_port,
-        jwks_url=f"http://127.0.0.1:{ops_port}/.well-known/jwks.json", audience=receiver_url,
-        issuer=cfg.signing.issuer)
+        db_url=f"sqlite:///{db_path}",
+        host="127.0.0.1",
+        port=receiver_port,
+        jwks_url=f"http://127.0.0.1:{ops_port}/.well-known/jwks.json",
+        audience=receiver_url,
+        issuer=cfg.signing.issuer,
+    )
     bodies = sample_events(events, run)
     matching = [b for b in bodies if b'"Message.Bounced"' in b or b'"Message.Complained"' in b]
     bounces = [b for b in bodies if b'"Message.Bounced"' in b]
@@ -143,16 +168,20 @@ async def run_demo(config: Config, *, events: int = 20, keep: bool = False) -> i
     flaky = _Flaky()
     flaky_app = web.Application()
     flaky_app.router.add_post("/hooks/flaky", flaky.handle)
-    runners = [web.AppRunner(create_app(settings), access_log=None, handle_signals=False),
-               web.AppRunner(flaky_app, access_log=None, handle_signals=False)]
+    runners = [
+        web.AppRunner(create_app(settings), access_log=None, handle_signals=False),
+        web.AppRunner(flaky_app, access_log=None, handle_signals=False),
+    ]
     ok = False
     try:
         for runner, port in zip(runners, (receiver_port, flaky_port), strict=True):
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", port).start()
         async with Dispatcher(cfg) as disp:
-            _say(f"demo: dispatcher consuming {cfg.broker.queue}; JWKS on "
-                 f"http://127.0.0.1:{ops_port}/.well-known/jwks.json")
+            _say(
+                f"demo: dispatcher consuming {cfg.broker.queue}; JWKS on "
+                f"http://127.0.0.1:{ops_port}/.well-known/jwks.json"
+            )
             started = time.monotonic()
             await publish_events(cfg, bodies, progress=None)
             _say(f"demo: published {len(bodies)} events ({len(matching)} bounces/complaints)")
@@ -160,8 +189,12 @@ async def run_demo(config: Config, *, events: int = 20, keep: bool = False) -> i
             elapsed = time.monotonic() - started
             forged_status, forged_reason = await _forge(receiver_url, bodies[0])
             metrics = disp.metrics
-            retries = sum(s.value for m in metrics.retries.collect() for s in m.samples
-                          if s.name.endswith("_total"))
+            retries = sum(
+                s.value
+                for m in metrics.retries.collect()
+                for s in m.samples
+                if s.name.endswith("_total")
+            )
         letters = await DeadLetterTool(cfg, progress=None).list()
         invalid = _invalid_addresses(db_path)
         _say("")
@@ -169,13 +202,20 @@ async def run_demo(config: Config, *, events: int = 20, keep: bool = False) -> i
         _say(f"  events published            {len(bodies)}")
         _say(f"  verified by the receiver    {stats.get('verified', 0)} of {len(matching)}")
         _say(f"  addresses invalidated       {len(invalid)} (e.g. {', '.join(invalid[:3])})")
-        _say(f"  flaky: retried, then ok     {len(flaky.accepted)} of {len(bounces)} "
-             f"({int(retries)} retries scheduled)")
+        _say(
+            f"  flaky: retried, then ok     {len(flaky.accepted)} of {len(bounces)} "
+            f"({int(retries)} retries scheduled)"
+        )
         _say(f"  forged webhook              {forged_status} {forged_reason}")
         _say(f"  dead letters                {len(letters)}")
         _say(f"  time                        {elapsed:.2f}s")
-        ok = (stats.get("verified", 0) == len(matching) and len(flaky.accepted) == len(bounces)
-              and forged_status == 401 and not letters and bool(invalid))
+        ok = (
+            stats.get("verified", 0) == len(matching)
+            and len(flaky.accepted) == len(bounces)
+            and forged_status == 401
+            and not letters
+            and bool(invalid)
+        )
         _say("demo OK" if ok else "demo FAILED: see above")
     finally:
         for runner in runners:
@@ -195,8 +235,10 @@ async def _watch(port: int, want: int, flaky: _Flaky, want_flaky: int) -> dict[s
                 stats = await resp.json()
             got = int(stats.get("verified", 0))
             if got != shown:
-                _say(f"demo: receiver verified {got}/{want} webhooks, "
-                     f"flaky accepted {len(flaky.accepted)}/{want_flaky}")
+                _say(
+                    f"demo: receiver verified {got}/{want} webhooks, "
+                    f"flaky accepted {len(flaky.accepted)}/{want_flaky}"
+                )
                 shown = got
             if got >= want and len(flaky.accepted) >= want_flaky:
                 break
@@ -209,13 +251,26 @@ async def _forge(url: str, body: bytes) -> tuple[int, str]:
     from signing import KeyRing, TokenMinter
 
     with tempfile.TemporaryDirectory() as tmp:
-        minter = TokenMinter(KeyRing.load(tmp), issuer="https://mail.example.com",
-                             subject="agent:webhook-dispatcher", ttl_seconds=300)
+        minter = TokenMinter(
+            KeyRing.load(tmp),
+            issuer="https://mail.example.com",
+            subject="agent:webhook-dispatcher",
+            ttl_seconds=300,
+        )
         token = minter.mint(audience=url, webhook_id="forged-1", body=body)
-    async with aiohttp.ClientSession() as http, http.post(
-        url, data=body, headers={"Authorization": f"Bearer {token}", "webhook-id": "forged-1",
-                                 "webhook-timestamp": str(int(time.time())),
-                                 "Content-Type": "application/json"}) as resp:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            url,
+            data=body,
+            headers={
+                "Authorization": f"Bearer {token}",
+                "webhook-id": "forged-1",
+                "webhook-timestamp": str(int(time.time())),
+                "Content-Type": "application/json",
+            },
+        ) as resp,
+    ):
         try:
             reason = (await resp.json()).get("error", "")
         except (aiohttp.ContentTypeError, ValueError):
@@ -236,4 +291,3 @@ async def _delete_topology(cfg: Config) -> None:
         connection = await aio_pika.connect(cfg.broker.url)
         async with connection:
             await delete(await connection.channel(), cfg.broker)
-

@@ -62,7 +62,9 @@ def _check_id(value: object, where: str) -> str:
     return value
 
 
-def parse_event(body: bytes, *, message_id: str | None = None, max_bytes: int = 256 * 1024) -> Event:
+def parse_event(
+    body: bytes, *, message_id: str | None = None, max_bytes: int = 256 * 1024
+) -> Event:
     """Validate a published body; return the `Event` or raise `InvalidEvent`."""
     if len(body) > max_bytes:
         raise InvalidEvent(f"body is {len(body)} bytes, over the {max_bytes}-byte limit")
@@ -80,7 +82,7 @@ def parse_event(body: bytes, *, message_id: str | None = None, max_bytes: int = 
     if not isinstance(event_type, str):
         raise InvalidEvent('"event" is missing or not a string')
     if event_type not in _KNOWN:
-        raise InvalidEvent(f'unknown event type {event_type[:64]!r}')
+        raise InvalidEvent(f"unknown event type {event_type[:64]!r}")
     timestamp = doc.get("timestamp")
     if not isinstance(timestamp, str) or not 10 <= len(timestamp) <= 40:
         raise InvalidEvent('"timestamp" is missing or not an ISO 8601 string')
@@ -89,9 +91,11 @@ def parse_event(body: bytes, *, message_id: str | None = None, max_bytes: int = 
         raise InvalidEvent('"data" is missing or not an object')
 
     recipient = data.get("recipient")
-    if event_type == "Message.Bounced" or recipient is not None:
-        if not isinstance(recipient, str) or not _EMAIL.match(recipient) or len(recipient) > 320:
-            raise InvalidEvent('"data.recipient" is missing or not an email address')
+    required = event_type == "Message.Bounced" or recipient is not None
+    if required and not (
+        isinstance(recipient, str) and _EMAIL.match(recipient) and len(recipient) <= 320
+    ):
+        raise InvalidEvent('"data.recipient" is missing or not an email address')
     if event_type == "Message.Bounced":
         bounce_type = data.get("bounce_type")
         if bounce_type not in BOUNCE_TYPES:

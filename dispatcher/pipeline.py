@@ -77,8 +77,9 @@ class Pipeline:
         self._metrics = metrics
         self._clock = clock
         self._rng = rng or random.Random()
-        self._lanes = LaneSet(config.breaker, prefetch=config.broker.prefetch,
-                              on_breaker_change=self._breaker_changed)
+        self._lanes = LaneSet(
+            config.breaker, prefetch=config.broker.prefetch, on_breaker_change=self._breaker_changed
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
         self.config = config
         self._routing = RoutingTable(config.subscribers)
@@ -125,8 +126,12 @@ class Pipeline:
         except asyncio.CancelledError:
             log.warning("message_handed_back", reason="shutdown", message_id=message.message_id)
         except Exception as exc:  # a bug or a broker failure: hand the message back
-            log.error("message_failed", error=f"{type(exc).__name__}: {exc}",
-                      message_id=message.message_id, exc_info=not isinstance(exc, AMQPError))
+            log.error(
+                "message_failed",
+                error=f"{type(exc).__name__}: {exc}",
+                message_id=message.message_id,
+                exc_info=not isinstance(exc, AMQPError),
+            )
         finally:
             self._tasks.discard(task)
             self._metrics.prefetch_used.dec()
@@ -140,7 +145,9 @@ class Pipeline:
                 await message.nack(requeue=True)
         except (ChannelInvalidStateError, AMQPError, ConnectionError, RuntimeError) as exc:
             # The channel went away (a reconnect): the broker redelivers the message.
-            log.warning("settle_failed", verdict=verdict.value, error=str(exc) or type(exc).__name__)
+            log.warning(
+                "settle_failed", verdict=verdict.value, error=str(exc) or type(exc).__name__
+            )
 
     async def _process(self, message: AbstractIncomingMessage) -> _Verdict:
         now = self._clock()
@@ -155,14 +162,22 @@ class Pipeline:
                 carry[H_PUBLISHED_AT] = int(stamp * 1000)
 
         try:
-            event = parse_event(message.body, message_id=message.message_id,
-                                max_bytes=self.config.broker.max_event_bytes)
+            event = parse_event(
+                message.body,
+                message_id=message.message_id,
+                max_bytes=self.config.broker.max_event_bytes,
+            )
         except InvalidEvent as exc:
             self._metrics.events.labels("invalid").inc()
             reason = f"invalid_event: {exc}"
             await self._settlement.dead_letter(
-                message.body, reason=reason, event_id=_safe_id(message.message_id),
-                event_type=None, delivery=delivery, carry=carry)
+                message.body,
+                reason=reason,
+                event_id=_safe_id(message.message_id),
+                event_type=None,
+                delivery=delivery,
+                carry=carry,
+            )
             self._metrics.dead_letters.labels("invalid_event").inc()
             log.warning("event_invalid", reason=reason, routing_key=message.routing_key)
             return _Verdict.ACK
@@ -187,8 +202,9 @@ class Pipeline:
 
     # --- one delivery ------------------------------------------------------------------------
 
-    async def _deliver(self, event: Event, sub: SubscriberConfig, delivery: Delivery,
-                       carry: dict[str, Any]) -> None:
+    async def _deliver(
+        self, event: Event, sub: SubscriberConfig, delivery: Delivery, carry: dict[str, Any]
+    ) -> None:
         with structlog.contextvars.bound_contextvars(
             event_id=event.id, subscriber=sub.id, attempt=delivery.attempt
         ):
@@ -197,13 +213,23 @@ class Pipeline:
             if isinstance(slot, Admitted):
                 outcome = await self._attempt(event, sub, delivery, lane_release=(lane, slot))
             else:
-                wait = defer_delay(slot.why, slot.delay, delivery.deferrals,
-                                   self.config.retry.overflow_delay, self._rng)
+                wait = defer_delay(
+                    slot.why,
+                    slot.delay,
+                    delivery.deferrals,
+                    self.config.retry.overflow_delay,
+                    self._rng,
+                )
                 outcome = Outcome(OutcomeKind.DEFERRED, error=slot.why, defer_for=wait)
             now = self._clock()
-            decision = decide(attempt=delivery.attempt, outcome=outcome,
-                              first_attempt_at=delivery.first_attempt_at, now=now,
-                              policy=self.config.retry, rng=self._rng)
+            decision = decide(
+                attempt=delivery.attempt,
+                outcome=outcome,
+                first_attempt_at=delivery.first_attempt_at,
+                now=now,
+                policy=self.config.retry,
+                rng=self._rng,
+            )
             if isinstance(decision, Delivered):
                 stamp = carry.get(H_PUBLISHED_AT)
                 if stamp is not None:
@@ -212,8 +238,13 @@ class Pipeline:
                 return
             await self._settle(event, sub, delivery, decision, carry, outcome)
 
-    async def _attempt(self, event: Event, sub: SubscriberConfig, delivery: Delivery,
-                       lane_release: tuple[Any, Admitted]) -> Outcome:
+    async def _attempt(
+        self,
+        event: Event,
+        sub: SubscriberConfig,
+        delivery: Delivery,
+        lane_release: tuple[Any, Admitted],
+    ) -> Outcome:
         lane, slot = lane_release
         verdict: bool | None = None
         in_flight = self._metrics.in_flight.labels(sub.id)
@@ -239,47 +270,91 @@ class Pipeline:
         }
         if sub.uses_jwt and self._minter is not None:
             started = time.perf_counter()
-            token = self._minter.mint(audience=sub.url, webhook_id=event.id, body=event.body,
-                                      now=ts)
+            token = self._minter.mint(
+                audience=sub.url, webhook_id=event.id, body=event.body, now=ts
+            )
             self._metrics.mint_time.observe(time.perf_counter() - started)
             headers["Authorization"] = f"Bearer {token}"
         if sub.uses_hmac:
             headers["webhook-signature"] = sign_hmac(sub.hmac_secrets, event.id, ts, event.body)
         return headers
 
-    async def _settle(self, event: Event, sub: SubscriberConfig | None, delivery: Delivery,
-                      decision: Decision, carry: dict[str, Any],
-                      outcome: Outcome | None = None) -> None:
+    async def _settle(
+        self,
+        event: Event,
+        sub: SubscriberConfig | None,
+        delivery: Delivery,
+        decision: Decision,
+        carry: dict[str, Any],
+        outcome: Outcome | None = None,
+    ) -> None:
         """Publish the retry or dead letter a decision calls for; returns once confirmed."""
         deferred = outcome is not None and outcome.kind is OutcomeKind.DEFERRED
         if outcome is not None and not deferred:
-            delivery = Delivery(delivery.subscriber, delivery.attempt, delivery.first_attempt_at,
-                                delivery.deferrals, outcome.status, outcome.error)
+            delivery = Delivery(
+                delivery.subscriber,
+                delivery.attempt,
+                delivery.first_attempt_at,
+                delivery.deferrals,
+                outcome.status,
+                outcome.error,
+            )
         if isinstance(decision, Retry):
             why = outcome.error if deferred and outcome and outcome.error else "failed"
-            nxt = Delivery(delivery.subscriber, decision.next_attempt, delivery.first_attempt_at,
-                           delivery.deferrals + (1 if deferred else 0), delivery.last_status,
-                           delivery.last_error)
-            await self._settlement.retry(event.body, event_id=event.id, event_type=event.type,
-                                         delivery=nxt, delay=decision.delay, carry=carry)
+            nxt = Delivery(
+                delivery.subscriber,
+                decision.next_attempt,
+                delivery.first_attempt_at,
+                delivery.deferrals + (1 if deferred else 0),
+                delivery.last_status,
+                delivery.last_error,
+            )
+            await self._settlement.retry(
+                event.body,
+                event_id=event.id,
+                event_type=event.type,
+                delivery=nxt,
+                delay=decision.delay,
+                carry=carry,
+            )
             self._metrics.retries.labels(delivery.subscriber, why).inc()
-            log.info("delivery_retry_scheduled", why=why, delay=round(decision.delay, 3),
-                     next_attempt=decision.next_attempt, status=delivery.last_status,
-                     error=delivery.last_error)
+            log.info(
+                "delivery_retry_scheduled",
+                why=why,
+                delay=round(decision.delay, 3),
+                next_attempt=decision.next_attempt,
+                status=delivery.last_status,
+                error=delivery.last_error,
+            )
         elif isinstance(decision, DeadLetter):
             dead_id = await self._settlement.dead_letter(
-                event.body, reason=decision.reason, event_id=event.id, event_type=event.type,
-                delivery=delivery, carry=carry)
+                event.body,
+                reason=decision.reason,
+                event_id=event.id,
+                event_type=event.type,
+                delivery=delivery,
+                carry=carry,
+            )
             self._metrics.dead_letters.labels(decision.reason).inc()
             self._metrics.deliveries.labels(delivery.subscriber, "dead_lettered").inc()
-            log.warning("delivery_dead_lettered", reason=decision.reason, dead_letter=dead_id,
-                        subscriber=delivery.subscriber, status=delivery.last_status,
-                        error=delivery.last_error)
+            log.warning(
+                "delivery_dead_lettered",
+                reason=decision.reason,
+                dead_letter=dead_id,
+                subscriber=delivery.subscriber,
+                status=delivery.last_status,
+                error=delivery.last_error,
+            )
 
     def _breaker_changed(self, sub_id: str, old: Any, new: Any, why: str) -> None:
         self._metrics.breaker_state.labels(sub_id).set(new.value)
-        log.warning("breaker_state_changed", subscriber=sub_id, old=old.name.lower(),
-                    new=new.name.lower(), why=why)
+        log.warning(
+            "breaker_state_changed",
+            subscriber=sub_id,
+            old=old.name.lower(),
+            new=new.name.lower(),
+            why=why,
+        )
 
 
 def _safe_id(value: str | None) -> str | None:

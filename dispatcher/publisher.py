@@ -46,7 +46,9 @@ def read_events(text: bytes) -> list[bytes]:
     return out
 
 
-def event_message(body: bytes, *, doc: dict[str, Any] | None = None) -> tuple[aio_pika.Message, str]:
+def event_message(
+    body: bytes, *, doc: dict[str, Any] | None = None
+) -> tuple[aio_pika.Message, str]:
     """The AMQP message and routing key a delivery node would publish for ``body``."""
     if doc is None:
         try:
@@ -69,7 +71,10 @@ def event_message(body: bytes, *, doc: dict[str, Any] | None = None) -> tuple[ai
 
 
 async def publish_events(
-    config: Config, bodies: Iterable[bytes], *, progress: TextIO | None = sys.stderr,
+    config: Config,
+    bodies: Iterable[bytes],
+    *,
+    progress: TextIO | None = sys.stderr,
     batch: int = 200,
 ) -> int:
     """Publish with publisher confirms, ``batch`` at a time; returns how many were confirmed."""
@@ -79,13 +84,14 @@ async def publish_events(
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.declare_exchange(
-            config.broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+            config.broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
         done = 0
         started = time.monotonic()
         for chunk in _chunks(bodies, batch):
-            await asyncio.gather(*(
-                exchange.publish(m, routing_key=k) for m, k in map(event_message, chunk)
-            ))
+            await asyncio.gather(
+                *(exchange.publish(m, routing_key=k) for m, k in map(event_message, chunk))
+            )
             done += len(chunk)
             if progress is not None and done % 5000 < batch:
                 rate = done / max(time.monotonic() - started, 1e-6)

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "DeadLetterRecord",
-    "Delivery",
     "H_ATTEMPT",
     "H_DEAD_AT",
     "H_DEAD_ID",
@@ -27,6 +25,8 @@ __all__ = [
     "H_REASON",
     "H_ROUTING_KEY",
     "H_SUBSCRIBER",
+    "DeadLetterRecord",
+    "Delivery",
     "iso_now",
     "published_at",
 ]

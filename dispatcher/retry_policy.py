@@ -66,7 +66,7 @@ class Outcome:
             if self.status is not None:
                 return f"http_{self.status // 100}xx"
             return (self.error or "error").split(" ", 1)[0].rstrip(":")
-        return self.kind.value
+        return str(self.kind.value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +153,9 @@ def defer_delay(
     rng: random.Random | None = None,
 ) -> float:
     if why == "lane_full":
-        base = min(overflow_delay * 2 ** min(deferrals, 16), max(_DEFER_BACKOFF_CAP, overflow_delay))
+        base = min(
+            overflow_delay * 2 ** min(deferrals, 16), max(_DEFER_BACKOFF_CAP, overflow_delay)
+        )
     else:
         base = max(suggested, 0.001)
     return max(0.001, jittered(base, 0.2, rng) if why != "rate_limited" else base)

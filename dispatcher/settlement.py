@@ -15,7 +15,6 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from dispatcher.config import BrokerConfig
-from dispatcher.events import Event
 from dispatcher.records import (
     H_DEAD_AT,
     H_DEAD_ID,

@@ -30,7 +30,9 @@ def _broker_up() -> bool:
 @pytest.fixture(scope="session", autouse=True)
 def _require_broker() -> None:
     if not _broker_up():
-        pytest.fail("RabbitMQ is not answering on 127.0.0.1:5672 (start it: rabbitmq-server -detached)")
+        pytest.fail(
+            "RabbitMQ is not answering on 127.0.0.1:5672 (start it: rabbitmq-server -detached)"
+        )
 
 
 @pytest.fixture
@@ -54,8 +56,13 @@ async def make(names: Names, keys_dir: str) -> AsyncIterator[Callable[..., Confi
     """Build a config with unique broker names; its topology is deleted after the test."""
     made: list[Config] = []
 
-    def factory(subscribers: list[dict[str, Any]], *, toml: Path | None = None,
-                env: dict[str, str] | None = None, **kwargs: Any) -> Config:
+    def factory(
+        subscribers: list[dict[str, Any]],
+        *,
+        toml: Path | None = None,
+        env: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Config:
         """The validated config; with ``toml``, also written there for a subprocess."""
         cfg = make_config(names, keys_dir, subscribers, env=env, **kwargs)
         if toml is not None:

@@ -34,10 +34,18 @@ SEED_EVENT = (
 )
 
 
-def event_body(event: str = "Message.Bounced", *, n: int = 0, event_id: str | None = None,
-               recipient: str | None = None, bounce_type: str = "HardBounce") -> bytes:
-    data: dict[str, Any] = {"messageid": f"msg{n}",
-                            "recipient": recipient or f"user{n}@example.com"}
+def event_body(
+    event: str = "Message.Bounced",
+    *,
+    n: int = 0,
+    event_id: str | None = None,
+    recipient: str | None = None,
+    bounce_type: str = "HardBounce",
+) -> bytes:
+    data: dict[str, Any] = {
+        "messageid": f"msg{n}",
+        "recipient": recipient or f"user{n}@example.com",
+    }
     if event == "Message.Bounced":
         data.update(bounce_type=bounce_type, diagnostic_code="550 5.1.1 User unknown")
     doc: dict[str, Any] = {"event": event, "timestamp": "2026-03-12T09:14:02Z", "data": data}
@@ -126,8 +134,13 @@ class ReceiverServer:
 
     async def __aenter__(self) -> ReceiverServer:
         self.app.router.add_post("/hooks/{name}", self._route)
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
-                                     handler_cancellation=True, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            handler_cancellation=True,
+            shutdown_timeout=1.0,
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -188,13 +201,19 @@ def unique_names() -> Names:
     return Names(prefix=f"test-{uuid.uuid4().hex[:10]}")
 
 
-def config_doc(names: Names, keys_dir: str, subscribers: list[dict[str, Any]],
-               **sections: Any) -> dict[str, Any]:
+def config_doc(
+    names: Names, keys_dir: str, subscribers: list[dict[str, Any]], **sections: Any
+) -> dict[str, Any]:
     """The TOML document (as data) for a test config; `make_config` validates it."""
     doc: dict[str, Any] = {
         "allow_private_networks": True,
-        "broker": {"url": BROKER_URL, "exchange": names.exchange, "queue": names.queue,
-                   "queue_type": "classic", "prefetch": 256},
+        "broker": {
+            "url": BROKER_URL,
+            "exchange": names.exchange,
+            "queue": names.queue,
+            "queue_type": "classic",
+            "prefetch": 256,
+        },
         "http": {"listen": "127.0.0.1:0"},
         "signing": {"keys_dir": keys_dir, "token_ttl": "5m"},
         "retry": {"schedule": ["50ms", "100ms", "150ms"], "jitter": 0.0, "max_age": "1h"},
@@ -211,8 +230,14 @@ def config_doc(names: Names, keys_dir: str, subscribers: list[dict[str, Any]],
     return doc
 
 
-def make_config(names: Names, keys_dir: str, subscribers: list[dict[str, Any]], *,
-                env: dict[str, str] | None = None, **sections: Any) -> Config:
+def make_config(
+    names: Names,
+    keys_dir: str,
+    subscribers: list[dict[str, Any]],
+    *,
+    env: dict[str, str] | None = None,
+    **sections: Any,
+) -> Config:
     return parse_config(config_doc(names, keys_dir, subscribers, **sections), env or {})
 
 
@@ -230,8 +255,12 @@ def _toml_value(value: Any) -> str:
 
 def write_toml(path: Any, doc: dict[str, Any]) -> str:
     """Write a config document as TOML (scalars, lists, tables, arrays of tables)."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in doc.items() if not isinstance(v, dict | list)
-             or (isinstance(v, list) and not (v and isinstance(v[0], dict)))]
+    lines = [
+        f"{k} = {_toml_value(v)}"
+        for k, v in doc.items()
+        if not isinstance(v, dict | list)
+        or (isinstance(v, list) and not (v and isinstance(v[0], dict)))
+    ]
     for key, value in doc.items():
         if isinstance(value, dict):
             lines.append(f"\n[{key}]")
@@ -265,15 +294,22 @@ class Publisher:
         self._conn = await aio_pika.connect(self._config.broker.url)
         channel = await self._conn.channel(publisher_confirms=True)
         self._exchange = await channel.declare_exchange(
-            self._config.broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+            self._config.broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._conn is not None:
             await self._conn.close()
 
-    async def publish(self, body: bytes, *, routing_key: str | None = None,
-                      message_id: str | None = None, **props: Any) -> None:
+    async def publish(
+        self,
+        body: bytes,
+        *,
+        routing_key: str | None = None,
+        message_id: str | None = None,
+        **props: Any,
+    ) -> None:
         assert self._exchange is not None
         message, key = event_message(body)
         if message_id is not None:
@@ -284,11 +320,12 @@ class Publisher:
 
     async def publish_many(self, bodies: list[bytes], batch: int = 200) -> None:
         for i in range(0, len(bodies), batch):
-            await asyncio.gather(*(self.publish(b) for b in bodies[i:i + batch]))
+            await asyncio.gather(*(self.publish(b) for b in bodies[i : i + batch]))
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 15.0,
-                     interval: float = 0.02) -> bool:
+async def wait_until(
+    predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.02
+) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

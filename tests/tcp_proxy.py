@@ -1,11 +1,11 @@
 """A TCP proxy on loopback that can cut or stall the link it carries (fault injection).
 
-    async with TcpProxy("127.0.0.1", 5672) as proxy:
-        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
-        ...
-        await proxy.cut()        # reset every open connection (new ones are accepted)
-        proxy.refuse = True      # refuse new connections until set back to False
-        proxy.stall = True       # keep connections open but stop moving bytes
+async with TcpProxy("127.0.0.1", 5672) as proxy:
+    url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+    ...
+    await proxy.cut()        # reset every open connection (new ones are accepted)
+    proxy.refuse = True      # refuse new connections until set back to False
+    proxy.stall = True       # keep connections open but stop moving bytes
 """
 
 from __future__ import annotations
@@ -67,8 +67,12 @@ class TcpProxy:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
-                    pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter]) -> None:
+    async def _pipe(
+        self,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+    ) -> None:
         try:
             while True:
                 data = await src.read(65536)

@@ -21,9 +21,11 @@ def test_opens_after_threshold_then_probes_and_closes() -> None:
     assert b.ask(11) == 10  # only one probe at a time
     b.success()
     assert b.state is BreakerState.CLOSED and b.ask(12) is None
-    assert changes == [(BreakerState.CLOSED, BreakerState.OPEN),
-                       (BreakerState.OPEN, BreakerState.HALF_OPEN),
-                       (BreakerState.HALF_OPEN, BreakerState.CLOSED)]
+    assert changes == [
+        (BreakerState.CLOSED, BreakerState.OPEN),
+        (BreakerState.OPEN, BreakerState.HALF_OPEN),
+        (BreakerState.HALF_OPEN, BreakerState.CLOSED),
+    ]
 
 
 def test_failed_probe_doubles_the_cooldown_up_to_the_cap() -> None:

@@ -14,9 +14,17 @@ def parse(doc: dict, env: dict | None = None):
     return parse_config(doc, env or {})
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("250ms", 0.25), ("5s", 5), ("2m", 120), ("1h", 3600), ("1.5s", 1.5), (30, 30),
-])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("250ms", 0.25),
+        ("5s", 5),
+        ("2m", 120),
+        ("1h", 3600),
+        ("1.5s", 1.5),
+        (30, 30),
+    ],
+)
 def test_durations(text, seconds) -> None:
     assert parse_duration(text, "k") == pytest.approx(seconds)
 
@@ -40,25 +48,35 @@ BAD_DOCS = [
     ({"retry": {"schedule": ["5s", "x"]}}, r"retry.schedule\[1\]: bad duration"),
     ({"subscribers": [{"id": "a"}]}, r"subscribers\[0\].url: bad URL"),
     ({"subscribers": [{**GOOD_SUB, "url": "ftp://x/y"}]}, r"subscribers\[0\].url: bad URL"),
-    ({"subscribers": [{**GOOD_SUB, "events": ["Message.Exploded"]}]},
-     r"subscribers\[0\].events\[0\]: unknown event type"),
+    (
+        {"subscribers": [{**GOOD_SUB, "events": ["Message.Exploded"]}]},
+        r"subscribers\[0\].events\[0\]: unknown event type",
+    ),
     ({"subscribers": [{**GOOD_SUB, "events": ["Mess*"]}]}, r"subscribers\[0\].events\[0\]: bad"),
     ({"subscribers": [{**GOOD_SUB, "auth": "basic"}]}, r"subscribers\[0\].auth: must be"),
-    ({"subscribers": [{**GOOD_SUB, "auth": "hmac"}]},
-     r"subscribers\[0\].hmac_secret_env: required"),
-    ({"subscribers": [{**GOOD_SUB, "auth": "hmac", "hmac_secret_env": "NOPE"}]},
-     r"subscribers\[0\].hmac_secret_env: environment variable NOPE is not set"),
+    (
+        {"subscribers": [{**GOOD_SUB, "auth": "hmac"}]},
+        r"subscribers\[0\].hmac_secret_env: required",
+    ),
+    (
+        {"subscribers": [{**GOOD_SUB, "auth": "hmac", "hmac_secret_env": "NOPE"}]},
+        r"subscribers\[0\].hmac_secret_env: environment variable NOPE is not set",
+    ),
     ({"subscribers": [GOOD_SUB, GOOD_SUB]}, r"subscribers\[1\].id: duplicate subscriber id"),
     ({"subscribers": [{**GOOD_SUB, "timeout": "0s"}]}, r"subscribers\[0\].timeout: must be"),
     ({"subscribers": [{**GOOD_SUB, "colour": "red"}]}, r"subscribers\[0\].colour: unknown key"),
-    ({"subscribers": [{**GOOD_SUB, "url": "http://127.0.0.1:9000/x"}]},
-     r"subscribers\[0\].url: 127.0.0.1 is not a public address"),
+    (
+        {"subscribers": [{**GOOD_SUB, "url": "http://127.0.0.1:9000/x"}]},
+        r"subscribers\[0\].url: 127.0.0.1 is not a public address",
+    ),
     ({"subscribers": [{**GOOD_SUB, "url": "http://10.1.2.3/x"}]}, "is not a public address"),
     ({"subscribers": [{**GOOD_SUB, "url": "http://[::1]/x"}]}, "is not a public address"),
     ({"subscribers": [{**GOOD_SUB, "url": "http://169.254.169.254/x"}]}, "not a public address"),
     ({"subscribers": [{**GOOD_SUB, "url": "http://localhost:9000/x"}]}, "loopback name"),
-    ({"subscribers": [{**GOOD_SUB, "url": "https://user:pw@hooks.acme.example/"}]},
-     "credentials in the URL"),
+    (
+        {"subscribers": [{**GOOD_SUB, "url": "https://user:pw@hooks.acme.example/"}]},
+        "credentials in the URL",
+    ),
 ]
 
 
@@ -70,8 +88,12 @@ def test_bad_config_is_one_line_naming_the_key(doc, message) -> None:
 
 
 def test_private_targets_allowed_when_opted_in() -> None:
-    cfg = parse({"allow_private_networks": True,
-                 "subscribers": [{**GOOD_SUB, "url": "http://127.0.0.1:9000/x"}]})
+    cfg = parse(
+        {
+            "allow_private_networks": True,
+            "subscribers": [{**GOOD_SUB, "url": "http://127.0.0.1:9000/x"}],
+        }
+    )
     assert cfg.subscribers[0].url == "http://127.0.0.1:9000/x"
 
 

@@ -20,8 +20,12 @@ from harness import (
 
 
 def dlq(toml, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "dispatcher", "--config", str(toml), "dlq", *args],
-                          capture_output=True, timeout=60, input=stdin)
+    return subprocess.run(
+        [sys.executable, "-m", "dispatcher", "--config", str(toml), "dlq", *args],
+        capture_output=True,
+        timeout=60,
+        input=stdin,
+    )
 
 
 async def cli(toml, *args: str) -> subprocess.CompletedProcess[bytes]:
@@ -37,8 +41,11 @@ async def test_list_show_export_replay_purge(make, receivers: ReceiverServer, tm
     rec = receivers.add("acme", down_until_healed)
     other = receivers.add("other")
     toml = tmp_path / "d.toml"
-    cfg = make([{"id": "acme", "url": rec.url}, {"id": "other", "url": other.url}], toml=toml,
-               retry={"schedule": ["20ms"]})
+    cfg = make(
+        [{"id": "acme", "url": rec.url}, {"id": "other", "url": other.url}],
+        toml=toml,
+        retry={"schedule": ["20ms"]},
+    )
     async with running(cfg), Publisher(cfg) as pub:
         for i in range(4):
             await pub.publish(event_body(n=i, event_id=f"ev{i}"))
@@ -49,15 +56,26 @@ async def test_list_show_export_replay_purge(make, receivers: ReceiverServer, tm
         assert listed.returncode == 0, listed.stderr
         records = [orjson.loads(line) for line in listed.stdout.splitlines()]
         assert sorted(r["event_id"] for r in records) == ["ev0", "ev1", "ev2", "ev3"]
-        assert set(records[0]) == {"id", "event_id", "event", "subscriber", "attempts", "reason",
-                                   "last_status", "last_error", "dead_lettered_at"}
-        assert {(r["subscriber"], r["attempts"], r["reason"], r["last_status"])
-                for r in records} == {("acme", 2, "attempts_exhausted", 500)}
+        assert set(records[0]) == {
+            "id",
+            "event_id",
+            "event",
+            "subscriber",
+            "attempts",
+            "reason",
+            "last_status",
+            "last_error",
+            "dead_lettered_at",
+        }
+        assert {
+            (r["subscriber"], r["attempts"], r["reason"], r["last_status"]) for r in records
+        } == {("acme", 2, "attempts_exhausted", 500)}
 
         # Listing hands every dead letter back, in order.
         again = await cli(toml, "list", "--json")
         assert [orjson.loads(x)["id"] for x in again.stdout.splitlines()] == [
-            r["id"] for r in records]
+            r["id"] for r in records
+        ]
         limited = await cli(toml, "list", "--limit", "2")
         assert limited.returncode == 0 and b"2 dead letters" in limited.stdout
 

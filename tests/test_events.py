@@ -26,26 +26,36 @@ def test_id_precedence() -> None:
     assert derive_event_id(b"x") == derive_event_id(b"x") != derive_event_id(b"y")
 
 
-@pytest.mark.parametrize(("body", "reason"), [
-    (b"", "body is empty"),
-    (b"{", "not valid UTF-8 JSON"),
-    (b'"str"', "top level is a JSON string"),
-    (b"[]", "top level is a JSON array"),
-    (b"null", "top level is a JSON null"),
-    (b'{"event": 1}', '"event" is missing or not a string'),
-    (b'{"event": "Message.Nope"}', "unknown event type"),
-    (b'{"event": "Message.Delivered", "data": {}}', '"timestamp" is missing'),
-    (b'{"event": "Message.Delivered", "timestamp": "2026-03-12T09:14:02Z", "data": []}',
-     '"data" is missing or not an object'),
-    (event_body(recipient="nobody"), '"data.recipient"'),
-    (event_body(bounce_type="Soft"), '"data.bounce_type" must be one of'),
-    (b'{"event": "Message.Bounced", "timestamp": "2026-03-12T09:14:02Z", "data": '
-     b'{"recipient": "a@b.co", "bounce_type": "HardBounce", "diagnostic_code": 550}}',
-     '"data.diagnostic_code" must be a string'),
-    (b'{"event": "Message.Delivered", "timestamp": "2026-03-12T09:14:02Z", "data": {}, '
-     b'"id": "a b"}', '"id" must be'),
-    (b'{"event": "Message.Delivered", "x": "\xed\xa0\x80"}', "not valid UTF-8 JSON"),
-])
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"", "body is empty"),
+        (b"{", "not valid UTF-8 JSON"),
+        (b'"str"', "top level is a JSON string"),
+        (b"[]", "top level is a JSON array"),
+        (b"null", "top level is a JSON null"),
+        (b'{"event": 1}', '"event" is missing or not a string'),
+        (b'{"event": "Message.Nope"}', "unknown event type"),
+        (b'{"event": "Message.Delivered", "data": {}}', '"timestamp" is missing'),
+        (
+            b'{"event": "Message.Delivered", "timestamp": "2026-03-12T09:14:02Z", "data": []}',
+            '"data" is missing or not an object',
+        ),
+        (event_body(recipient="nobody"), '"data.recipient"'),
+        (event_body(bounce_type="Soft"), '"data.bounce_type" must be one of'),
+        (
+            b'{"event": "Message.Bounced", "timestamp": "2026-03-12T09:14:02Z", "data": '
+            b'{"recipient": "a@b.co", "bounce_type": "HardBounce", "diagnostic_code": 550}}',
+            '"data.diagnostic_code" must be a string',
+        ),
+        (
+            b'{"event": "Message.Delivered", "timestamp": "2026-03-12T09:14:02Z", "data": {}, '
+            b'"id": "a b"}',
+            '"id" must be',
+        ),
+        (b'{"event": "Message.Delivered", "x": "\xed\xa0\x80"}', "not valid UTF-8 JSON"),
+    ],
+)
 def test_invalid_events_have_a_reason(body: bytes, reason: str) -> None:
     with pytest.raises(InvalidEvent, match=reason):
         parse_event(body)
@@ -58,11 +68,14 @@ def test_size_limit() -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False,
-                                                                         allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children,
-                                                                       max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
     max_leaves=20,
 )
 

@@ -24,8 +24,9 @@ from dispatcher.circuit_breaker import BreakerState
 
 async def test_in_flight_cap_holds_and_nothing_is_lost(make, receivers: ReceiverServer) -> None:
     rec = receivers.add("small", slow(0.1))
-    cfg = make([{"id": "small", "url": rec.url, "max_in_flight": 3}],
-               retry={"overflow_delay": "50ms"})
+    cfg = make(
+        [{"id": "small", "url": rec.url, "max_in_flight": 3}], retry={"overflow_delay": "50ms"}
+    )
     async with running(cfg), Publisher(cfg) as pub:
         await pub.publish_many([event_body(n=i, event_id=f"e{i}") for i in range(40)])
         assert await wait_until(lambda: rec.count == 40, timeout=30)
@@ -35,8 +36,9 @@ async def test_in_flight_cap_holds_and_nothing_is_lost(make, receivers: Receiver
 
 async def test_rate_limit_holds_at_the_receiver(make, receivers: ReceiverServer) -> None:
     rec = receivers.add("limited")
-    cfg = make([{"id": "limited", "url": rec.url, "rate_limit": 20}],
-               retry={"overflow_delay": "50ms"})
+    cfg = make(
+        [{"id": "limited", "url": rec.url, "rate_limit": 20}], retry={"overflow_delay": "50ms"}
+    )
     async with running(cfg), Publisher(cfg) as pub:
         await pub.publish_many([event_body(n=i, event_id=f"r{i}") for i in range(50)])
         assert await wait_until(lambda: rec.count == 50, timeout=30)
@@ -51,11 +53,15 @@ async def test_a_hanging_subscriber_does_not_starve_the_others(make, receivers) 
     stuck = receivers.add("stuck", hang(3600))
     a = receivers.add("a")
     b = receivers.add("b")
-    cfg = make([
-        {"id": "stuck", "url": stuck.url, "timeout": "60s", "max_in_flight": 16},
-        {"id": "a", "url": a.url},
-        {"id": "b", "url": b.url},
-    ], broker={"prefetch": 64}, dispatcher={"drain_timeout": "1s"})
+    cfg = make(
+        [
+            {"id": "stuck", "url": stuck.url, "timeout": "60s", "max_in_flight": 16},
+            {"id": "a", "url": a.url},
+            {"id": "b", "url": b.url},
+        ],
+        broker={"prefetch": 64},
+        dispatcher={"drain_timeout": "1s"},
+    )
     n = 600  # far more than the prefetch window: without isolation a and b would stall at 64
     async with running(cfg) as disp, Publisher(cfg) as pub:
         await pub.publish_many([event_body(n=i, event_id=f"h{i}") for i in range(n)])
@@ -69,9 +75,11 @@ async def test_a_hanging_subscriber_does_not_starve_the_others(make, receivers) 
 
 async def test_breaker_opens_probes_and_closes(make, receivers) -> None:
     rec = receivers.add("wobbly", fail_times(4))
-    cfg = make([{"id": "wobbly", "url": rec.url}],
-               breaker={"failure_threshold": 3, "cooldown": "300ms", "max_cooldown": "1s"},
-               retry={"schedule": ["10ms"] * 8})
+    cfg = make(
+        [{"id": "wobbly", "url": rec.url}],
+        breaker={"failure_threshold": 3, "cooldown": "300ms", "max_cooldown": "1s"},
+        retry={"schedule": ["10ms"] * 8},
+    )
     with capture_logs() as logs:
         async with running(cfg) as disp, Publisher(cfg) as pub:
             for i in range(6):
@@ -79,12 +87,14 @@ async def test_breaker_opens_probes_and_closes(make, receivers) -> None:
             assert await wait_until(lambda: rec.count == 6, timeout=30)
             assert disp.pipeline is not None
             assert disp.pipeline.lanes.lane(cfg.subscriber("wobbly")).breaker.state is (
-                BreakerState.CLOSED)
+                BreakerState.CLOSED
+            )
     changes = [(e["old"], e["new"]) for e in logs if e["event"] == "breaker_state_changed"]
     assert changes[0] == ("closed", "open")
     assert ("open", "half_open") in changes and changes[-1] == ("half_open", "closed")
-    deferred = [e for e in logs if e["event"] == "delivery_retry_scheduled"
-                and e["why"] == "breaker_open"]
+    deferred = [
+        e for e in logs if e["event"] == "delivery_retry_scheduled" and e["why"] == "breaker_open"
+    ]
     assert deferred, "while open, deliveries wait on the retry path"
     assert sorted(rec.ids()) == [f"w{i}" for i in range(6)]
     assert rec.attempts == 10  # four failures, six successes: nothing attempted while open
@@ -110,8 +120,11 @@ async def test_response_body_is_read_only_up_to_the_cap(make, receivers) -> None
         return web.Response(status=500, body=b"x" * (8 * 1024 * 1024))
 
     rec = receivers.add("big", enormous)
-    cfg = make([{"id": "big", "url": rec.url}], retry={"schedule": []},
-               dispatcher={"max_response_bytes": 1024})
+    cfg = make(
+        [{"id": "big", "url": rec.url}],
+        retry={"schedule": []},
+        dispatcher={"max_response_bytes": 1024},
+    )
     async with running(cfg), Publisher(cfg) as pub:
         await pub.publish(event_body(event_id="big1"))
         [letter] = await wait_for_dead_letters(cfg, 1)

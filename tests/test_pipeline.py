@@ -15,9 +15,9 @@ from harness import (
     dead_letters,
     event_body,
     hang,
-    wait_for_dead_letters,
     running,
     settle,
+    wait_for_dead_letters,
     wait_until,
 )
 
@@ -30,11 +30,13 @@ async def test_seed_event_is_delivered_byte_for_byte_to_matching_subscribers_onl
     bounces = receivers.add("bounces")
     everything = receivers.add("everything")
     complaints = receivers.add("complaints")
-    cfg = make([
-        {"id": "bounces", "url": bounces.url, "events": ["Message.Bounced"]},
-        {"id": "everything", "url": everything.url, "events": ["*"]},
-        {"id": "complaints", "url": complaints.url, "events": ["Message.Complained"]},
-    ])
+    cfg = make(
+        [
+            {"id": "bounces", "url": bounces.url, "events": ["Message.Bounced"]},
+            {"id": "everything", "url": everything.url, "events": ["*"]},
+            {"id": "complaints", "url": complaints.url, "events": ["Message.Complained"]},
+        ]
+    )
     async with running(cfg) as disp, Publisher(cfg) as pub:
         await pub.publish(SEED_EVENT, message_id="evt-seed-1")
         assert await wait_until(lambda: bounces.count == 1 and everything.count == 1)
@@ -50,24 +52,35 @@ async def test_seed_event_is_delivered_byte_for_byte_to_matching_subscribers_onl
         assert got.headers["User-Agent"].startswith("bounce-dispatcher/")
         token = got.headers["Authorization"].removeprefix("Bearer ")
         key = jwt.PyJWK(jwks["keys"][0])
-        claims = jwt.decode(token, key, algorithms=["EdDSA"], audience=rec.url,
-                            issuer=cfg.signing.issuer)
+        claims = jwt.decode(
+            token, key, algorithms=["EdDSA"], audience=rec.url, issuer=cfg.signing.issuer
+        )
         assert claims["webhook_id"] == "evt-seed-1"
         assert claims["scope"] == "webhooks:deliver"
-    assert bounces.requests[0].headers["Authorization"] != everything.requests[0].headers["Authorization"]
+    assert (
+        bounces.requests[0].headers["Authorization"]
+        != everything.requests[0].headers["Authorization"]
+    )
 
 
 async def test_event_type_patterns_route(make, receivers: ReceiverServer) -> None:
     family = receivers.add("family")
     exact = receivers.add("exact")
     star = receivers.add("star")
-    cfg = make([
-        {"id": "family", "url": family.url, "events": ["Message.*"]},
-        {"id": "exact", "url": exact.url, "events": ["Message.Complained", "Message.Deferred"]},
-        {"id": "star", "url": star.url, "events": ["*"]},
-    ])
-    kinds = ["Message.Bounced", "Message.Deferred", "Message.Delivered", "Message.Complained",
-             "Message.Unsubscribed"]
+    cfg = make(
+        [
+            {"id": "family", "url": family.url, "events": ["Message.*"]},
+            {"id": "exact", "url": exact.url, "events": ["Message.Complained", "Message.Deferred"]},
+            {"id": "star", "url": star.url, "events": ["*"]},
+        ]
+    )
+    kinds = [
+        "Message.Bounced",
+        "Message.Deferred",
+        "Message.Delivered",
+        "Message.Complained",
+        "Message.Unsubscribed",
+    ]
     async with running(cfg), Publisher(cfg) as pub:
         for i, kind in enumerate(kinds):
             await pub.publish(event_body(kind, n=i, event_id=f"e{i}"))
@@ -91,8 +104,10 @@ async def test_failed_delivery_is_never_lost(make, receivers) -> None:
     broken = receivers.add("broken", always(500))
     timing_out = receivers.add("slow", hang(30))
     cfg = make(
-        [{"id": "broken", "url": broken.url}, {"id": "slow", "url": timing_out.url,
-                                               "timeout": "200ms"}],
+        [
+            {"id": "broken", "url": broken.url},
+            {"id": "slow", "url": timing_out.url, "timeout": "200ms"},
+        ],
         retry={"schedule": ["20ms"], "jitter": 0.0},
     )
     async with running(cfg), Publisher(cfg) as pub:
@@ -114,13 +129,21 @@ MALFORMED: list[tuple[str, bytes, dict]] = [
     ("invalid utf-8", b'{"event": "Message.Bounced", "x": "\xff\xfe"}', {}),
     ("array", b'[{"event": "Message.Bounced"}]', {}),
     ("missing event", b'{"timestamp": "2026-03-12T09:14:02Z", "data": {}}', {}),
-    ("unknown type", b'{"event": "Message.Exploded", "timestamp": "2026-03-12T09:14:02Z", "data": {}}', {}),
+    (
+        "unknown type",
+        b'{"event": "Message.Exploded", "timestamp": "2026-03-12T09:14:02Z", "data": {}}',
+        {},
+    ),
     ("missing data", b'{"event": "Message.Delivered", "timestamp": "2026-03-12T09:14:02Z"}', {}),
     ("bad recipient", event_body(recipient="not-an-address"), {}),
     ("bad bounce_type", event_body(bounce_type="Exploded"), {}),
     ("wrong type timestamp", b'{"event": "Message.Delivered", "timestamp": 5, "data": {}}', {}),
-    ("oversized", b'{"event": "Message.Delivered", "timestamp": "2026-03-12T09:14:02Z", '
-                  b'"data": {"pad": "' + b"x" * 300_000 + b'"}}', {}),
+    (
+        "oversized",
+        b'{"event": "Message.Delivered", "timestamp": "2026-03-12T09:14:02Z", '
+        b'"data": {"pad": "' + b"x" * 300_000 + b'"}}',
+        {},
+    ),
     ("empty", b"", {}),
     ("bad message_id", event_body(n=3), {"message_id": "has spaces in it"}),
 ]
@@ -179,8 +202,9 @@ async def test_jwks_endpoint_serves_the_signing_key(make, receivers) -> None:
     await asyncio.sleep(0)
 
 
-async def test_posts_verify_with_our_verifier_jwcrypto_and_standard_webhooks(make, receivers
-                                                                            ) -> None:
+async def test_posts_verify_with_our_verifier_jwcrypto_and_standard_webhooks(
+    make, receivers
+) -> None:
     import aiohttp
     from jwcrypto import jwk as jw_jwk
     from jwcrypto import jwt as jw_jwt
@@ -190,8 +214,10 @@ async def test_posts_verify_with_our_verifier_jwcrypto_and_standard_webhooks(mak
 
     secret = "whsec_" + "dGhpcyBpcyBhIHRlc3Qgc2VjcmV0IGZvciBobWFj"
     both = receivers.add("both")
-    cfg = make([{"id": "both", "url": both.url, "auth": "jwt+hmac",
-                 "hmac_secret_env": "BOTH_SECRET"}], env={"BOTH_SECRET": secret})
+    cfg = make(
+        [{"id": "both", "url": both.url, "auth": "jwt+hmac", "hmac_secret_env": "BOTH_SECRET"}],
+        env={"BOTH_SECRET": secret},
+    )
     async with running(cfg) as disp, Publisher(cfg) as pub:
         await pub.publish(SEED_EVENT, message_id="evt-verify")
         assert await wait_until(lambda: both.count == 1)
@@ -200,15 +226,20 @@ async def test_posts_verify_with_our_verifier_jwcrypto_and_standard_webhooks(mak
         async with aiohttp.ClientSession() as http, http.get(jwks_url) as resp:
             jwks_text = await resp.text()
         got = both.requests[0]
-        async with WebhookVerifier(jwks_url=jwks_url, audience=both.url,
-                                   issuer=cfg.signing.issuer, hmac_secrets=secret) as verifier:
+        async with WebhookVerifier(
+            jwks_url=jwks_url, audience=both.url, issuer=cfg.signing.issuer, hmac_secrets=secret
+        ) as verifier:
             claims = await verifier.verify(got.headers, got.body)
     assert claims["webhook_id"] == "evt-verify" and claims["aud"] == both.url
 
     token = got.headers["Authorization"].removeprefix("Bearer ")
     keyset = jw_jwk.JWKSet.from_json(jwks_text)
-    checked = jw_jwt.JWT(jwt=token, key=keyset, algs=["EdDSA"],
-                         check_claims={"iss": cfg.signing.issuer, "aud": both.url})
+    checked = jw_jwt.JWT(
+        jwt=token,
+        key=keyset,
+        algs=["EdDSA"],
+        check_claims={"iss": cfg.signing.issuer, "aud": both.url},
+    )
     import hashlib
 
     body_hash = base64.urlsafe_b64encode(hashlib.sha256(SEED_EVENT).digest()).rstrip(b"=")

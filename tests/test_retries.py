@@ -58,7 +58,12 @@ async def test_always_failing_ends_in_dead_letters_after_exactly_the_schedule(
     for letter in letters:
         rec = letter.record
         assert (rec.subscriber, rec.event, rec.attempts, rec.reason, rec.last_status) == (
-            "dead", "Message.Complained", 4, "attempts_exhausted", 502)
+            "dead",
+            "Message.Complained",
+            4,
+            "attempts_exhausted",
+            502,
+        )
         assert rec.last_error == "http 502" and rec.dead_lettered_at.endswith("Z")
     assert sorted(d.record.event_id for d in letters) == [f"c{i}" for i in range(5)]
 
@@ -72,7 +77,10 @@ async def test_gone_is_dead_lettered_at_once(make, receivers) -> None:
         await settle(0.4)
     assert gone.attempts == 1
     assert (letter.record.reason, letter.record.last_status, letter.record.attempts) == (
-        "endpoint_gone", 410, 1)
+        "endpoint_gone",
+        410,
+        1,
+    )
 
 
 async def test_retry_after_is_honoured(make, receivers) -> None:
@@ -98,12 +106,18 @@ async def test_pending_retry_survives_a_killed_dispatcher(make, receivers, tmp_p
     rec = receivers.add("later", fail_times(1))
     toml = tmp_path / "dispatcher.toml"
     port = free_port()
-    cfg = make([{"id": "later", "url": rec.url}], toml=toml,
-               retry={"schedule": ["3s"], "jitter": 0.0}, http={"listen": f"127.0.0.1:{port}"})
+    cfg = make(
+        [{"id": "later", "url": rec.url}],
+        toml=toml,
+        retry={"schedule": ["3s"], "jitter": 0.0},
+        http={"listen": f"127.0.0.1:{port}"},
+    )
 
     def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "dispatcher", "--config", str(toml), "run",
-                                 "--workers", "1"], env=dict(os.environ))
+        return subprocess.Popen(
+            [sys.executable, "-m", "dispatcher", "--config", str(toml), "run", "--workers", "1"],
+            env=dict(os.environ),
+        )
 
     proc = start()
     try:
@@ -137,8 +151,11 @@ async def test_quorum_queues_carry_retries_and_dead_letters(make, receivers) -> 
     """The production default: quorum work, tier and dead-letter queues."""
     flaky = receivers.add("flaky", fail_times(1))
     dead = receivers.add("dead", always(500))
-    cfg = make([{"id": "flaky", "url": flaky.url}, {"id": "dead", "url": dead.url}],
-               broker={"queue_type": "quorum"}, retry={"schedule": ["30ms"]})
+    cfg = make(
+        [{"id": "flaky", "url": flaky.url}, {"id": "dead", "url": dead.url}],
+        broker={"queue_type": "quorum"},
+        retry={"schedule": ["30ms"]},
+    )
     async with running(cfg), Publisher(cfg) as pub:
         await pub.publish(event_body(event_id="q1"))
         [letter] = await wait_for_dead_letters(cfg, 1)

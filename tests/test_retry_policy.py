@@ -28,33 +28,50 @@ BLOCKED = Outcome(OutcomeKind.BLOCKED, error="blocked_destination: x")
 THROTTLED = Outcome(OutcomeKind.FAILED, status=429, retry_after=90)
 
 
-@pytest.mark.parametrize(("attempt", "outcome", "age", "expected"), [
-    (1, OK, 0, Delivered()),
-    (3, OK, 100, Delivered()),
-    (1, GONE, 0, DeadLetter("endpoint_gone")),
-    (1, BLOCKED, 0, DeadLetter("blocked_destination")),
-    (1, E500, 0, Retry(5, 2)),
-    (2, TIMEOUT, 5, Retry(30, 3)),
-    (3, E500, 35, Retry(120, 4)),
-    (4, E500, 155, DeadLetter("attempts_exhausted")),
-    (1, THROTTLED, 0, Retry(90, 2)),  # Retry-After beats the 5 s step
-    (3, THROTTLED, 0, Retry(120, 4)),  # ... but never shortens it
-    (2, E500, 3590, DeadLetter("max_age_exceeded")),
-    (1, Outcome(OutcomeKind.FAILED, status=503, retry_after=7200), 0,
-     DeadLetter("max_age_exceeded")),
-    (2, Outcome(OutcomeKind.DEFERRED, defer_for=10), 0, Retry(10, 2)),  # no attempt spent
-    (2, Outcome(OutcomeKind.DEFERRED, defer_for=10), 3595, DeadLetter("max_age_exceeded")),
-])
+@pytest.mark.parametrize(
+    ("attempt", "outcome", "age", "expected"),
+    [
+        (1, OK, 0, Delivered()),
+        (3, OK, 100, Delivered()),
+        (1, GONE, 0, DeadLetter("endpoint_gone")),
+        (1, BLOCKED, 0, DeadLetter("blocked_destination")),
+        (1, E500, 0, Retry(5, 2)),
+        (2, TIMEOUT, 5, Retry(30, 3)),
+        (3, E500, 35, Retry(120, 4)),
+        (4, E500, 155, DeadLetter("attempts_exhausted")),
+        (1, THROTTLED, 0, Retry(90, 2)),  # Retry-After beats the 5 s step
+        (3, THROTTLED, 0, Retry(120, 4)),  # ... but never shortens it
+        (2, E500, 3590, DeadLetter("max_age_exceeded")),
+        (
+            1,
+            Outcome(OutcomeKind.FAILED, status=503, retry_after=7200),
+            0,
+            DeadLetter("max_age_exceeded"),
+        ),
+        (2, Outcome(OutcomeKind.DEFERRED, defer_for=10), 0, Retry(10, 2)),  # no attempt spent
+        (2, Outcome(OutcomeKind.DEFERRED, defer_for=10), 3595, DeadLetter("max_age_exceeded")),
+    ],
+)
 def test_decision_table(attempt, outcome, age, expected) -> None:
-    assert decide(attempt=attempt, outcome=outcome, first_attempt_at=1000.0, now=1000.0 + age,
-                  policy=POLICY) == expected
+    assert (
+        decide(
+            attempt=attempt,
+            outcome=outcome,
+            first_attempt_at=1000.0,
+            now=1000.0 + age,
+            policy=POLICY,
+        )
+        == expected
+    )
 
 
 def test_jitter_stays_within_its_band_and_varies() -> None:
     policy = RetryConfig(schedule=(100,), jitter=0.2, max_age=3600)
     rng = random.Random(7)
-    delays = [decide(attempt=1, outcome=E500, first_attempt_at=0, now=0, policy=policy,
-                     rng=rng).delay for _ in range(500)]
+    delays = [
+        decide(attempt=1, outcome=E500, first_attempt_at=0, now=0, policy=policy, rng=rng).delay
+        for _ in range(500)
+    ]
     assert all(80 <= d <= 120 for d in delays)
     assert max(delays) - min(delays) > 20
 
@@ -62,17 +79,31 @@ def test_jitter_stays_within_its_band_and_varies() -> None:
 schedules = st.lists(st.floats(min_value=0.01, max_value=7200), min_size=0, max_size=10)
 outcomes = st.sampled_from([OK, E500, TIMEOUT, GONE, BLOCKED, THROTTLED]) | st.builds(
     lambda s, ra: Outcome(OutcomeKind.FAILED, status=s, retry_after=ra),
-    st.sampled_from([429, 503, 500, 404]), st.none() | st.floats(min_value=0, max_value=10**5))
+    st.sampled_from([429, 503, 500, 404]),
+    st.none() | st.floats(min_value=0, max_value=10**5),
+)
 
 
 @settings(max_examples=500, deadline=None)
-@given(schedule=schedules, jitter=st.floats(min_value=0, max_value=0.9),
-       max_age=st.floats(min_value=1, max_value=86400), attempt=st.integers(1, 12),
-       outcome=outcomes, age=st.floats(min_value=0, max_value=90000), seed=st.integers())
+@given(
+    schedule=schedules,
+    jitter=st.floats(min_value=0, max_value=0.9),
+    max_age=st.floats(min_value=1, max_value=86400),
+    attempt=st.integers(1, 12),
+    outcome=outcomes,
+    age=st.floats(min_value=0, max_value=90000),
+    seed=st.integers(),
+)
 def test_properties(schedule, jitter, max_age, attempt, outcome, age, seed) -> None:
     policy = RetryConfig(schedule=tuple(schedule), jitter=jitter, max_age=max_age)
-    decision = decide(attempt=attempt, outcome=outcome, first_attempt_at=0.0, now=age,
-                      policy=policy, rng=random.Random(seed))
+    decision = decide(
+        attempt=attempt,
+        outcome=outcome,
+        first_attempt_at=0.0,
+        now=age,
+        policy=policy,
+        rng=random.Random(seed),
+    )
     if isinstance(decision, Retry):
         # Never past the schedule, never past max_age, never sooner than Retry-After.
         assert decision.next_attempt == attempt + 1 <= policy.max_attempts

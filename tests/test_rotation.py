@@ -33,13 +33,16 @@ async def test_rotation_under_load(make, receivers: ReceiverServer) -> None:
         return web.Response(status=204)
 
     rec = receivers.add("verifying", verifying)
-    cfg = make([{"id": "verifying", "url": rec.url}],
-               signing={"token_ttl": "10s", "jwks_max_age": "2s"})
+    cfg = make(
+        [{"id": "verifying", "url": rec.url}], signing={"token_ttl": "10s", "jwks_max_age": "2s"}
+    )
     async with running(cfg) as disp, Publisher(cfg) as pub:
         assert disp.ops is not None
         verifiers["v"] = WebhookVerifier(
             jwks_url=f"http://127.0.0.1:{disp.ops.port}/.well-known/jwks.json",
-            audience=rec.url, issuer=cfg.signing.issuer)
+            audience=rec.url,
+            issuer=cfg.signing.issuer,
+        )
         old = KeyRing.load(cfg.signing.keys_dir).signing_key().kid
         published = 0
 
@@ -48,15 +51,17 @@ async def test_rotation_under_load(make, receivers: ReceiverServer) -> None:
             loop = asyncio.get_running_loop()
             end = loop.time() + seconds
             while loop.time() < end:
-                await pub.publish_many([event_body(n=published + i, event_id=f"k{published + i}")
-                                        for i in range(10)])
+                await pub.publish_many(
+                    [event_body(n=published + i, event_id=f"k{published + i}") for i in range(10)]
+                )
                 published += 10
                 await asyncio.sleep(0.05)
 
         await stream(1.0)
         # Published now, signs in 10 s (longer than the verifier's minimum refetch interval).
-        new, retiring = rotate(cfg.signing.keys_dir, cfg.signing.algorithm, publish_lead=10.0,
-                               retire_after=2.0)
+        new, retiring = rotate(
+            cfg.signing.keys_dir, cfg.signing.algorithm, publish_lead=10.0, retire_after=2.0
+        )
         assert [k.kid for k in retiring] == [old]
         await stream(13.0)
         assert await wait_until(lambda: rec.count == published, timeout=30)

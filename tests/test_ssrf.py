@@ -17,11 +17,25 @@ from dispatcher.retry_policy import OutcomeKind
 from dispatcher.ssrf import GuardedResolver, is_forbidden
 
 
-@pytest.mark.parametrize("address", [
-    "127.0.0.1", "127.8.9.10", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254",
-    "100.64.0.1", "0.0.0.0", "224.0.0.1", "::1", "fe80::1", "fc00::1", "::ffff:127.0.0.1",
-    "not-an-ip",
-])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "127.8.9.10",
+        "10.0.0.1",
+        "172.16.5.4",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "::ffff:127.0.0.1",
+        "not-an-ip",
+    ],
+)
 def test_forbidden_ranges(address: str) -> None:
     assert is_forbidden(address)
 
@@ -37,12 +51,16 @@ class Rebinding(AbstractResolver):
     def __init__(self) -> None:
         self.calls = 0
 
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         self.calls += 1
         address = "93.184.215.14" if self.calls == 1 else "127.0.0.1"
-        return [ResolveResult(hostname=host, host=address, port=port, family=socket.AF_INET,
-                              proto=0, flags=0)]
+        return [
+            ResolveResult(
+                hostname=host, host=address, port=port, family=socket.AF_INET, proto=0, flags=0
+            )
+        ]
 
     async def close(self) -> None:
         pass
@@ -54,11 +72,15 @@ async def test_guard_refuses_literals_loopback_names_and_rebinding(receivers) ->
     host = socket.gethostname()
     resolved = {info[4][0] for info in socket.getaddrinfo(host, port, socket.AF_INET)}
     assert resolved and all(is_forbidden(a) for a in resolved), (
-        f"this test needs the machine's hostname to resolve to loopback, got {resolved}")
+        f"this test needs the machine's hostname to resolve to loopback, got {resolved}"
+    )
     async with HttpSender(allow_private_networks=False) as sender:
-        for url in (rec.url, f"http://[::1]:{port}/hooks/inside",
-                    f"http://localhost:{port}/hooks/inside",
-                    f"http://{host}:{port}/hooks/inside"):  # a name that resolves to 127.0.0.1
+        for url in (
+            rec.url,
+            f"http://[::1]:{port}/hooks/inside",
+            f"http://localhost:{port}/hooks/inside",
+            f"http://{host}:{port}/hooks/inside",
+        ):  # a name that resolves to 127.0.0.1
             outcome = await sender.post(url, b"{}", {}, timeout=2)
             assert outcome.kind is OutcomeKind.BLOCKED, (url, outcome)
             assert outcome.error and outcome.error.startswith("blocked_destination")
@@ -68,8 +90,9 @@ async def test_guard_refuses_literals_loopback_names_and_rebinding(receivers) ->
     guarded = GuardedResolver(rebinding)
     assert (await guarded.resolve("rebind.example", port))[0]["host"] == "93.184.215.14"
     async with HttpSender(allow_private_networks=False, resolver=rebinding) as sender:
-        second = await sender.post(f"http://rebind.example:{port}/hooks/inside", b"{}", {},
-                                   timeout=2)
+        second = await sender.post(
+            f"http://rebind.example:{port}/hooks/inside", b"{}", {}, timeout=2
+        )
     assert second.kind is OutcomeKind.BLOCKED and rebinding.calls == 2
     assert rec.count == 0 and rec.attempts == 0
     async with HttpSender(allow_private_networks=True) as sender:
@@ -77,8 +100,7 @@ async def test_guard_refuses_literals_loopback_names_and_rebinding(receivers) ->
     assert allowed.kind is OutcomeKind.DELIVERED and rec.count == 1
 
 
-async def test_pipeline_dead_letters_a_blocked_destination(make, receivers: ReceiverServer
-                                                           ) -> None:
+async def test_pipeline_dead_letters_a_blocked_destination(make, receivers: ReceiverServer) -> None:
     rec = receivers.add("inside")
     host = socket.gethostname()
     url = f"http://{host}:{receivers.port}/hooks/inside"
