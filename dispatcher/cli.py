@@ -6,6 +6,7 @@ Every error is one clear line on stderr.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -127,6 +128,10 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     from dispatcher.log import configure_logging
 
     cmd = args.command
+    if cmd not in ("run", "demo"):
+        # One-shot tools speak for themselves: one line on failure, no library log chatter.
+        for name in ("aiormq", "aio_pika"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     if cmd == "check-config":
         sys.stdout.write(orjson.dumps(config.masked(), option=orjson.OPT_INDENT_2).decode() + "\n")
         print(f"config OK: {config.source}, {len(config.subscribers)} subscribers", file=sys.stderr)
