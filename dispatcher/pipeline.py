@@ -132,10 +132,34 @@ class Pipeline:
                 message_id=message.message_id,
                 exc_info=not isinstance(exc, AMQPError),
             )
+            verdict = await self._poisoned(message, exc)
         finally:
             self._tasks.discard(task)
             self._metrics.prefetch_used.dec()
             await self._finish(message, verdict)
+
+    async def _poisoned(self, message: AbstractIncomingMessage, exc: Exception) -> _Verdict:
+        """A message that breaks the pipeline twice is dead-lettered, not requeued forever.
+
+        Broker and connection errors are transient: those messages always go back.
+        """
+        transient = isinstance(exc, AMQPError | ConnectionError | ChannelInvalidStateError)
+        if transient or not message.redelivered:
+            return _Verdict.REQUEUE
+        reason = f"dispatch_error: {type(exc).__name__}: {exc}"
+        try:
+            await self._settlement.dead_letter(
+                message.body,
+                reason=reason,
+                event_id=_safe_id(message.message_id),
+                event_type=None,
+                delivery=Delivery.from_headers(dict(message.headers or {}), self._clock()),
+                carry={},
+            )
+        except Exception:
+            return _Verdict.REQUEUE
+        self._metrics.dead_letters.labels("dispatch_error").inc()
+        return _Verdict.ACK
 
     async def _finish(self, message: AbstractIncomingMessage, verdict: _Verdict) -> None:
         try:

@@ -246,3 +246,24 @@ async def test_posts_verify_with_our_verifier_jwcrypto_and_standard_webhooks(
     assert orjson.loads(checked.claims)["body_sha256"] == body_hash.decode()
 
     Webhook(secret).verify(got.body, {k.lower(): v for k, v in got.headers.items()})
+
+
+async def test_a_message_that_breaks_the_pipeline_twice_is_dead_lettered(make, receivers) -> None:
+    rec = receivers.add("r")
+    cfg = make([{"id": "r", "url": rec.url}])
+    async with running(cfg) as disp, Publisher(cfg) as pub:
+        assert disp.pipeline is not None
+        real = disp.pipeline._deliver
+
+        async def broken(event, sub, delivery, carry):
+            if event.id == "poison":
+                raise RuntimeError("a bug")
+            await real(event, sub, delivery, carry)
+
+        disp.pipeline._deliver = broken  # type: ignore[method-assign]
+        await pub.publish(event_body(event_id="poison"))
+        await pub.publish(event_body(n=1, event_id="fine"))
+        [letter] = await wait_for_dead_letters(cfg, 1)
+        assert await wait_until(lambda: rec.count == 1)
+    assert letter.record.reason == "dispatch_error: RuntimeError: a bug"
+    assert letter.record.event_id == "poison" and rec.ids() == ["fine"]
