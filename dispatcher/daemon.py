@@ -34,28 +34,39 @@ __all__ = ["Dispatcher", "serve"]
 
 log = structlog.get_logger("dispatcher.daemon")
 
-_KEY_REFRESH = 5.0
+_KEY_REFRESH = 1.0
 _DEPTH_SAMPLE = 5.0
 
 
 class Dispatcher:
     """One worker: an async context manager that consumes until `stop` is called."""
 
-    def __init__(self, config: Config, *, serve_ops: bool = True,
-                 config_path: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        serve_ops: bool = True,
+        config_path: str | None = None,
+        depth_interval: float = _DEPTH_SAMPLE,
+    ) -> None:
         self.config = config
+        self._depth_interval = depth_interval
         self._serve_ops = serve_ops
         self._config_path = config_path
         self.metrics = Metrics()
         self.keyring = KeyRing.load(config.signing.keys_dir, config.signing.algorithm)
-        self._minter = TokenMinter(self.keyring, issuer=config.signing.issuer,
-                                   subject=config.signing.subject,
-                                   ttl_seconds=int(config.signing.token_ttl))
+        self._minter = TokenMinter(
+            self.keyring,
+            issuer=config.signing.issuer,
+            subject=config.signing.subject,
+            ttl_seconds=int(config.signing.token_ttl),
+        )
         self._stack = contextlib.AsyncExitStack()
         self._connection: AbstractRobustConnection | None = None
         self._consumer: tuple[Any, str] | None = None
         self._background: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._link_up = False  # connected with channels and consumer restored (set by callbacks)
         self.pipeline: Pipeline | None = None
         self.ops: OpsServer | None = None
 
@@ -64,8 +75,12 @@ class Dispatcher:
     def ready(self) -> bool:
         conn = self._connection
         return (
-            conn is not None and not self._stopping and self._consumer is not None
-            and conn.connected.is_set() and not conn.is_closed
+            conn is not None
+            and not self._stopping
+            and self._consumer is not None
+            and self._link_up
+            and conn.connected.is_set()
+            and not conn.is_closed
         )
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -81,17 +96,28 @@ class Dispatcher:
     async def _start(self) -> None:
         cfg = self.config
         if self._serve_ops:
-            self.ops = await self._stack.enter_async_context(OpsServer(
-                cfg.http.host, cfg.http.port, ready=self.ready,
-                metrics=lambda: render_metrics(self.metrics),
-                jwks=lambda: self.keyring.jwks(), jwks_max_age=cfg.signing.jwks_max_age))
-        sender = await self._stack.enter_async_context(HttpSender(
-            allow_private_networks=cfg.allow_private_networks,
-            max_response_bytes=cfg.dispatcher.max_response_bytes))
+            self.ops = await self._stack.enter_async_context(
+                OpsServer(
+                    cfg.http.host,
+                    cfg.http.port,
+                    ready=self.ready,
+                    metrics=lambda: render_metrics(self.metrics),
+                    jwks=lambda: self.keyring.jwks(),
+                    jwks_max_age=cfg.signing.jwks_max_age,
+                )
+            )
+        sender = await self._stack.enter_async_context(
+            HttpSender(
+                allow_private_networks=cfg.allow_private_networks,
+                max_response_bytes=cfg.dispatcher.max_response_bytes,
+            )
+        )
 
         self._connection = await aio_pika.connect_robust(
             cfg.broker.url,
-            client_properties={"connection_name": f"bounce-dispatcher/{__version__} pid {os.getpid()}"},
+            client_properties={
+                "connection_name": f"bounce-dispatcher/{__version__} pid {os.getpid()}"
+            },
         )
         self._stack.push_async_callback(self._connection.close)
         publish_channel = await self._connection.channel(publisher_confirms=True)
@@ -99,22 +125,35 @@ class Dispatcher:
         await consume_channel.set_qos(prefetch_count=cfg.broker.prefetch)
         topology = await declare(consume_channel, cfg.broker)
 
-        self.pipeline = Pipeline(cfg, sender=sender, settlement=Settlement(publish_channel, cfg.broker),
-                                 minter=self._minter, metrics=self.metrics)
+        self.pipeline = Pipeline(
+            cfg,
+            sender=sender,
+            settlement=Settlement(publish_channel, cfg.broker),
+            minter=self._minter,
+            metrics=self.metrics,
+        )
         self.metrics.prefetch_limit.set(cfg.broker.prefetch)
+        self.metrics.init_subscribers(s.id for s in cfg.subscribers)
         tag = await topology.work.consume(self.pipeline.handle, no_ack=False)
         self._consumer = (topology.work, tag)
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         self._connection.close_callbacks.add(self._on_close)
+        # Its own channel: a failed passive declare closes the channel it runs on.
+        self._depth_channel = await self._connection.channel(publisher_confirms=False)
         self._background = [
             asyncio.create_task(self._every(_KEY_REFRESH, self._refresh_keys)),
-            asyncio.create_task(self._every(_DEPTH_SAMPLE, self._sample_depths)),
+            asyncio.create_task(self._every(self._depth_interval, self._sample_depths)),
         ]
-        self._depth_channel = publish_channel
+        self._link_up = True
         self.metrics.ready.set(1)
-        log.info("dispatcher_started", queue=cfg.broker.queue, prefetch=cfg.broker.prefetch,
-                 subscribers=[s.id for s in cfg.subscribers], version=__version__,
-                 listen=cfg.http.listen if self._serve_ops else None)
+        log.info(
+            "dispatcher_started",
+            queue=cfg.broker.queue,
+            prefetch=cfg.broker.prefetch,
+            subscribers=[s.id for s in cfg.subscribers],
+            version=__version__,
+            listen=cfg.http.listen if self._serve_ops else None,
+        )
 
     async def stop(self) -> None:
         """Stop intake and drain; the context exit closes what is left."""
@@ -128,8 +167,9 @@ class Dispatcher:
                 await asyncio.wait_for(queue.cancel(tag), timeout=5)
         handed_back = 0
         if self.pipeline is not None:
-            log.info("draining", held=self.pipeline.held,
-                     timeout=self.config.dispatcher.drain_timeout)
+            log.info(
+                "draining", held=self.pipeline.held, timeout=self.config.dispatcher.drain_timeout
+            )
             handed_back = await self.pipeline.drain(self.config.dispatcher.drain_timeout)
         log.info("drained", handed_back=handed_back)
 
@@ -151,16 +191,24 @@ class Dispatcher:
         except ConfigError as exc:
             log.error("reload_refused", error=str(exc))
             return False
-        restart_needed = [name for name in ("broker", "http", "signing")
-                          if getattr(new, name) != getattr(self.config, name)]
+        restart_needed = [
+            name
+            for name in ("broker", "http", "signing")
+            if getattr(new, name) != getattr(self.config, name)
+        ]
         if restart_needed:
-            log.warning("reload_partial", ignored=restart_needed,
-                        hint="these sections take effect on restart")
-        merged = replace(new, broker=self.config.broker, http=self.config.http,
-                         signing=self.config.signing)
+            log.warning(
+                "reload_partial",
+                ignored=restart_needed,
+                hint="these sections take effect on restart",
+            )
+        merged = replace(
+            new, broker=self.config.broker, http=self.config.http, signing=self.config.signing
+        )
         self.config = merged
         if self.pipeline is not None:
             self.pipeline.apply_config(merged)
+        self.metrics.init_subscribers(s.id for s in merged.subscribers)
         log.info("reloaded", subscribers=[s.id for s in merged.subscribers])
         return True
 
@@ -189,24 +237,27 @@ class Dispatcher:
             self.metrics.queue_depth.labels(name).set(value)
 
     def _on_reconnect(self, *_: Any) -> None:
+        # Fired after the channels and the consumer are restored, not merely reconnected.
+        self._link_up = True
         self.metrics.ready.set(0 if self._stopping else 1)
         log.info("broker_reconnected")
 
     def _on_close(self, *args: Any) -> None:
+        self._link_up = False
         self.metrics.ready.set(0)
         exc = args[1] if len(args) > 1 else None
         if not self._stopping:
             log.warning("broker_connection_lost", error=str(exc) if exc else None)
 
 
-async def serve(config: Config, *, config_path: str | None = None,
-                serve_ops: bool = True) -> int:
+async def serve(config: Config, *, config_path: str | None = None, serve_ops: bool = True) -> int:
     """Run one worker until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    # Before startup: a SIGTERM while connecting stops the daemon as soon as it is up.
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
     async with Dispatcher(config, config_path=config_path, serve_ops=serve_ops) as disp:
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, disp.reload)
         started = time.monotonic()
         await stop.wait()

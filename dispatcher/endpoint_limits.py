@@ -58,6 +58,7 @@ class Lane:
         self._slots = asyncio.Semaphore(sub.max_in_flight)
         self._interval = 1.0 / sub.rate_limit if sub.rate_limit > 0 else 0.0
         self._next_turn = 0.0
+        self._last_sent = -1e9
         self.in_flight = 0
         self.waiting = 0
 
@@ -87,12 +88,15 @@ class Lane:
             self.release(slot, None)
             return Deferred(turn - now, "rate_limited")
         self._next_turn = turn + self._interval
-        if turn > now:
-            try:
-                await asyncio.sleep(turn - now)
-            except BaseException:
-                self.release(slot, None)
-                raise
+        try:
+            # Wait for the reserved turn, then also for the spacing since the last real send:
+            # an event loop that stalled must not release a burst when it wakes.
+            while (wait := max(turn, self._last_sent + self._interval) - self._clock()) > 0:
+                await asyncio.sleep(wait)
+        except BaseException:
+            self.release(slot, None)
+            raise
+        self._last_sent = self._clock()
         return slot
 
     def _drop_probe(self, slot: Admitted) -> None:

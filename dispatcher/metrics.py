@@ -1,12 +1,29 @@
-"""Prometheus metrics (prometheus-client), one registry per process.
+"""Prometheus metrics (prometheus-client): what the dispatcher exports, and how it is rendered.
 
-Under ``dispatcher run --workers N`` each worker writes to ``PROMETHEUS_MULTIPROC_DIR`` and the
-supervisor serves the merged view; the names and labels are the same either way.
+One `Metrics` per process, in its own registry. Under ``dispatcher run --workers N`` the
+supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` before it starts the workers, so every worker's
+values live in memory-mapped files there; the supervisor serves the merged view
+(`render_metrics(None)`), with the same names and labels as a single process. How each gauge
+merges across workers is its ``multiprocess_mode``:
+
+    gauge                        mode             merged value
+    dispatcher_in_flight         livesum          requests in flight, all live workers
+    dispatcher_prefetch_in_use   livesum          unacked messages held, all live workers
+    dispatcher_prefetch_limit    livesum          total prefetch window of the live workers
+    dispatcher_ready             livesum          workers connected and consuming
+    dispatcher_breaker_state     livemax          the worst breaker of any live worker
+    dispatcher_queue_depth       livemostrecent   the newest sample of any live worker
+
+``live*`` modes drop a worker's values once the supervisor calls `mark_process_dead` for it.
+Counters and histograms of a dead worker stay in the sum, so totals never go backwards when a
+worker is restarted.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+from collections.abc import Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -16,81 +33,180 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "render_metrics"]
+__all__ = ["MULTIPROC_ENV", "Metrics", "live_gauge_sum", "render_metrics"]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800,
-    3600, 21600, 86400,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+    1800,
+    3600,
+    21600,
+    86400,
 )
 _MINT_BUCKETS = (20e-6, 35e-6, 50e-6, 75e-6, 100e-6, 200e-6, 500e-6, 1e-3, 5e-3)
 
 
-def _multiprocess() -> bool:
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+def _multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
 
 
 class Metrics:
-    """Every metric the dispatcher exports; created once per process."""
+    """Every metric a worker exports; created once per process (or per `Dispatcher` in tests)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         reg = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.registry = reg
-        live = "livesum" if _multiprocess() else "all"
+        # --- counters -------------------------------------------------------------------------
+        self.events = Counter(
+            "dispatcher_events_total",
+            "Messages consumed from the work queue, by kind (event, retry, invalid).",
+            ["kind"],
+            registry=reg,
+        )
+        self.attempts = Counter(
+            "dispatcher_attempts_total",
+            "HTTP delivery attempts, by subscriber and outcome (delivered, gone, blocked, "
+            "http_3xx, http_4xx, http_5xx, timeout, connection, dns, protocol).",
+            ["subscriber", "outcome"],
+            registry=reg,
+        )
         self.deliveries = Counter(
             "dispatcher_deliveries_total",
-            "Delivery attempts by subscriber and outcome (delivered, gone, blocked, http_5xx, "
-            "timeout, connection, redirect, ...).",
-            ["subscriber", "outcome"], registry=reg)
-        self.delivered = Counter(
-            "dispatcher_delivered_total", "Events delivered (2xx), by subscriber.",
-            ["subscriber"], registry=reg)
-        self.events = Counter(
-            "dispatcher_events_total", "Messages consumed from the work queue, by kind "
-            "(event, retry, invalid).", ["kind"], registry=reg)
+            "Deliveries (one event to one subscriber) that ended, by subscriber and outcome "
+            "(delivered, dead_lettered).",
+            ["subscriber", "outcome"],
+            registry=reg,
+        )
         self.retries = Counter(
             "dispatcher_retries_scheduled_total",
-            "Deliveries handed to the durable retry path, by subscriber and why "
-            "(failed, breaker_open, lane_full, rate_limited).",
-            ["subscriber", "why"], registry=reg)
+            "Deliveries parked in the retry tiers, by subscriber and why (failed, breaker_open, "
+            "lane_full, rate_limited).",
+            ["subscriber", "why"],
+            registry=reg,
+        )
         self.dead_letters = Counter(
-            "dispatcher_dead_letters_total", "Dead letters written, by reason.",
-            ["reason"], registry=reg)
+            "dispatcher_dead_letters_total",
+            "Dead letters written, by reason (attempts_exhausted, max_age_exceeded, "
+            "endpoint_gone, blocked_destination, subscriber_removed, invalid_event).",
+            ["reason"],
+            registry=reg,
+        )
+        # --- histograms -----------------------------------------------------------------------
         self.end_to_end = Histogram(
             "dispatcher_delivery_latency_seconds",
             "From the event's publish time (when known) to the subscriber's 2xx.",
-            ["subscriber"], buckets=_LATENCY_BUCKETS, registry=reg)
+            ["subscriber"],
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        )
         self.request_time = Histogram(
-            "dispatcher_request_duration_seconds", "HTTP request time of one attempt.",
-            ["subscriber"], buckets=_LATENCY_BUCKETS, registry=reg)
+            "dispatcher_request_duration_seconds",
+            "HTTP request time of one attempt, whatever its outcome.",
+            ["subscriber"],
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        )
         self.mint_time = Histogram(
-            "dispatcher_token_mint_seconds", "Time to mint one agent token.",
-            buckets=_MINT_BUCKETS, registry=reg)
+            "dispatcher_token_mint_seconds",
+            "Time to mint one agent token.",
+            buckets=_MINT_BUCKETS,
+            registry=reg,
+        )
+        # --- gauges ---------------------------------------------------------------------------
         self.in_flight = Gauge(
-            "dispatcher_in_flight", "Requests in flight per subscriber.", ["subscriber"],
-            registry=reg, multiprocess_mode=live)
+            "dispatcher_in_flight",
+            "HTTP requests in flight, by subscriber.",
+            ["subscriber"],
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
         self.breaker_state = Gauge(
-            "dispatcher_breaker_state", "Circuit breaker per subscriber: 0 closed, 1 half-open, "
-            "2 open.", ["subscriber"], registry=reg, multiprocess_mode="livemax")
+            "dispatcher_breaker_state",
+            "Circuit breaker per subscriber: 0 closed, 1 half-open, 2 open.",
+            ["subscriber"],
+            registry=reg,
+            multiprocess_mode="livemax",
+        )
         self.prefetch_used = Gauge(
-            "dispatcher_prefetch_in_use", "Unacknowledged messages held by the consumer.",
-            registry=reg, multiprocess_mode=live)
+            "dispatcher_prefetch_in_use",
+            "Messages taken from the work queue and not yet acked or handed back.",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
         self.prefetch_limit = Gauge(
-            "dispatcher_prefetch_limit", "The consumer's prefetch window.", registry=reg,
-            multiprocess_mode="livemax")
+            "dispatcher_prefetch_limit",
+            "The consumer's prefetch window ([broker].prefetch).",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
         self.queue_depth = Gauge(
-            "dispatcher_queue_depth", "Messages ready in the work, retry and dead-letter queues.",
-            ["queue"], registry=reg, multiprocess_mode="livemax")
+            "dispatcher_queue_depth",
+            "Messages ready in the work queue, the retry tiers (summed) and the dead-letter "
+            "queue, as last sampled.",
+            ["queue"],
+            registry=reg,
+            multiprocess_mode="livemostrecent",
+        )
         self.ready = Gauge(
-            "dispatcher_ready", "1 while connected to the broker and consuming.", registry=reg,
-            multiprocess_mode=live)
+            "dispatcher_ready",
+            "1 while connected to the broker and consuming (summed over workers).",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+
+    def init_subscribers(self, ids: Iterable[str]) -> None:
+        """Create each subscriber's series at zero, so rates and alerts see them from the start."""
+        for sub in ids:
+            for outcome in ("delivered", "dead_lettered"):
+                self.deliveries.labels(sub, outcome)
+            self.in_flight.labels(sub).set(0)
+            self.breaker_state.labels(sub).set(0)
 
 
-def render_metrics(metrics: Metrics | None) -> bytes:
-    """The text exposition: the merged multiprocess view when workers write to a shared dir."""
-    if _multiprocess():
+def render_metrics(metrics: Metrics | None, *extra: Collector) -> bytes:
+    """The text exposition: the merged view of every worker when ``PROMETHEUS_MULTIPROC_DIR``
+    is set (``metrics`` is then ignored), else ``metrics``' own registry."""
+    if _multiprocess_dir():
         reg = CollectorRegistry()
         multiprocess.MultiProcessCollector(reg)  # type: ignore[no-untyped-call]
-        return generate_latest(reg)
-    assert metrics is not None
-    return generate_latest(metrics.registry)
+    else:
+        assert metrics is not None, "render_metrics(None) needs PROMETHEUS_MULTIPROC_DIR"
+        reg = metrics.registry
+        if extra:
+            merged = CollectorRegistry()
+            merged.register(reg)
+            reg = merged
+    for collector in extra:
+        reg.register(collector)
+    return generate_latest(reg)
+
+
+def live_gauge_sum(name: str) -> float:
+    """Sum of a ``livesum`` gauge over the live workers (multiprocess mode only)."""
+    path = _multiprocess_dir()
+    if not path:
+        return 0.0
+    files = glob.glob(os.path.join(path, "gauge_livesum_*.db"))
+    total = 0.0
+    for family in multiprocess.MultiProcessCollector.merge(files, accumulate=False):  # type: ignore[no-untyped-call]
+        if family.name == name:
+            total += sum(s.value for s in family.samples)
+    return total

@@ -1,8 +1,17 @@
-"""The operations endpoints: /healthz, /readyz, /metrics and /.well-known/jwks.json."""
+"""The operations endpoints (CONTRACT section 6), as an async context manager.
+
+    GET /healthz                 200 while the process runs
+    GET /readyz                  200 while connected to the broker and consuming, else 503
+    GET /metrics                 Prometheus text exposition
+    GET /.well-known/jwks.json   the public keys that may verify a live agent token
+
+The server only asks: readiness, the metrics text and the JWKS are callbacks, so the same
+server fronts one worker (`Dispatcher`) or the supervisor of several.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -13,7 +22,7 @@ __all__ = ["OpsServer"]
 
 
 class OpsServer:
-    """An aiohttp server on [http].listen, as an async context manager."""
+    """An aiohttp server on [http].listen. ``port`` is the bound port (useful with port 0)."""
 
     def __init__(
         self,
@@ -22,11 +31,13 @@ class OpsServer:
         *,
         ready: Callable[[], bool],
         metrics: Callable[[], bytes],
-        jwks: Callable[[], dict[str, Any]],
+        jwks: Callable[[], Mapping[str, Any]],
         jwks_max_age: float,
+        status: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self._host, self._port = host, port
         self._ready, self._metrics, self._jwks = ready, metrics, jwks
+        self._status = status
         self._max_age = int(jwks_max_age)
         self._runner: web.AppRunner | None = None
         self.port = port
@@ -40,10 +51,15 @@ class OpsServer:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
-        await site.start()
-        server = site._server
-        if server is not None and getattr(server, "sockets", None):
-            self.port = server.sockets[0].getsockname()[1]
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
+        sockets = getattr(site._server, "sockets", None)
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -55,9 +71,13 @@ class OpsServer:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, _: web.Request) -> web.Response:
-        if self._ready():
-            return web.json_response({"status": "ready"})
-        return web.json_response({"status": "not ready"}, status=503)
+        ready = self._ready()
+        body: dict[str, Any] = {"status": "ready" if ready else "not ready"}
+        if self._status is not None:
+            body.update(self._status())
+        return web.Response(
+            body=orjson.dumps(body), status=200 if ready else 503, content_type="application/json"
+        )
 
     async def _metrics_handler(self, _: web.Request) -> web.Response:
         resp = web.Response(body=self._metrics())

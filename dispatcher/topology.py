@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
+from pamqp.common import FieldTable, FieldValue
 
 from dispatcher.config import BrokerConfig
 
@@ -69,13 +70,12 @@ class Topology:
     dead_exchange: AbstractExchange
 
 
-def _queue_args(cfg: BrokerConfig, **extra: object) -> dict[str, object]:
-    args: dict[str, object] = {"x-queue-type": cfg.queue_type}
-    if cfg.queue_type == "quorum":
+def _queue_args(cfg: BrokerConfig, **extra: FieldValue) -> FieldTable:
+    args: FieldTable = {"x-queue-type": cfg.queue_type}
+    if cfg.queue_type == "quorum" and "x-dead-letter-exchange" in extra:
         # Dead-letter at least once, so a TTL expiry can never drop a pending retry.
-        if "x-dead-letter-exchange" in extra:
-            args["x-dead-letter-strategy"] = "at-least-once"
-            args["x-overflow"] = "reject-publish"
+        args["x-dead-letter-strategy"] = "at-least-once"
+        args["x-overflow"] = "reject-publish"
     args.update(extra)
     return args
 
@@ -147,8 +147,11 @@ async def queue_depths(channel: AbstractChannel, cfg: BrokerConfig) -> dict[str,
         ("retry", tier_queue_names(cfg.queue)),
     ):
         for name in names:
-            declared = await channel.declare_queue(name, passive=True)
-            out[kind] += declared.declaration_result.message_count or 0
+            # On the raw channel: a robust channel answers a repeated passive declare from its
+            # cache, with the count of the first one.
+            raw = await channel.get_underlay_channel()
+            declared = await raw.queue_declare(name, passive=True)
+            out[kind] += declared.message_count or 0
     return out
 
 
