@@ -91,7 +91,8 @@ class Lane:
         try:
             # Wait for the reserved turn, then also for the spacing since the last real send:
             # an event loop that stalled must not release a burst when it wakes.
-            while (wait := max(turn, self._last_sent + self._interval) - self._clock()) > 0:
+            # A timed wait, not a poll: each pass sleeps exactly until the next allowed send.
+            while (wait := max(turn, self._last_sent + self._interval) - self._clock()) > 0:  # noqa: ASYNC110
                 await asyncio.sleep(wait)
         except BaseException:
             self.release(slot, None)
