@@ -175,15 +175,19 @@ class Pipeline:
 
     async def _process(self, message: AbstractIncomingMessage) -> _Verdict:
         now = self._clock()
-        headers: dict[str, Any] = dict(message.headers or {})
-        delivery = Delivery.from_headers(headers, now)
-        if delivery is None:
-            headers[H_ROUTING_KEY] = message.routing_key or ""
-        carry = {k: headers[k] for k in (H_PUBLISHED_AT, H_ROUTING_KEY) if k in headers}
-        if H_PUBLISHED_AT not in carry and message.timestamp is not None and delivery is None:
-            stamp = published_at(headers, message.timestamp)
-            if stamp is not None:
-                carry[H_PUBLISHED_AT] = int(stamp * 1000)
+        headers = message.headers or {}
+        # Our own headers are trusted only on messages that came back through our own delay
+        # tiers or a replay; on anything published to the events exchange they are ignored,
+        # so a publisher cannot narrow an event to one subscriber.
+        internal = self._is_internal(message.exchange)
+        delivery = Delivery.from_headers(headers, now) if internal else None
+        carry: dict[str, Any] = {}
+        stamp = published_at(headers, message.timestamp)
+        if stamp is not None:
+            carry[H_PUBLISHED_AT] = int(stamp * 1000)
+        routing_key = headers.get(H_ROUTING_KEY) if internal else message.routing_key
+        if isinstance(routing_key, str):
+            carry[H_ROUTING_KEY] = routing_key[:255]
 
         try:
             event = parse_event(
@@ -223,6 +227,12 @@ class Pipeline:
         elif work:
             await asyncio.gather(*(self._deliver(event, s, d, carry) for s, d in work))
         return _Verdict.ACK
+
+    def _is_internal(self, exchange: str | None) -> bool:
+        queue = self.config.broker.queue
+        return bool(exchange) and (
+            exchange == f"{queue}.retry.due" or str(exchange).startswith(f"{queue}.delay.")
+        )
 
     # --- one delivery ------------------------------------------------------------------------
 

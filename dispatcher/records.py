@@ -8,6 +8,7 @@ letter carries the record that ``dispatcher dlq`` shows.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -77,14 +78,25 @@ def published_at(headers: Mapping[str, Any], timestamp: dt.datetime | None) -> f
     value = headers.get(H_PUBLISHED_AT)
     if value is not None and not isinstance(value, bool):
         try:
-            return float(value) / 1000.0
-        except (TypeError, ValueError):
-            pass
-    if timestamp is not None:
+            seconds = float(value) / 1000.0
+        except (TypeError, ValueError, OverflowError):
+            seconds = math.nan
+        if _plausible(seconds):
+            return seconds
+    if isinstance(timestamp, dt.datetime):
         if timestamp.tzinfo is None:
             timestamp = timestamp.replace(tzinfo=dt.UTC)
-        return timestamp.timestamp()
+        try:
+            seconds = timestamp.timestamp()
+        except (OverflowError, OSError, ValueError):
+            return None
+        return seconds if _plausible(seconds) else None
     return None
+
+
+def _plausible(seconds: float) -> bool:
+    """A publish time between 2000 and 2200: anything else is garbage, not a timestamp."""
+    return math.isfinite(seconds) and 946684800.0 <= seconds <= 7258118400.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -267,3 +267,22 @@ async def test_a_message_that_breaks_the_pipeline_twice_is_dead_lettered(make, r
         assert await wait_until(lambda: rec.count == 1)
     assert letter.record.reason == "dispatch_error: RuntimeError: a bug"
     assert letter.record.event_id == "poison" and rec.ids() == ["fine"]
+
+
+async def test_dispatch_headers_on_a_published_event_are_ignored(make, receivers) -> None:
+    """A publisher cannot narrow an event to one subscriber or fake its attempt count."""
+    one = receivers.add("one")
+    two = receivers.add("two")
+    cfg = make([{"id": "one", "url": one.url}, {"id": "two", "url": two.url}])
+    forged = {
+        "x-dispatch-subscriber": "one",
+        "x-dispatch-attempt": 99,
+        "x-published-at": "not-a-number",
+        "x-dispatch-first-attempt": -5,
+    }
+    async with running(cfg), Publisher(cfg) as pub:
+        await pub.publish(event_body(event_id="forged"), headers=forged)
+        assert await wait_until(lambda: one.count == 1 and two.count == 1)
+        await settle()
+    assert one.ids() == ["forged"] and two.ids() == ["forged"]
+    assert await dead_letters(cfg) == []
