@@ -13,7 +13,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
-from multidict import CIMultiDict
 
 from dispatcher import __version__
 from dispatcher.retry_policy import Outcome, OutcomeKind
@@ -55,6 +54,7 @@ class HttpSender:
         self._resolver = resolver
         self._max_response_bytes = max_response_bytes
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def __aenter__(self) -> HttpSender:
         connector = aiohttp.TCPConnector(
@@ -89,9 +89,9 @@ class HttpSender:
             async with self._session.post(
                 url,
                 data=body,
-                headers=CIMultiDict(headers),
+                headers=headers,
                 allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=timeout),
+                timeout=self._timeout(timeout),
             ) as resp:
                 snippet = await self._read_capped(resp)
                 return _classify(resp.status, resp.headers, snippet)
@@ -119,6 +119,12 @@ class HttpSender:
             return Outcome(
                 OutcomeKind.FAILED, error=f"connection: {_one_line(str(exc)) or type(exc).__name__}"
             )
+
+    def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
+        found = self._timeouts.get(seconds)
+        if found is None:
+            found = self._timeouts[seconds] = aiohttp.ClientTimeout(total=seconds)
+        return found
 
     async def _read_capped(self, resp: aiohttp.ClientResponse) -> str:
         """Up to the cap of the body, for the dead-letter record; the rest is discarded."""

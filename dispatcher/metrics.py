@@ -74,6 +74,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         reg = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.registry = reg
+        self._per_subscriber: dict[str, SubscriberMetrics] = {}
         # --- counters -------------------------------------------------------------------------
         self.events = Counter(
             "dispatcher_events_total",
@@ -172,6 +173,13 @@ class Metrics:
             multiprocess_mode="livesum",
         )
 
+    def for_subscriber(self, sub_id: str) -> SubscriberMetrics:
+        """One subscriber's labelled children, resolved once (labels() is not free)."""
+        found = self._per_subscriber.get(sub_id)
+        if found is None:
+            found = self._per_subscriber[sub_id] = SubscriberMetrics(self, sub_id)
+        return found
+
     def init_subscribers(self, ids: Iterable[str]) -> None:
         """Create each subscriber's series at zero, so rates and alerts see them from the start."""
         for sub in ids:
@@ -179,6 +187,34 @@ class Metrics:
                 self.deliveries.labels(sub, outcome)
             self.in_flight.labels(sub).set(0)
             self.breaker_state.labels(sub).set(0)
+
+
+class SubscriberMetrics:
+    """The hot-path children of one subscriber's series."""
+
+    __slots__ = (
+        "_attempts",
+        "_metrics",
+        "_sub",
+        "delivered",
+        "end_to_end",
+        "in_flight",
+        "request_time",
+    )
+
+    def __init__(self, metrics: Metrics, sub_id: str) -> None:
+        self._metrics, self._sub = metrics, sub_id
+        self.in_flight = metrics.in_flight.labels(sub_id)
+        self.request_time = metrics.request_time.labels(sub_id)
+        self.end_to_end = metrics.end_to_end.labels(sub_id)
+        self.delivered = metrics.deliveries.labels(sub_id, "delivered")
+        self._attempts: dict[str, Counter] = {}
+
+    def attempt(self, outcome: str) -> Counter:
+        child = self._attempts.get(outcome)
+        if child is None:
+            child = self._attempts[outcome] = self._metrics.attempts.labels(self._sub, outcome)
+        return child
 
 
 def render_metrics(metrics: Metrics | None, *extra: Collector) -> bytes:

@@ -239,37 +239,39 @@ class Pipeline:
     async def _deliver(
         self, event: Event, sub: SubscriberConfig, delivery: Delivery, carry: dict[str, Any]
     ) -> None:
+        lane = self._lanes.lane(sub)
+        slot = await lane.acquire()
+        if isinstance(slot, Admitted):
+            outcome = await self._attempt(event, sub, delivery, lane_release=(lane, slot))
+        else:
+            wait = defer_delay(
+                slot.why,
+                slot.delay,
+                delivery.deferrals,
+                self.config.retry.overflow_delay,
+                self._rng,
+            )
+            outcome = Outcome(OutcomeKind.DEFERRED, error=slot.why, defer_for=wait)
+        now = self._clock()
+        decision = decide(
+            attempt=delivery.attempt,
+            outcome=outcome,
+            first_attempt_at=delivery.first_attempt_at,
+            now=now,
+            policy=self.config.retry,
+            rng=self._rng,
+        )
+        if isinstance(decision, Delivered):
+            m = self._metrics.for_subscriber(sub.id)
+            stamp = carry.get(H_PUBLISHED_AT)
+            if stamp is not None:
+                m.end_to_end.observe(max(0.0, now - stamp / 1000))
+            m.delivered.inc()
+            return
+        # Only the paths that log pay for binding the delivery's context.
         with structlog.contextvars.bound_contextvars(
             event_id=event.id, subscriber=sub.id, attempt=delivery.attempt
         ):
-            lane = self._lanes.lane(sub)
-            slot = await lane.acquire()
-            if isinstance(slot, Admitted):
-                outcome = await self._attempt(event, sub, delivery, lane_release=(lane, slot))
-            else:
-                wait = defer_delay(
-                    slot.why,
-                    slot.delay,
-                    delivery.deferrals,
-                    self.config.retry.overflow_delay,
-                    self._rng,
-                )
-                outcome = Outcome(OutcomeKind.DEFERRED, error=slot.why, defer_for=wait)
-            now = self._clock()
-            decision = decide(
-                attempt=delivery.attempt,
-                outcome=outcome,
-                first_attempt_at=delivery.first_attempt_at,
-                now=now,
-                policy=self.config.retry,
-                rng=self._rng,
-            )
-            if isinstance(decision, Delivered):
-                stamp = carry.get(H_PUBLISHED_AT)
-                if stamp is not None:
-                    self._metrics.end_to_end.labels(sub.id).observe(max(0.0, now - stamp / 1000))
-                self._metrics.deliveries.labels(sub.id, "delivered").inc()
-                return
             await self._settle(event, sub, delivery, decision, carry, outcome)
 
     async def _attempt(
@@ -281,14 +283,15 @@ class Pipeline:
     ) -> Outcome:
         lane, slot = lane_release
         verdict: bool | None = None
-        in_flight = self._metrics.in_flight.labels(sub.id)
+        m = self._metrics.for_subscriber(sub.id)
+        in_flight = m.in_flight
         in_flight.inc()
         try:
             headers = self._request_headers(event, sub)
             started = time.perf_counter()
             outcome = await self._sender.post(sub.url, event.body, headers, sub.timeout)
-            self._metrics.request_time.labels(sub.id).observe(time.perf_counter() - started)
-            self._metrics.attempts.labels(sub.id, outcome.label).inc()
+            m.request_time.observe(time.perf_counter() - started)
+            m.attempt(outcome.label).inc()
             verdict = _breaker_verdict(outcome)
             return outcome
         finally:
