@@ -21,6 +21,7 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from dispatcher.config import Config
+from dispatcher.events import derive_event_id
 from dispatcher.records import DeadLetterRecord, Delivery
 
 __all__ = ["DeadLetter", "DeadLetterTool"]
@@ -158,7 +159,7 @@ class DeadLetterTool:
         return aio_pika.Message(
             dl.body,
             headers=headers,
-            message_id=dl.record.event_id,
+            message_id=dl.record.event_id or derive_event_id(dl.body),
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             timestamp=time.time(),

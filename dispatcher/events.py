@@ -98,7 +98,7 @@ def parse_event(
         raise InvalidEvent('"data.recipient" is missing or not an email address')
     if event_type == "Message.Bounced":
         bounce_type = data.get("bounce_type")
-        if bounce_type not in BOUNCE_TYPES:
+        if not isinstance(bounce_type, str) or bounce_type not in BOUNCE_TYPES:
             raise InvalidEvent(
                 '"data.bounce_type" must be one of HardBounce, SoftBounce, Blocked, Undetermined'
             )

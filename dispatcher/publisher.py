@@ -11,6 +11,7 @@ import aio_pika
 import orjson
 
 from dispatcher.config import Config
+from dispatcher.events import derive_event_id
 from dispatcher.records import H_PUBLISHED_AT
 
 __all__ = ["PublishError", "event_message", "publish_events", "read_events"]
@@ -61,7 +62,9 @@ def event_message(
     event_id = doc.get("id")
     message = aio_pika.Message(
         body,
-        message_id=event_id if isinstance(event_id, str) else None,
+        # Without an id of its own, the id derived from the body: publishing the same body
+        # twice must give the same event id (aiormq would otherwise invent a random one).
+        message_id=event_id if isinstance(event_id, str) else derive_event_id(body),
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         headers={H_PUBLISHED_AT: int(time.time() * 1000)},

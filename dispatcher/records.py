@@ -18,6 +18,7 @@ __all__ = [
     "H_DEAD_AT",
     "H_DEAD_ID",
     "H_DEFERRALS",
+    "H_EVENT_ID",
     "H_EVENT_TYPE",
     "H_FIRST_ATTEMPT",
     "H_LAST_ERROR",
@@ -41,6 +42,7 @@ H_LAST_ERROR = "x-dispatch-last-error"
 H_EVENT_TYPE = "x-dispatch-event"
 H_ROUTING_KEY = "x-dispatch-routing-key"  # the routing key the event was published with
 H_PUBLISHED_AT = "x-published-at"  # unix ms when the delivery node published (optional)
+H_EVENT_ID = "x-dispatch-event-id"  # the event id, on dead letters (absent when unknown)
 H_REASON = "x-dead-reason"
 H_DEAD_ID = "x-dead-id"
 H_DEAD_AT = "x-dead-lettered-at"
@@ -163,9 +165,13 @@ class DeadLetterRecord:
             reason = _broker_reason(headers)
         attempt = _int(headers.get(H_ATTEMPT), 0)
         status = _int(headers.get(H_LAST_STATUS), 0)
+        ours = H_DEAD_ID in headers
+        # AMQP message ids are always set by aiormq, invented if need be: on our own dead
+        # letters the event id is our header, present only when the event had one.
+        event_id = _str(headers.get(H_EVENT_ID)) if ours else message_id
         return cls(
             id=_str(headers.get(H_DEAD_ID)) or fallback_id,
-            event_id=message_id,
+            event_id=event_id,
             event=_str(headers.get(H_EVENT_TYPE)),
             subscriber=_str(headers.get(H_SUBSCRIBER)),
             attempts=attempt,

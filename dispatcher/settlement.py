@@ -18,6 +18,7 @@ from dispatcher.config import BrokerConfig
 from dispatcher.records import (
     H_DEAD_AT,
     H_DEAD_ID,
+    H_EVENT_ID,
     H_EVENT_TYPE,
     H_PUBLISHED_AT,
     H_REASON,
@@ -76,6 +77,8 @@ class Settlement:
         if delivery is not None:
             headers.update(delivery.headers())
         headers.update({H_REASON: reason[:500], H_DEAD_ID: dead_id, H_DEAD_AT: iso_now()})
+        if event_id:
+            headers[H_EVENT_ID] = event_id
         if event_type:
             headers[H_EVENT_TYPE] = event_type
         exchange = await self._exchange(f"{self._cfg.queue}.dead")
