@@ -1,0 +1,281 @@
+"""The processes a load test starts: receivers, the dispatcher (or the baseline), and their control.
+
+Each is a child process of the runner, started with the same interpreter from the repository root,
+stopped with SIGTERM (then SIGKILL after a deadline) by its own pid, never by name. The
+dispatcher gets a generated TOML config (unique exchange and queue, keys in a temporary
+directory, ops endpoints on a free loopback port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+import orjson
+
+__all__ = [
+    "REPO_ROOT",
+    "Child",
+    "DispatcherProcess",
+    "ReceiversProcess",
+    "free_port",
+    "start_baseline",
+    "to_toml",
+]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+GC_PROBE = Path(__file__).resolve().parent / "gcprobe"
+
+
+def _env(source: Path = REPO_ROOT, gc_dir: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [str(source)] + ([str(GC_PROBE)] if gc_dir is not None else [])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*paths, env.get("PYTHONPATH")]))
+    if gc_dir is not None:
+        env["LOADTEST_GC_DIR"] = str(gc_dir)
+    env.pop("DISPATCHER_CONFIG", None)
+    env.pop("DISPATCHER_BROKER_URL", None)  # the generated config names the broker
+    return env
+
+
+@dataclass
+class Child:
+    """A child process we started; stopped by its pid only."""
+
+    name: str
+    proc: asyncio.subprocess.Process
+    log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc.returncode is None
+
+    async def stop(self, grace: float = 20.0) -> int:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), grace)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.proc.wait()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+        return self.proc.returncode if self.proc.returncode is not None else -1
+
+
+def _open_log(path: Path) -> IO[bytes]:
+    return path.open("ab")  # closed by Child.stop
+
+
+async def _spawn(name: str, args: Sequence[str], log_path: Path | None,
+                 stdout: int | None = None, source: Path = REPO_ROOT,
+                 gc_dir: Path | None = None) -> Child:
+    """Start ``python <args>`` in ``source`` (``-m`` puts the working directory first on
+    sys.path, so ``source`` decides which copy of the code runs). With ``gc_dir`` the child
+    records its garbage-collector pauses there (see gcstats.py)."""
+    log = _open_log(log_path) if log_path is not None else None
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *args, cwd=str(source), env=_env(source, gc_dir),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=stdout if stdout is not None else (log or asyncio.subprocess.DEVNULL),
+        stderr=log or asyncio.subprocess.DEVNULL)
+    return Child(name, proc, log)
+
+
+async def _first_line(child: Child, wait: float) -> dict[str, Any]:
+    assert child.proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(child.proc.stdout.readline(), wait)
+    except TimeoutError:
+        line = b""
+    if not line:
+        await child.stop(2)
+        raise RuntimeError(f"{child.name} did not start (see its log)")
+    return dict(orjson.loads(line))
+
+
+# --- receivers ------------------------------------------------------------------------------
+
+
+class ReceiversProcess:
+    """``python -m loadtest.receivers`` and a client for its control API."""
+
+    def __init__(self, child: Child, control: int, urls: list[str]) -> None:
+        self.child = child
+        self.urls = urls
+        self._base = f"http://127.0.0.1:{control}/control"
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
+
+    @classmethod
+    async def start(cls, endpoints: int, log_path: Path, seed: int = 7) -> ReceiversProcess:
+        child = await _spawn("receivers", ["-m", "loadtest.receivers", "--endpoints",
+                                           str(endpoints), "--seed", str(seed)],
+                             log_path, stdout=asyncio.subprocess.PIPE)
+        hello = await _first_line(child, 30)
+        return cls(child, int(hello["control"]), list(hello["endpoints"]))
+
+    async def _post(self, path: str, doc: Mapping[str, Any]) -> None:
+        async with self._session.post(f"{self._base}/{path}", data=orjson.dumps(doc)) as r:
+            r.raise_for_status()
+
+    async def phase(self, *, verify: bool, jwks_url: str | None, issuer: str | None,
+                    behaviours: Sequence[Mapping[str, Any]]) -> None:
+        await self._post("phase", {"verify": verify, "jwks_url": jwks_url, "issuer": issuer,
+                                   "behaviours": list(behaviours)})
+
+    async def behaviour(self, index: int, behaviour: Mapping[str, Any]) -> None:
+        await self._post("behaviour", {"index": index, "behaviour": dict(behaviour)})
+
+    async def stats(self) -> list[dict[str, Any]]:
+        async with self._session.get(f"{self._base}/stats") as r:
+            return list(orjson.loads(await r.read()))
+
+    async def records(self) -> dict[str, Any]:
+        """``{"endpoints": [per endpoint records], "gc": pauses since the phase began}``."""
+        async with self._session.get(f"{self._base}/records") as r:
+            return dict(orjson.loads(await r.read()))
+
+    async def close(self) -> None:
+        await self._session.close()
+        await self.child.stop(10)
+
+
+# --- the dispatcher -------------------------------------------------------------------------
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string for anything we write
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(doc: Mapping[str, Any]) -> str:
+    """The small subset of TOML a dispatcher config needs: scalars, tables, arrays of tables."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in doc.items()
+             if not isinstance(v, Mapping) and not _is_table_array(v)]
+    for key, value in doc.items():
+        if isinstance(value, Mapping):
+            lines += ["", f"[{key}]"] + [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+    for key, value in doc.items():
+        if _is_table_array(value):
+            for table in value:
+                lines += ["", f"[[{key}]]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _is_table_array(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, Mapping) for v in value)
+
+
+class DispatcherProcess:
+    """``python -m dispatcher --config <generated> run --workers N``."""
+
+    def __init__(self, child: Child, http_port: int) -> None:
+        self.child = child
+        self.http_port = http_port
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+
+    @classmethod
+    async def start(cls, config_path: Path, http_port: int, workers: int, log_path: Path,
+                    ready_timeout: float = 60.0, source: Path | None = None,
+                    gc_dir: Path | None = None) -> DispatcherProcess:
+        """``source``: another checkout to run the dispatcher from (A/B runs); default this one."""
+        child = await _spawn("dispatcher", ["-m", "dispatcher", "--config", str(config_path),
+                                            "run", "--workers", str(workers)], log_path,
+                             source=source or REPO_ROOT, gc_dir=gc_dir)
+        self = cls(child, http_port)
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if not child.running:
+                await self.close()
+                raise RuntimeError(f"dispatcher exited with {child.proc.returncode} "
+                                   f"(see {log_path})")
+            if await self.ready():
+                return self
+            await asyncio.sleep(0.1)
+        await self.close()
+        raise RuntimeError(f"dispatcher not ready within {ready_timeout:g}s (see {log_path})")
+
+    async def ready(self) -> bool:
+        try:
+            async with self._session.get(f"http://127.0.0.1:{self.http_port}/readyz") as r:
+                return r.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def counters(self, prefixes: Sequence[str] = (
+        "dispatcher_events_total", "dispatcher_attempts_total", "dispatcher_deliveries_total",
+        "dispatcher_retries_scheduled_total", "dispatcher_dead_letters_total",
+    )) -> dict[str, float]:
+        """The dispatcher's own counters (Prometheus text), for the phase report."""
+        try:
+            async with self._session.get(f"http://127.0.0.1:{self.http_port}/metrics") as r:
+                text = await r.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return {}
+        out = {}
+        for line in text.splitlines():
+            if line.startswith(tuple(prefixes)):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    async def held(self) -> float | None:
+        """Messages the dispatcher holds unacknowledged (its prefetch_in_use gauge)."""
+        try:
+            async with self._session.get(f"http://127.0.0.1:{self.http_port}/metrics") as r:
+                text = await r.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+        for line in text.splitlines():
+            if line.startswith("dispatcher_prefetch_in_use"):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    async def close(self, grace: float = 30.0) -> int:
+        await self._session.close()
+        return await self.child.stop(grace)
+
+
+async def start_baseline(broker_url: str, queue: str, prefetch: int, targets: Sequence[str],
+                         log_path: Path, gc_dir: Path | None = None) -> Child:
+    args = ["-m", "loadtest.baseline", "--broker-url", broker_url, "--queue", queue,
+            "--prefetch", str(prefetch)]
+    for url in targets:
+        args += ["--target", url]
+    child = await _spawn("baseline", args, log_path, stdout=asyncio.subprocess.PIPE,
+                         gc_dir=gc_dir)
+    await _first_line(child, 30)
+    return child

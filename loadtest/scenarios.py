@@ -1,0 +1,371 @@
+"""The scenarios: which phases a run is made of, and the targets its figures are checked against.
+
+Ratios are measured inside one run, phases alternating where noise matters (``--rounds``), so a
+busy machine slows both sides alike. Each scenario returns its phases and its `Check`s; a check
+with ``ok=None`` is informational.
+
+    custom   one dispatcher phase with the given options (plus the baseline with --baseline)
+    compare  bare pipeline vs dispatcher, one subscriber, backlog drained, alternating rounds
+    fanout3  dispatcher with three subscribers per event vs one, alternating rounds
+    latency  maximum live rate first, then publish-to-receipt latency at half of it
+    backlog  100k events published first, then the dispatcher started: peak memory and drain
+    soak     a steady rate for 10 minutes, memory sampled every second
+    hol      three subscribers, one hanging until its timeout, vs all three healthy
+    ab       a dispatcher checkout (--reference PATH, default this one) vs another
+             (--candidate PATH), alternating: before/after figures for a change
+    all      compare, fanout3, latency, backlog, hol and soak in one run (about 25 minutes)
+    smoke    a few hundred events through baseline and dispatcher with retries, gone endpoints
+             and invalid events: every check, in well under a minute
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from loadtest.runner import BASELINE, DISPATCHER, PhaseResult, PhaseSpec, Run
+
+__all__ = ["SCENARIOS", "Check", "ScenarioOptions", "ScenarioResult"]
+
+
+@dataclass(frozen=True)
+class ScenarioOptions:
+    """Command-line overrides; None means the scenario's own default."""
+
+    events: int | None = None
+    rate: float | None = None
+    duration: float | None = None
+    subscribers: int | None = None
+    baseline: bool | None = None
+    workers: int = 1
+    verify: bool | None = None
+    rounds: int | None = None
+    profile: bool = False
+    hang_timeout: str = "10s"
+    candidate: str | None = None  # another checkout of the project, for the ab scenario
+    reference: str | None = None  # the "before" checkout of the ab scenario (default: this one)
+
+
+@dataclass
+class Check:
+    name: str
+    target: str
+    value: float | None
+    ok: bool | None
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "target": self.target,
+                "value": None if self.value is None else round(self.value, 4),
+                "ok": self.ok, "detail": self.detail}
+
+
+@dataclass
+class ScenarioResult:
+    phases: list[PhaseResult] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _pick(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+def _integrity(result: ScenarioResult) -> None:
+    """Every scenario: nothing lost, every token verified, every phase settled."""
+    for p in result.phases:
+        acc = p.accounting
+        result.checks.append(Check(
+            f"{p.spec.name}: every event accounted for", "lost == 0", acc.lost, acc.lost == 0,
+            f"{acc.published} published ({acc.invalid_published} invalid), "
+            f"{acc.expected_deliveries} deliveries owed: {acc.delivered} delivered, "
+            f"{acc.dead_lettered} dead-lettered, {acc.pending} still pending in the broker, "
+            f"{acc.duplicates} duplicates, "
+            f"{acc.unexpected} unexpected"))
+        if not p.settled:
+            result.checks.append(Check(
+                f"{p.spec.name}: settled before the deadline", "pending == 0", acc.pending,
+                False, "; ".join(p.notes)))
+        if p.spec.consumer == DISPATCHER and p.spec.verify:
+            bad = sum(s["verify_failures"] for s in p.per_subscriber.values())
+            result.checks.append(Check(f"{p.spec.name}: every token verifies",
+                                       "verify failures == 0", bad, bad == 0))
+
+
+async def custom(run: Run, o: ScenarioOptions) -> ScenarioResult:
+    res = ScenarioResult()
+    subs = _pick(o.subscribers, 1)
+    spec = PhaseSpec("dispatcher", events=_pick(o.events, 20_000), subscribers=subs,
+                     rate=o.rate, duration=o.duration, workers=o.workers,
+                     verify=_pick(o.verify, True), profile=o.profile)
+    if o.baseline:
+        base = await run.phase(replace(spec, name="baseline", consumer=BASELINE, profile=False))
+        res.phases.append(base)
+    disp = await run.phase(spec)
+    res.phases.append(disp)
+    if o.baseline:
+        r = _ratio(disp.deliveries_per_s, res.phases[0].deliveries_per_s)
+        res.checks.append(Check("dispatcher / baseline deliveries/s", ">= 0.8 (aim 1.0)", r,
+                                r >= 0.8))
+    _integrity(res)
+    return res
+
+
+async def compare(run: Run, o: ScenarioOptions) -> ScenarioResult:
+    res = ScenarioResult()
+    rounds = _pick(o.rounds, 3)
+    spec = PhaseSpec("x", events=_pick(o.events, 20_000), subscribers=1, preload=True,
+                     workers=o.workers, verify=_pick(o.verify, False))
+    base: list[float] = []
+    disp: list[float] = []
+    for i in range(1, rounds + 1):
+        b = await run.phase(replace(spec, name=f"baseline-{i}", consumer=BASELINE,
+                                    profile=o.profile and i == 1))
+        d = await run.phase(replace(spec, name=f"dispatcher-{i}", profile=o.profile and i == 1))
+        res.phases += [b, d]
+        base.append(b.deliveries_per_s)
+        disp.append(d.deliveries_per_s)
+    per_round = [_ratio(d, b) for d, b in zip(disp, base, strict=True)]
+    ratio = _ratio(statistics.median(disp), statistics.median(base))
+    res.summary = {"baseline_deliveries_per_s": base, "dispatcher_deliveries_per_s": disp,
+                   "ratio_per_round": [round(r, 3) for r in per_round],
+                   "ratio_of_medians": round(ratio, 3)}
+    res.checks.append(Check("dispatcher / bare pipeline, 1 subscriber (median of rounds)",
+                            ">= 0.8 (aim 1.0)", ratio, ratio >= 0.8,
+                            f"rounds: {', '.join(f'{r:.3f}' for r in per_round)}"))
+    cpu_b = statistics.median(p.process["cpu_ms_per_1k_deliveries"] or 0
+                              for p in res.phases if p.spec.consumer == BASELINE)
+    cpu_d = statistics.median(p.process["cpu_ms_per_1k_deliveries"] or 0
+                              for p in res.phases if p.spec.consumer == DISPATCHER)
+    res.checks.append(Check("CPU per delivery, dispatcher / bare pipeline", "informational",
+                            _ratio(cpu_d, cpu_b), None,
+                            f"{cpu_d:.0f} vs {cpu_b:.0f} CPU ms per 1k deliveries"))
+    _integrity(res)
+    return res
+
+
+async def fanout3(run: Run, o: ScenarioOptions) -> ScenarioResult:
+    res = ScenarioResult()
+    rounds = _pick(o.rounds, 2)
+    spec = PhaseSpec("x", events=_pick(o.events, 15_000), preload=True, workers=o.workers,
+                     verify=_pick(o.verify, True))
+    one: list[float] = []
+    three: list[float] = []
+    for i in range(1, rounds + 1):
+        a = await run.phase(replace(spec, name=f"1-subscriber-{i}", subscribers=1))
+        b = await run.phase(replace(spec, name=f"3-subscribers-{i}", subscribers=3,
+                                    profile=o.profile and i == 1))
+        res.phases += [a, b]
+        one.append(a.deliveries_per_s)
+        three.append(b.deliveries_per_s)
+    if o.baseline:
+        res.phases.append(await run.phase(replace(spec, name="baseline-3-subscribers",
+                                                  consumer=BASELINE, subscribers=3)))
+    ratio = _ratio(statistics.median(three), statistics.median(one))
+    res.summary = {"one_subscriber_deliveries_per_s": one,
+                   "three_subscribers_deliveries_per_s": three,
+                   "ratio_of_medians": round(ratio, 3)}
+    res.checks.append(Check("3 subscribers / 1 subscriber deliveries/s (median of rounds)",
+                            ">= 0.8", ratio, ratio >= 0.8,
+                            f"{statistics.median(three):.0f} vs {statistics.median(one):.0f}/s"))
+    _integrity(res)
+    return res
+
+
+async def latency(run: Run, o: ScenarioOptions) -> ScenarioResult:
+    res = ScenarioResult()
+    verify = _pick(o.verify, True)
+    top = await run.phase(PhaseSpec("max-rate", events=_pick(o.events, 20_000),
+                                    workers=o.workers, verify=verify))
+    max_rate = top.deliveries_per_s  # one subscriber: deliveries/s == events/s
+    rate = _pick(o.rate, round(max_rate / 2))
+    half = await run.phase(PhaseSpec("half-rate", rate=rate, duration=_pick(o.duration, 60),
+                                     workers=o.workers, verify=verify, profile=o.profile))
+    res.phases += [top, half]
+    lat = half.latency_ms
+    res.summary = {"max_rate": round(max_rate, 1), "half_rate": rate, "latency_ms": lat}
+    res.checks.append(Check(f"p50 publish-to-receipt at {rate:g}/s (max {max_rate:.0f}/s)",
+                            "< 5 ms", lat["p50"], lat["p50"] is not None and lat["p50"] < 5))
+    res.checks.append(Check(f"p99 publish-to-receipt at {rate:g}/s", "< 25 ms", lat["p99"],
+                            lat["p99"] is not None and lat["p99"] < 25))
+    _integrity(res)
+    return res
+
+
+async def backlog(run: Run, o: ScenarioOptions) -> ScenarioResult:
+    res = ScenarioResult()
+    p = await run.phase(PhaseSpec("backlog", events=_pick(o.events, 100_000), preload=True,
+                                  workers=o.workers, verify=_pick(o.verify, True),
+                                  profile=o.profile, settle_timeout=600))
+    res.phases.append(p)
+    peak = p.process["peak_rss_mib"]
+    drain = p.throughput["window_s"]
+    res.summary = {"peak_rss_mib": peak, "drain_seconds": drain,
+                   "drain_deliveries_per_s": p.deliveries_per_s}
+    res.checks.append(Check(f"peak RSS draining a {p.accounting.published}-event backlog",
+                            "< 150 MiB", peak, peak < 150,
+                            f"drained in {drain:.1f}s at {p.deliveries_per_s:.0f}/s"))
+    _integrity(res)
+    return res
+
+
+def rss_growth(phase: PhaseResult, warmup: float = 60.0) -> dict[str, float]:
+    """RSS growth after warm-up: last minute vs the minute after warm-up, and the trend."""
+    pts = [(t, r) for t, r in phase.rss_timeline if t >= warmup]
+    if len(pts) < 4:
+        return {"growth_mib": 0.0, "slope_mib_per_10min": 0.0, "samples": len(pts)}
+    t = np.array([x for x, _ in pts])
+    r = np.array([y for _, y in pts])
+    end = t.max()
+    early = r[t <= warmup + 60]
+    late = r[t >= end - 60]
+    slope = float(np.polyfit(t, r, 1)[0]) * 600
+    return {"growth_mib": round(float(np.median(late) - np.median(early)), 2),
+            "slope_mib_per_10min": round(slope, 2), "samples": len(pts),
+            "rss_after_warmup_mib": round(float(np.median(early)), 1),
+            "rss_at_end_mib": round(float(np.median(late)), 1)}
+
+
+async def soak(run: Run, o: ScenarioOptions) -> ScenarioResult:
+    res = ScenarioResult()
+    duration = _pick(o.duration, 600)
+    p = await run.phase(PhaseSpec("soak", rate=_pick(o.rate, 500), duration=duration,
+                                  workers=o.workers, verify=_pick(o.verify, True),
+                                  sample_interval=1.0, profile=o.profile))
+    res.phases.append(p)
+    warmup = min(60.0, duration / 5)
+    g = rss_growth(p, warmup)
+    res.summary = {"rss": g, "latency_ms": p.latency_ms}
+    res.checks.append(Check(f"RSS growth over {duration:g}s at {p.spec.rate:g}/s "
+                            f"(after {warmup:g}s warm-up)", "<= 3 MiB", g["growth_mib"],
+                            g["growth_mib"] <= 3.0,
+                            f"trend {g['slope_mib_per_10min']} MiB per 10 min"))
+    _integrity(res)
+    return res
+
+
+async def hol(run: Run, o: ScenarioOptions) -> ScenarioResult:
+    res = ScenarioResult()
+    spec = PhaseSpec("x", events=_pick(o.events, 30_000), subscribers=3, preload=True,
+                     workers=o.workers, verify=_pick(o.verify, True), focus=(0, 1),
+                     sub_timeout=o.hang_timeout, settle_timeout=600)
+    healthy = await run.phase(replace(spec, name="all-healthy"))
+    hung = await run.phase(replace(spec, name="one-hanging", behaviours=({}, {}, {"hang": True}),
+                                   heal=(2,), profile=o.profile))
+    res.phases += [healthy, hung]
+    ratio = _ratio(hung.focus_per_s, healthy.focus_per_s)
+    res.summary = {"healthy_two_deliveries_per_s": healthy.focus_per_s,
+                   "with_one_hanging_deliveries_per_s": hung.focus_per_s,
+                   "ratio": round(ratio, 3)}
+    res.checks.append(Check(
+        f"two healthy subscribers' deliveries/s with the third hanging ({o.hang_timeout} "
+        "timeout) / all healthy", ">= 0.8", ratio, ratio >= 0.8,
+        f"{hung.focus_per_s:.0f} vs {healthy.focus_per_s:.0f}/s"))
+    _integrity(res)
+    return res
+
+
+async def smoke(run: Run, o: ScenarioOptions) -> ScenarioResult:
+    res = ScenarioResult()
+    events = _pick(o.events, 400)
+    patterns = (("*",), ("Message.Bounced", "Message.Complained", "Message.Delivered"))
+    base = await run.phase(PhaseSpec("baseline", consumer=BASELINE, events=events, rate=400,
+                                     subscribers=2, patterns=(("*",), ("*",)), verify=False,
+                                     settle_timeout=30))
+    disp = await run.phase(PhaseSpec(
+        "dispatcher", events=events, rate=400, subscribers=2, patterns=patterns,
+        behaviours=({}, {"fail_fraction": 0.1, "gone_fraction": 0.03}),
+        invalid_fraction=0.02, verify=_pick(o.verify, True), workers=o.workers,
+        retry_schedule=("100ms", "200ms", "300ms", "500ms", "1s"), settle_timeout=30,
+        profile=o.profile))
+    res.phases += [base, disp]
+    acc = disp.accounting
+    res.checks.append(Check("dispatcher: dead letters accounted (gone endpoints, invalid events)",
+                            "> 0", acc.dead_lettered, acc.dead_lettered > 0,
+                            str(acc.dead_letter_reasons)))
+    r = _ratio(disp.deliveries_per_s, base.deliveries_per_s)
+    res.checks.append(Check("dispatcher / baseline deliveries/s (rate-limited: not a target)",
+                            "informational", r, None))
+    _integrity(res)
+    return res
+
+
+async def ab(run: Run, o: ScenarioOptions) -> ScenarioResult:
+    """This checkout's dispatcher (before) vs another checkout's (after), alternating."""
+    if not o.candidate:
+        raise SystemExit("the ab scenario needs --candidate PATH (a checkout with the change)")
+    res = ScenarioResult()
+    rounds = _pick(o.rounds, 3)
+    # A backlog drained (throughput), or with --rate a live run (latency, GC pauses).
+    spec = PhaseSpec("x", events=_pick(o.events, 20_000), subscribers=_pick(o.subscribers, 1),
+                     preload=not o.rate, rate=o.rate, duration=_pick(o.duration, 30) if o.rate
+                     else None, workers=o.workers, verify=_pick(o.verify, False))
+    before: list[float] = []
+    after: list[float] = []
+    for i in range(1, rounds + 1):
+        b = await run.phase(replace(spec, name=f"before-{i}", source=o.reference))
+        a = await run.phase(replace(spec, name=f"after-{i}", source=o.candidate))
+        res.phases += [b, a]
+        before.append(b.deliveries_per_s)
+        after.append(a.deliveries_per_s)
+    ratio = _ratio(statistics.median(after), statistics.median(before))
+    cpu = {k: statistics.median(p.process["cpu_ms_per_1k_deliveries"] or 0
+                                for p in res.phases if p.spec.name.startswith(k))
+           for k in ("before", "after")}
+    side = {k: [p for p in res.phases if p.spec.name.startswith(k)] for k in ("before", "after")}
+    res.summary = {"before_deliveries_per_s": before, "after_deliveries_per_s": after,
+                   "ratio_of_medians": round(ratio, 3), "cpu_ms_per_1k": cpu,
+                   "p99_ms": {k: [p.latency_ms["p99"] for p in v] for k, v in side.items()},
+                   "gc_max_pause_ms": {k: [(p.process.get("gc") or {}).get("max_pause_ms")
+                                           for p in v] for k, v in side.items()},
+                   "gc_pause_ms_total": {k: [sum((p.process.get("gc") or {}).get("pause_ms", []))
+                                             for p in v] for k, v in side.items()},
+                   "candidate": o.candidate, "reference": o.reference or "this checkout"}
+    res.checks.append(Check("after / before deliveries/s (median of rounds)", "informational",
+                            ratio, None, f"CPU ms per 1k deliveries {cpu['before']:.0f} -> "
+                            f"{cpu['after']:.0f}"))
+    _integrity(res)
+    return res
+
+
+_ALL = ("compare", "fanout3", "latency", "backlog", "hol", "soak")
+
+
+async def everything(run: Run, o: ScenarioOptions) -> ScenarioResult:
+    """Every target scenario in turn, each with its own defaults (sizes are not overridden)."""
+    res = ScenarioResult()
+    shared = ScenarioOptions(workers=o.workers, verify=o.verify, profile=o.profile,
+                             hang_timeout=o.hang_timeout)
+    for name in _ALL:
+        run.name_prefix = f"{name}."
+        try:
+            part = await SCENARIOS[name][0](run, shared)
+        finally:
+            run.name_prefix = ""
+        res.phases += part.phases
+        res.checks += [replace(c, name=f"{name}: {c.name}") for c in part.checks]
+        res.summary[name] = part.summary
+    return res
+
+
+Scenario = Callable[[Run, ScenarioOptions], Awaitable[ScenarioResult]]
+SCENARIOS: dict[str, tuple[Scenario, int]] = {  # name -> (function, receivers needed)
+    "custom": (custom, 3),
+    "compare": (compare, 1),
+    "fanout3": (fanout3, 3),
+    "latency": (latency, 1),
+    "backlog": (backlog, 1),
+    "soak": (soak, 1),
+    "hol": (hol, 3),
+    "smoke": (smoke, 2),
+    "ab": (ab, 3),
+    "all": (everything, 3),
+}
