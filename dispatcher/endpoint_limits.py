@@ -130,6 +130,7 @@ class LaneSet:
         self._prefetch = prefetch
         self._on_change = on_breaker_change
         self._lanes: dict[str, Lane] = {}
+        self._alone = False
 
     def lane(self, sub: SubscriberConfig) -> Lane:
         lane = self._lanes.get(sub.id)
@@ -142,13 +143,23 @@ class LaneSet:
         return list(self._lanes.values())
 
     def retain(self, ids: set[str]) -> None:
+        """Keep the lanes of these subscribers only, and size them for how many there are."""
         for sub_id in list(self._lanes):
             if sub_id not in ids:
                 del self._lanes[sub_id]
+        self._alone = len(ids) == 1
+        for lane in self._lanes.values():
+            lane.max_waiting = self._max_waiting(lane.sub)
+
+    def _max_waiting(self, sub: SubscriberConfig) -> int:
+        if self._alone:
+            # Nobody else to starve: the only subscriber may wait on the whole window.
+            return max(0, self._prefetch - sub.max_in_flight)
+        # One subscriber may hold at most half of the prefetch window (in flight + waiting).
+        return max(0, min(sub.max_in_flight, self._prefetch // 2 - sub.max_in_flight))
 
     def _make(self, sub: SubscriberConfig) -> Lane:
-        # One subscriber may hold at most half of the prefetch window (in flight + waiting).
-        max_waiting = max(0, min(sub.max_in_flight, self._prefetch // 2 - sub.max_in_flight))
+        max_waiting = self._max_waiting(sub)
         callback = self._on_change
 
         def changed(old: BreakerState, new: BreakerState, why: str) -> None:

@@ -80,6 +80,7 @@ class Pipeline:
         self._lanes = LaneSet(
             config.breaker, prefetch=config.broker.prefetch, on_breaker_change=self._breaker_changed
         )
+        self._lanes.retain({s.id for s in config.subscribers})
         self._tasks: set[asyncio.Task[Any]] = set()
         self.config = config
         self._routing = RoutingTable(config.subscribers)

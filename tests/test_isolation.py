@@ -131,3 +131,16 @@ async def test_response_body_is_read_only_up_to_the_cap(make, receivers) -> None
     assert letter.record.last_status == 500
     assert len(letter.record.last_error) <= 220
     await asyncio.sleep(0)
+
+
+def test_a_lone_subscriber_may_wait_on_the_whole_window() -> None:
+    from dispatcher.config import BreakerConfig, SubscriberConfig
+    from dispatcher.endpoint_limits import LaneSet
+
+    a = SubscriberConfig(id="a", url="https://a.example/h", max_in_flight=64)
+    b = SubscriberConfig(id="b", url="https://b.example/h", max_in_flight=64)
+    lanes = LaneSet(BreakerConfig(), prefetch=256)
+    lanes.retain({"a"})
+    assert lanes.lane(a).max_waiting == 192
+    lanes.retain({"a", "b"})
+    assert lanes.lane(a).max_waiting == 64 and lanes.lane(b).max_waiting == 64
