@@ -354,7 +354,6 @@ class Pipeline:
                 delivery=nxt,
                 delay=decision.delay,
                 carry=carry,
-                coarse=deferred,
             )
             self._metrics.retries.labels(delivery.subscriber, why).inc()
             log.info(

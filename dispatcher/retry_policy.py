@@ -152,10 +152,13 @@ def defer_delay(
     overflow_delay: float,
     rng: random.Random | None = None,
 ) -> float:
+    backoff = min(overflow_delay * 2 ** min(deferrals, 16), max(_DEFER_BACKOFF_CAP, overflow_delay))
     if why == "lane_full":
-        base = min(
-            overflow_delay * 2 ** min(deferrals, 16), max(_DEFER_BACKOFF_CAP, overflow_delay)
-        )
+        base = backoff
+    elif why == "breaker_open":
+        # At least the breaker's remaining cooldown, and longer for a delivery already turned
+        # away: a long outage then costs each delivery a few trips, not one per cooldown.
+        base = max(suggested, backoff)
     else:
         base = max(suggested, 0.001)
     return max(0.001, jittered(base, 0.2, rng) if why != "rate_limited" else base)

@@ -53,10 +53,9 @@ class Settlement:
         delivery: Delivery,
         delay: float,
         carry: Mapping[str, Any],
-        coarse: bool = False,
     ) -> None:
         """Park one subscriber's delivery in the delay tiers; it returns to the work queue."""
-        name, key = delay_route(self._cfg.queue, delay, coarse=coarse)
+        name, key = delay_route(self._cfg.queue, delay)
         headers = {**_carried(carry), **delivery.headers(), H_EVENT_TYPE: event_type}
         await (await self._exchange(name)).publish(
             _message(body, event_id, headers), routing_key=key, mandatory=True

@@ -46,17 +46,13 @@ def tier_queue_names(queue: str) -> list[str]:
     return [_tier_queue(queue, k) for k in range(LEVELS)]
 
 
-def delay_route(queue: str, delay_seconds: float, *, coarse: bool = False) -> tuple[str, str]:
+def delay_route(queue: str, delay_seconds: float) -> tuple[str, str]:
     """The (exchange, routing key) that delivers a message back to ``queue`` after the delay.
 
-    Each set bit of the delay in ms is one tier and one broker-internal hop. ``coarse`` rounds
-    the delay up to at most three set bits (at most a quarter longer, ~1/8 on average): for
-    deferrals, whose timing is approximate anyway, a 30 s wait then costs 1-3 hops, not 7-8.
+    Exact to the millisecond: rounding delays to fewer set bits (fewer hops) was measured to
+    quantize the jitter away and send deferred deliveries back in synchronized waves.
     """
     ms = max(1, min(round(delay_seconds * 1000), 2**LEVELS - 1))
-    if coarse and ms.bit_count() > 3:
-        keep = ms.bit_length() - 3  # the low bits to clear
-        ms = min(((ms >> keep) + 1) << keep, 2**LEVELS - 1)
     bits = format(ms, f"0{LEVELS}b")  # bit LEVELS-1 first
     top = ms.bit_length() - 1
     return _level_exchange(queue, top), ".".join(bits)

@@ -123,3 +123,5 @@ def test_defer_delay_backs_off_for_a_full_lane_and_honours_known_waits() -> None
     assert full[0] <= 1.2 and full[3] >= 6.4 and max(full) <= 72
     assert defer_delay("rate_limited", 2.5, 0, 1.0, rng) == 2.5
     assert 8 <= defer_delay("breaker_open", 10, 0, 1.0, rng) <= 12
+    # A delivery turned away before waits longer than the cooldown: few trips per outage.
+    assert defer_delay("breaker_open", 10, 5, 1.0, rng) >= 32 * 0.8
