@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--hang-timeout", default="10s", help="subscriber timeout in hol")
     run.add_argument("--candidate", type=Path,
                      help="another checkout to compare against (ab scenario)")
+    run.add_argument("--source", type=Path,
+                     help="run the dispatcher from this checkout instead of this one")
     run.add_argument("--reference", type=Path,
                      help="the 'before' checkout of the ab scenario (default: this one)")
     run.add_argument("--profile", action="store_true",
@@ -86,11 +88,13 @@ async def _run(args: argparse.Namespace, command: str) -> int:
     started = dt.datetime.now(dt.UTC)
     stamp = started.strftime("%Y%m%d-%H%M%S")
     run_opts = RunOptions(broker_url=args.broker_url, out_dir=args.out, endpoints=endpoints,
-                          keep_tmp=args.keep_tmp, quiet=args.quiet)
+                          keep_tmp=args.keep_tmp, quiet=args.quiet,
+                          source=str(args.source.resolve()) if args.source else None)
     async with Run(run_opts) as run:
         result = await fn(run, opts)
     options = {k: v for k, v in asdict(opts).items()}
-    doc = document(args.scenario, command, started.isoformat(timespec="seconds"), options, result)
+    doc = document(args.scenario, command, started.isoformat(timespec="seconds"), options, result,
+                   source=run_opts.source)
     json_path = args.json or args.out / f"{args.scenario}-{stamp}.json"
     plot_path = args.plot or args.out / f"{args.scenario}-{stamp}.png"
     write_json(doc, json_path)

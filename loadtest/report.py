@@ -47,14 +47,14 @@ def checkout() -> dict[str, Any]:
 
 
 def document(scenario: str, command: str, started_at: str, options: dict[str, Any],
-             result: ScenarioResult) -> dict[str, Any]:
+             result: ScenarioResult, source: str | None = None) -> dict[str, Any]:
     lost = sum(p.accounting.lost for p in result.phases)
     return {
         "scenario": scenario,
         "command": command,
         "started_at": started_at,
         "machine": machine(),
-        "checkout": checkout(),
+        "checkout": {"path": source} if source else checkout(),
         "options": options,
         "ok": lost == 0 and all(p.settled for p in result.phases),
         "targets_met": all(c.ok is not False for c in result.checks),
@@ -107,10 +107,11 @@ def table(doc: dict[str, Any]) -> str:
             _fmt(proc["cpu_percent"], 0), _fmt(proc["cpu_ms_per_1k_deliveries"], 0),
             _fmt(proc["peak_rss_mib"]),
         ])
+    where = doc["checkout"].get("path") or doc["checkout"].get("commit")
+    dirty = " (with uncommitted changes)" if doc["checkout"].get("uncommitted_changes") else ""
     parts = [f"scenario {doc['scenario']}: {doc['command']}",
              f"machine: {doc['machine'].get('cpus')} CPUs, {doc['machine'].get('cpu_model', '?')}; "
-             f"dispatcher at {doc['checkout']['commit']}"
-             f"{' (with uncommitted changes)' if doc['checkout']['uncommitted_changes'] else ''}",
+             f"dispatcher from {where}{dirty}",
              "", _grid(headers, rows), ""]
     sub_rows = []
     for p in phases:

@@ -58,6 +58,7 @@ class RunOptions:
     endpoints: int = 3
     keep_tmp: bool = False
     quiet: bool = False
+    source: str | None = None  # run every dispatcher phase from this checkout
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,8 @@ class Run:
         assert self.receivers is not None
         if self.name_prefix:
             spec = replace(spec, name=self.name_prefix + spec.name)
+        if spec.source is None and self.options.source:
+            spec = replace(spec, source=self.options.source)
         if spec.subscribers > len(self.receivers.urls):
             raise ValueError(f"{spec.name}: {spec.subscribers} subscribers, "
                              f"only {len(self.receivers.urls)} receivers")

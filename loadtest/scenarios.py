@@ -13,7 +13,7 @@ with ``ok=None`` is informational.
     hol      three subscribers, one hanging until its timeout, vs all three healthy
     ab       a dispatcher checkout (--reference PATH, default this one) vs another
              (--candidate PATH), alternating: before/after figures for a change
-    all      compare, fanout3, latency, backlog, hol and soak in one run (about 25 minutes)
+    all      compare, fanout3, latency, backlog, hol and soak in one run (about 30 minutes)
     smoke    a few hundred events through baseline and dispatcher with retries, gone endpoints
              and invalid events: every check, in well under a minute
 """
