@@ -24,7 +24,7 @@ from typing import Any
 
 import aio_pika
 import aiohttp
-from harness import BROKER_URL, Names
+from harness import BROKER_URL, Names, config_doc
 
 from dispatcher.config import Config, parse_config
 from dispatcher.topology import queue_depths
@@ -69,24 +69,18 @@ def chaos_doc(names: Names, keys_dir: str, subscribers: list[dict[str, Any]], *,
 
     Retries are short and unjittered and the breaker cools down fast, so faults resolve in
     seconds; ``sections`` override or extend each table."""
-    doc: dict[str, Any] = {
-        "allow_private_networks": True,
-        "broker": {"url": broker_url, "exchange": names.exchange, "queue": names.queue,
-                   "queue_type": "classic", "prefetch": 64},
-        "http": {"listen": "127.0.0.1:0"},
-        "signing": {"keys_dir": keys_dir, "token_ttl": "5m"},
-        "retry": {"schedule": ["50ms", "100ms", "200ms"], "jitter": 0.0, "max_age": "1h",
-                  "overflow_delay": "100ms"},
+    defaults: dict[str, Any] = {
+        "broker": {"url": broker_url, "prefetch": 64},
+        "retry": {"schedule": ["50ms", "100ms", "200ms"], "overflow_delay": "100ms"},
         "breaker": {"failure_threshold": 5, "cooldown": "100ms", "max_cooldown": "500ms"},
-        "dispatcher": {"drain_timeout": "10s", "log_level": "info", "log_format": "json"},
-        "subscribers": subscribers,
+        "dispatcher": {"drain_timeout": "10s", "log_level": "info"},
     }
     for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(doc.get(key), dict):
-            doc[key] = {**doc[key], **value}
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            defaults[key] = {**defaults[key], **value}
         else:
-            doc[key] = value
-    return doc
+            defaults[key] = value
+    return config_doc(names, keys_dir, subscribers, **defaults)
 
 
 def config_of(doc: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
