@@ -58,6 +58,12 @@ class CircuitBreaker:
         self.probing = True
         return None
 
+    def would_admit(self, now: float) -> bool:
+        """Would `ask` let a delivery through now? (It does not change the state.)"""
+        if self.state is BreakerState.OPEN:
+            return now >= self.open_until
+        return not (self.state is BreakerState.HALF_OPEN and self.probing)
+
     def success(self) -> None:
         if self.state is BreakerState.HALF_OPEN:
             self.cooldown = self.policy.cooldown

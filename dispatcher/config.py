@@ -104,7 +104,6 @@ class RetryConfig:
     schedule: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 10800, 21600)
     jitter: float = 0.2
     max_age: float = 86400.0
-    overflow_delay: float = 1.0
 
     @property
     def max_attempts(self) -> int:
@@ -193,7 +192,6 @@ class Config:
                 "schedule": list(self.retry.schedule),
                 "jitter": self.retry.jitter,
                 "max_age": self.retry.max_age,
-                "overflow_delay": self.retry.overflow_delay,
             },
             "breaker": {
                 "failure_threshold": self.breaker.failure_threshold,
@@ -366,10 +364,12 @@ def _retry(t: _Table) -> RetryConfig:
         schedule = tuple(parse_duration(v, f"{t.key('schedule')}[{i}]") for i, v in enumerate(raw))
     jitter = t.take("jitter", float, d.jitter)
     cfg = RetryConfig(
-        schedule=schedule,
-        jitter=jitter,
-        max_age=t.take_duration("max_age", d.max_age),
-        overflow_delay=t.take_duration("overflow_delay", d.overflow_delay),
+        schedule=schedule, jitter=jitter, max_age=t.take_duration("max_age", d.max_age)
+    )
+    _check(
+        t.take_raw("overflow_delay", None) is None,
+        t.key("overflow_delay"),
+        "no longer used (deferred deliveries wait in the subscriber's parking queue): remove it",
     )
     t.finish()
     _check(0.0 <= cfg.jitter < 1.0, t.key("jitter"), "must be between 0 and 1 (exclusive)")
@@ -380,7 +380,6 @@ def _retry(t: _Table) -> RetryConfig:
         "each delay must be more than 0 and at most 72h",
     )
     _check(cfg.max_age > 0, t.key("max_age"), "must be more than 0")
-    _check(cfg.overflow_delay > 0, t.key("overflow_delay"), "must be more than 0")
     return cfg
 
 

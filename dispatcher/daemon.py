@@ -1,7 +1,8 @@
 """The daemon's lifecycle: connect, declare, consume, and shut down in a fixed order.
 
-Start: signing keys, ops endpoints, HTTP session, broker connection, topology, consumer.
-Stop (SIGTERM/SIGINT): stop intake (cancel the consumer), drain held messages with a deadline,
+Start: signing keys, ops endpoints, HTTP session, broker connection, topology, parking
+consumers, work-queue consumer.
+Stop (SIGTERM/SIGINT): stop intake (cancel the consumers), drain held messages with a deadline,
 cancel and hand back the rest, close HTTP, the channels, the connection. SIGHUP reloads the
 subscribers; an invalid new config is refused and the old one stays.
 """
@@ -26,6 +27,7 @@ from dispatcher.config import Config, ConfigError, load_config
 from dispatcher.delivery import HttpSender
 from dispatcher.metrics import Metrics, render_metrics
 from dispatcher.ops_http import OpsServer
+from dispatcher.parking import ParkingLots, parking_prefetch
 from dispatcher.pipeline import Pipeline
 from dispatcher.settlement import Settlement
 from dispatcher.topology import declare, queue_depths
@@ -67,8 +69,10 @@ class Dispatcher:
         self._consumer: tuple[Any, str] | None = None
         self._background: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._reloads: set[asyncio.Task[None]] = set()
         self._link_up = False  # connected with channels and consumer restored (set by callbacks)
         self.pipeline: Pipeline | None = None
+        self.parking: ParkingLots | None = None
         self.ops: OpsServer | None = None
 
     # --- readiness ------------------------------------------------------------------------------
@@ -121,10 +125,18 @@ class Dispatcher:
             },
         )
         self._stack.push_async_callback(self._connection.close)
-        publish_channel = await self._connection.channel(publisher_confirms=True)
+        # Returns raise: a mandatory publish nothing routes (a missing parking queue) fails and
+        # the message is handed back, instead of being confirmed and gone.
+        publish_channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
         consume_channel = await self._connection.channel(publisher_confirms=False)
         await consume_channel.set_qos(prefetch_count=cfg.broker.prefetch)
         topology = await declare(consume_channel, cfg.broker)
+        # Parking queues are consumed on a channel of their own: their prefetch window
+        # (per consumer) never takes from the work queue's.
+        parking_channel = await self._connection.channel(publisher_confirms=False)
+        await parking_channel.set_qos(prefetch_count=parking_prefetch(cfg.broker.prefetch))
 
         self.pipeline = Pipeline(
             cfg,
@@ -133,6 +145,11 @@ class Dispatcher:
             minter=self._minter,
             metrics=self.metrics,
         )
+        self.parking = ParkingLots(
+            parking_channel, cfg.broker, handler=self.pipeline.handle, lanes=self.pipeline.lanes
+        )
+        self.pipeline.on_breaker_change = self.parking.breaker_changed
+        await self.parking.sync(s.id for s in cfg.subscribers)
         self.metrics.prefetch_limit.set(cfg.broker.prefetch)
         self.metrics.init_subscribers(s.id for s in cfg.subscribers)
         # Everything allocated so far (modules, config, keys, connections) lives as long as the
@@ -171,6 +188,9 @@ class Dispatcher:
             queue, tag = self._consumer
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(queue.cancel(tag), timeout=5)
+        if self.parking is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.parking.close(), timeout=10)
         handed_back = 0
         if self.pipeline is not None:
             log.info(
@@ -214,6 +234,14 @@ class Dispatcher:
         self.config = merged
         if self.pipeline is not None:
             self.pipeline.apply_config(merged)
+        if self.parking is not None:
+            # New subscribers' parking queues are declared in the background: a delivery parked
+            # for one before that is refused by the broker and handed back, not lost.
+            task = asyncio.get_running_loop().create_task(
+                self.parking.sync(s.id for s in merged.subscribers)
+            )
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
         self.metrics.init_subscribers(s.id for s in merged.subscribers)
         log.info("reloaded", subscribers=[s.id for s in merged.subscribers])
         return True
@@ -238,7 +266,8 @@ class Dispatcher:
         conn = self._connection
         if conn is None or not conn.connected.is_set():
             return
-        depths = await queue_depths(self._depth_channel, self.config.broker)
+        subs = [s.id for s in self.config.subscribers]
+        depths = await queue_depths(self._depth_channel, self.config.broker, subs)
         for name, value in depths.items():
             self.metrics.queue_depth.labels(name).set(value)
 

@@ -290,4 +290,4 @@ async def _delete_topology(cfg: Config) -> None:
     with contextlib.suppress(Exception):
         connection = await aio_pika.connect(cfg.broker.url)
         async with connection:
-            await delete(await connection.channel(), cfg.broker)
+            await delete(await connection.channel(), cfg.broker, [s.id for s in cfg.subscribers])

@@ -78,7 +78,7 @@ class Metrics:
         # --- counters -------------------------------------------------------------------------
         self.events = Counter(
             "dispatcher_events_total",
-            "Messages consumed from the work queue, by kind (event, retry, invalid).",
+            "Messages consumed, by kind (event, retry, parked, invalid).",
             ["kind"],
             registry=reg,
         )
@@ -98,8 +98,15 @@ class Metrics:
         )
         self.retries = Counter(
             "dispatcher_retries_scheduled_total",
-            "Deliveries parked in the retry tiers, by subscriber and why (failed, breaker_open, "
-            "lane_full, rate_limited).",
+            "Failed attempts whose retry was scheduled in the delay tiers, by subscriber "
+            "(why is always failed).",
+            ["subscriber", "why"],
+            registry=reg,
+        )
+        self.parked = Counter(
+            "dispatcher_parked_total",
+            "Deliveries parked, not attempted, in the subscriber's own parking queue, by "
+            "subscriber and why (breaker_open, lane_full, rate_limited).",
             ["subscriber", "why"],
             registry=reg,
         )
@@ -148,7 +155,7 @@ class Metrics:
         )
         self.prefetch_used = Gauge(
             "dispatcher_prefetch_in_use",
-            "Messages taken from the work queue and not yet acked or handed back.",
+            "Messages taken from the work and parking queues and not yet acked or handed back.",
             registry=reg,
             multiprocess_mode="livesum",
         )
@@ -160,8 +167,8 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "dispatcher_queue_depth",
-            "Messages ready in the work queue, the retry tiers (summed) and the dead-letter "
-            "queue, as last sampled.",
+            "Messages ready in the work queue, the retry tiers (summed), the parking queues "
+            "(summed) and the dead-letter queue, as last sampled.",
             ["queue"],
             registry=reg,
             multiprocess_mode="livemostrecent",

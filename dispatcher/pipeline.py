@@ -1,8 +1,9 @@
 """The delivery pipeline: one consumed message in, every matching subscriber settled, one ack.
 
-`Pipeline.handle` is the only place that acks or requeues a work-queue message. A message is
-acked when each of its deliveries is settled: delivered (2xx), or parked in the retry tiers, or
-written as a dead letter, both confirmed by the broker. Anything else (a publish that failed,
+`Pipeline.handle` is the only place that acks or requeues a consumed message (from the work
+queue or a subscriber's parking queue). A message is acked when each of its deliveries is
+settled: delivered (2xx), or waiting in the retry tiers or the subscriber's parking queue, or
+written as a dead letter, each confirmed by the broker. Anything else (a publish that failed,
 a cancellation during shutdown, a bug) requeues the message: at-least-once, never lost.
 """
 
@@ -13,15 +14,17 @@ import enum
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
+from dispatcher.circuit_breaker import BreakerState
 from dispatcher.config import Config, SubscriberConfig
 from dispatcher.delivery import HttpSender
-from dispatcher.endpoint_limits import Admitted, LaneSet
+from dispatcher.endpoint_limits import Admitted, Lane, LaneSet
 from dispatcher.events import Event, InvalidEvent, parse_event
 from dispatcher.metrics import Metrics
 from dispatcher.records import H_PUBLISHED_AT, H_ROUTING_KEY, Delivery, published_at
@@ -31,12 +34,14 @@ from dispatcher.retry_policy import (
     Delivered,
     Outcome,
     OutcomeKind,
+    Park,
     Retry,
     decide,
-    defer_delay,
+    expired,
 )
 from dispatcher.routing import RoutingTable
 from dispatcher.settlement import Settlement
+from dispatcher.topology import parking_exchange
 from signing import TokenMinter, sign_hmac
 
 __all__ = ["Pipeline"]
@@ -84,6 +89,11 @@ class Pipeline:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.config = config
         self._routing = RoutingTable(config.subscribers)
+        self._parking_exchange = parking_exchange(config.broker.queue)
+        self._internal = {f"{config.broker.queue}.retry.due", self._parking_exchange}
+        # Told of every breaker change of a current lane: (subscriber, new state, seconds until
+        # a probe may go). The daemon points it at the parking lots.
+        self.on_breaker_change: Callable[[str, BreakerState, float], None] | None = None
 
     # --- configuration -------------------------------------------------------------------------
 
@@ -91,7 +101,9 @@ class Pipeline:
         """Swap subscribers; deliveries already running keep the settings they started with."""
         self.config = config
         self._routing = RoutingTable(config.subscribers)
-        self._lanes.retain({s.id for s in config.subscribers})
+        self._lanes.retain(
+            {s.id for s in config.subscribers}, {s.id: s for s in config.subscribers}
+        )
 
     @property
     def held(self) -> int:
@@ -211,48 +223,55 @@ class Pipeline:
             log.warning("event_invalid", reason=reason, routing_key=message.routing_key)
             return _Verdict.ACK
 
+        patient = False
         if delivery is None:
             self._metrics.events.labels("event").inc()
             targets = self._routing.targets(event.type)
             work = [(s, Delivery(s.id, 1, now)) for s in targets]
         else:
-            self._metrics.events.labels("retry").inc()
+            # A parked delivery waits for its lane instead of being parked again: its own
+            # consumer's prefetch window bounds how many wait.
+            patient = message.exchange == self._parking_exchange
+            self._metrics.events.labels("parked" if patient else "retry").inc()
             sub = self.config.subscriber(delivery.subscriber)
             if sub is None or not any(s is sub for s in self._routing.targets(event.type)):
                 await self._settle(event, None, delivery, DeadLetter("subscriber_removed"), carry)
                 return _Verdict.ACK
+            if expired(
+                first_attempt_at=delivery.first_attempt_at, now=now, policy=self.config.retry
+            ):
+                await self._settle(event, sub, delivery, DeadLetter("max_age_exceeded"), carry)
+                return _Verdict.ACK
             work = [(sub, delivery)]
 
         if len(work) == 1:
-            await self._deliver(event, *work[0], carry)
+            await self._deliver(event, *work[0], carry, patient)
         elif work:
             await asyncio.gather(*(self._deliver(event, s, d, carry) for s, d in work))
         return _Verdict.ACK
 
     def _is_internal(self, exchange: str | None) -> bool:
-        queue = self.config.broker.queue
         return bool(exchange) and (
-            exchange == f"{queue}.retry.due" or str(exchange).startswith(f"{queue}.delay.")
+            exchange in self._internal
+            or str(exchange).startswith(f"{self.config.broker.queue}.delay.")
         )
 
     # --- one delivery ------------------------------------------------------------------------
 
     async def _deliver(
-        self, event: Event, sub: SubscriberConfig, delivery: Delivery, carry: dict[str, Any]
+        self,
+        event: Event,
+        sub: SubscriberConfig,
+        delivery: Delivery,
+        carry: dict[str, Any],
+        patient: bool = False,
     ) -> None:
         lane = self._lanes.lane(sub)
-        slot = await lane.acquire()
+        slot = await lane.acquire(patient=patient)
         if isinstance(slot, Admitted):
             outcome = await self._attempt(event, sub, delivery, lane_release=(lane, slot))
         else:
-            wait = defer_delay(
-                slot.why,
-                slot.delay,
-                delivery.deferrals,
-                self.config.retry.overflow_delay,
-                self._rng,
-            )
-            outcome = Outcome(OutcomeKind.DEFERRED, error=slot.why, defer_for=wait)
+            outcome = Outcome(OutcomeKind.DEFERRED, error=slot.why)
         now = self._clock()
         decision = decide(
             attempt=delivery.attempt,
@@ -326,9 +345,21 @@ class Pipeline:
         carry: dict[str, Any],
         outcome: Outcome | None = None,
     ) -> None:
-        """Publish the retry or dead letter a decision calls for; returns once confirmed."""
-        deferred = outcome is not None and outcome.kind is OutcomeKind.DEFERRED
-        if outcome is not None and not deferred:
+        """Publish the retry, parked delivery or dead letter a decision calls for; returns once
+        the broker confirmed it."""
+        if isinstance(decision, Park):
+            why = outcome.error if outcome is not None and outcome.error else "deferred"
+            await self._settlement.park(
+                event.body,
+                event_id=event.id,
+                event_type=event.type,
+                delivery=replace(delivery, deferrals=delivery.deferrals + 1),
+                carry=carry,
+            )
+            self._metrics.parked.labels(delivery.subscriber, why).inc()
+            log.debug("delivery_parked", why=why, deferrals=delivery.deferrals + 1)
+            return
+        if outcome is not None and outcome.kind is not OutcomeKind.DEFERRED:
             delivery = Delivery(
                 delivery.subscriber,
                 delivery.attempt,
@@ -338,15 +369,8 @@ class Pipeline:
                 outcome.error,
             )
         if isinstance(decision, Retry):
-            why = outcome.error if deferred and outcome and outcome.error else "failed"
-            nxt = Delivery(
-                delivery.subscriber,
-                decision.next_attempt,
-                delivery.first_attempt_at,
-                delivery.deferrals + (1 if deferred else 0),
-                delivery.last_status,
-                delivery.last_error,
-            )
+            why = "failed"
+            nxt = replace(delivery, attempt=decision.next_attempt)
             await self._settlement.retry(
                 event.body,
                 event_id=event.id,
@@ -384,7 +408,10 @@ class Pipeline:
                 error=delivery.last_error,
             )
 
-    def _breaker_changed(self, sub_id: str, old: Any, new: Any, why: str) -> None:
+    def _breaker_changed(self, lane: Lane, old: BreakerState, new: BreakerState, why: str) -> None:
+        sub_id = lane.sub.id
+        if self._lanes.get(sub_id) is not lane:
+            return  # a straggler of a lane that a reload replaced
         self._metrics.breaker_state.labels(sub_id).set(new.value)
         log.warning(
             "breaker_state_changed",
@@ -393,6 +420,8 @@ class Pipeline:
             new=new.name.lower(),
             why=why,
         )
+        if self.on_breaker_change is not None:
+            self.on_breaker_change(sub_id, new, lane.breaker.open_until - time.monotonic())
 
 
 def _safe_id(value: str | None) -> str | None:

@@ -12,8 +12,12 @@ with a table. The rules:
   ``schedule[attempt - 1]`` (+/- jitter), or at least Retry-After when the endpoint sent one,
   until the schedule is used up (``attempts_exhausted``) or the delivery would outlive
   ``max_age`` (``max_age_exceeded``).
-* ``deferred``   -- not attempted at all (the endpoint's lane is full, its breaker is open):
-  come back after the given delay without spending an attempt, bounded by ``max_age`` alone.
+* ``deferred``   -- not attempted at all (the endpoint's lane is full, its breaker is open, its
+  rate limit is reached): park it in the subscriber's own queue without spending an attempt,
+  until the subscriber can take it; bounded by ``max_age`` alone.
+
+And before an attempt: a delivery that comes back (from the delay tiers or its parking queue)
+older than ``max_age`` is dead-lettered ``max_age_exceeded`` without being attempted.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ __all__ = [
     "Delivered",
     "Outcome",
     "OutcomeKind",
+    "Park",
     "Retry",
     "decide",
-    "defer_delay",
+    "expired",
     "jittered",
 ]
 
@@ -57,7 +62,6 @@ class Outcome:
     status: int | None = None  # the HTTP status, when a response came back
     error: str | None = None  # one line: "timeout after 10s", "connection refused", ...
     retry_after: float | None = None  # seconds, from Retry-After on a 429/503
-    defer_for: float | None = None  # for DEFERRED: how long to stay away
 
     @property
     def label(self) -> str:
@@ -81,11 +85,18 @@ class Retry:
 
 
 @dataclass(frozen=True, slots=True)
+class Park:
+    """Wait in the subscriber's parking queue; the attempt that was due is still due."""
+
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     reason: str
 
 
-Decision = Delivered | Retry | DeadLetter
+Decision = Delivered | Retry | Park | DeadLetter
 
 # Outcome kinds that end the delivery at once, with the dead-letter reason (None = success).
 _TERMINAL: dict[OutcomeKind, str | None] = {
@@ -123,10 +134,7 @@ def decide(
 
     age = max(0.0, now - first_attempt_at)
     if outcome.kind is OutcomeKind.DEFERRED:
-        delay = min(max(outcome.defer_for or policy.overflow_delay, 0.001), MAX_DELAY)
-        if age + delay > policy.max_age:
-            return DeadLetter("max_age_exceeded")
-        return Retry(delay=delay, next_attempt=attempt)
+        return DeadLetter("max_age_exceeded") if age > policy.max_age else Park(attempt)
 
     # FAILED
     if attempt >= policy.max_attempts:
@@ -139,26 +147,6 @@ def decide(
     return Retry(delay=delay, next_attempt=attempt + 1)
 
 
-# How long a deferred delivery stays away, by why the lane refused it. A full lane backs off
-# exponentially with each deferral (so a long outage costs few broker round trips); an open
-# breaker or a rate limit already knows when to come back. Jitter spreads the herd.
-_DEFER_BACKOFF_CAP = 60.0
-
-
-def defer_delay(
-    why: str,
-    suggested: float,
-    deferrals: int,
-    overflow_delay: float,
-    rng: random.Random | None = None,
-) -> float:
-    backoff = min(overflow_delay * 2 ** min(deferrals, 16), max(_DEFER_BACKOFF_CAP, overflow_delay))
-    if why == "lane_full":
-        base = backoff
-    elif why == "breaker_open":
-        # At least the breaker's remaining cooldown, and longer for a delivery already turned
-        # away: a long outage then costs each delivery a few trips, not one per cooldown.
-        base = max(suggested, backoff)
-    else:
-        base = max(suggested, 0.001)
-    return max(0.001, jittered(base, 0.2, rng) if why != "rate_limited" else base)
+def expired(*, first_attempt_at: float, now: float, policy: RetryConfig) -> bool:
+    """Is a delivery that came back for an attempt too old to make it?"""
+    return now - first_attempt_at > policy.max_age

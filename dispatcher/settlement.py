@@ -1,4 +1,4 @@
-"""The one owner of publishing retries and dead letters, always publisher-confirmed.
+"""The one owner of publishing retries, parked deliveries and dead letters, always confirmed.
 
 A delivery's outcome is settled only when the broker has confirmed the retry or dead letter
 that carries it; only then may the original message be acknowledged.
@@ -26,7 +26,7 @@ from dispatcher.records import (
     Delivery,
     iso_now,
 )
-from dispatcher.topology import delay_route
+from dispatcher.topology import delay_route, parking_exchange
 
 __all__ = ["Settlement"]
 
@@ -59,6 +59,25 @@ class Settlement:
         headers = {**_carried(carry), **delivery.headers(), H_EVENT_TYPE: event_type}
         await (await self._exchange(name)).publish(
             _message(body, event_id, headers), routing_key=key, mandatory=True
+        )
+
+    async def park(
+        self,
+        body: bytes,
+        *,
+        event_id: str,
+        event_type: str,
+        delivery: Delivery,
+        carry: Mapping[str, Any],
+    ) -> None:
+        """Park one subscriber's delivery in its own queue until the subscriber can take it.
+
+        Published mandatory on a channel whose returns raise: a subscriber whose parking queue
+        is missing makes this fail (and the message is handed back), never silently drop.
+        """
+        headers = {**_carried(carry), **delivery.headers(), H_EVENT_TYPE: event_type}
+        await (await self._exchange(parking_exchange(self._cfg.queue))).publish(
+            _message(body, event_id, headers), routing_key=delivery.subscriber, mandatory=True
         )
 
     async def dead_letter(

@@ -9,19 +9,39 @@ bit ``k`` only and routes to tier ``k`` (bit set) or on to level ``k - 1`` (bit 
 dead-letters into level ``k - 1`` when the TTL runs out; below level 0 the message reaches the
 ``<queue>.retry.due`` exchange, which feeds the work queue. A 5 s delay visits 6 tiers, a 6 h
 delay at most 28; every queue holds messages of one TTL, so expiry order is exact.
+
+Deliveries that were not attempted (the subscriber's breaker is open, its lane is full, its rate
+limit is reached) do not go through the tiers: they are *parked* in the subscriber's own queue
+``<queue>.parked.<subscriber>`` (fed by the direct exchange ``<queue>.parked``, routing key = the
+subscriber id), which the dispatcher consumes only while that subscriber can take deliveries.
+A subscriber that is down for an hour costs each of its deliveries one trip, not one per cooldown.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
+from aiormq.exceptions import ChannelClosed
 from pamqp.common import FieldTable, FieldValue
 
 from dispatcher.config import BrokerConfig
 
-__all__ = ["LEVELS", "Topology", "declare", "delay_route", "delete", "tier_queue_names"]
+__all__ = [
+    "LEVELS",
+    "Topology",
+    "declare",
+    "declare_parking",
+    "delay_route",
+    "delete",
+    "parking_exchange",
+    "parking_queue",
+    "queue_depths",
+    "tier_queue_names",
+]
 
 LEVELS = 28  # 2**28 ms, about 74.5 hours: longer than any allowed delay
 
@@ -40,6 +60,14 @@ def _due_exchange(queue: str) -> str:
 
 def _dead_exchange(queue: str) -> str:
     return f"{queue}.dead"
+
+
+def parking_exchange(queue: str) -> str:
+    return f"{queue}.parked"
+
+
+def parking_queue(queue: str, subscriber: str) -> str:
+    return f"{queue}.parked.{subscriber}"
 
 
 def tier_queue_names(queue: str) -> list[str]:
@@ -104,6 +132,8 @@ async def declare(channel: AbstractChannel, cfg: BrokerConfig) -> Topology:
     for key in cfg.binding_keys:
         await work.bind(events, routing_key=key)
 
+    await channel.declare_exchange(parking_exchange(q), ExchangeType.DIRECT, durable=True)
+
     due = await channel.declare_exchange(_due_exchange(q), ExchangeType.FANOUT, durable=True)
     await work.bind(due, routing_key="")
 
@@ -128,13 +158,34 @@ async def declare(channel: AbstractChannel, cfg: BrokerConfig) -> Topology:
     return Topology(events=events, work=work, dead=dead, dead_exchange=dead_exchange)
 
 
-async def delete(channel: AbstractChannel, cfg: BrokerConfig, *, exchange: bool = True) -> None:
-    """Remove every queue and exchange `declare` creates (tests, and tearing down a demo)."""
+async def declare_parking(
+    channel: AbstractChannel, cfg: BrokerConfig, subscriber: str
+) -> AbstractQueue:
+    """One subscriber's parking queue, bound to the parking exchange by its id (idempotent)."""
+    queue = await channel.declare_queue(
+        parking_queue(cfg.queue, subscriber),
+        durable=True,
+        arguments={"x-queue-type": cfg.queue_type},
+    )
+    await queue.bind(parking_exchange(cfg.queue), routing_key=subscriber)
+    return queue
+
+
+async def delete(
+    channel: AbstractChannel,
+    cfg: BrokerConfig,
+    subscribers: Iterable[str] = (),
+    *,
+    exchange: bool = True,
+) -> None:
+    """Remove every queue and exchange `declare` creates, and these subscribers' parking queues
+    (tests, and tearing down a demo)."""
     q = cfg.queue
     names = [q, cfg.dead_letter_queue, *tier_queue_names(q)]
+    names += [parking_queue(q, sub) for sub in subscribers]
     for name in names:
         await channel.queue_delete(name)
-    for name in [_dead_exchange(q), _due_exchange(q)] + [
+    for name in [_dead_exchange(q), _due_exchange(q), parking_exchange(q)] + [
         _level_exchange(q, k) for k in range(LEVELS)
     ]:
         await channel.exchange_delete(name)
@@ -142,20 +193,39 @@ async def delete(channel: AbstractChannel, cfg: BrokerConfig, *, exchange: bool 
         await channel.exchange_delete(cfg.exchange)
 
 
-async def queue_depths(channel: AbstractChannel, cfg: BrokerConfig) -> dict[str, int]:
-    """Messages ready in the work, dead-letter and (summed) retry queues."""
-    out = {"work": 0, "dead": 0, "retry": 0}
+async def queue_depths(
+    channel: AbstractChannel, cfg: BrokerConfig, subscribers: Iterable[str] = ()
+) -> dict[str, int]:
+    """Messages ready in the work, dead-letter, (summed) retry and (summed) parking queues.
+
+    A parking queue that does not exist (yet, or any more) counts as empty; it is looked up on
+    a channel of its own, since a failed passive declare closes the channel it runs on.
+    """
+    out = {"work": 0, "dead": 0, "retry": 0, "parked": 0}
+    # On the raw channel: a robust channel answers a repeated passive declare from its
+    # cache, with the count of the first one.
+    raw = await channel.get_underlay_channel()
     for kind, names in (
         ("work", [cfg.queue]),
         ("dead", [cfg.dead_letter_queue]),
         ("retry", tier_queue_names(cfg.queue)),
     ):
         for name in names:
-            # On the raw channel: a robust channel answers a repeated passive declare from its
-            # cache, with the count of the first one.
-            raw = await channel.get_underlay_channel()
             declared = await raw.queue_declare(name, passive=True)
             out[kind] += declared.message_count or 0
+    subs = list(subscribers)
+    probe = await raw.connection.channel() if subs else None
+    for sub in subs:
+        assert probe is not None
+        try:
+            declared = await probe.queue_declare(parking_queue(cfg.queue, sub), passive=True)
+        except ChannelClosed:  # not declared: empty; the failure closed the probe channel
+            probe = await raw.connection.channel()
+            continue
+        out["parked"] += declared.message_count or 0
+    if probe is not None:
+        with contextlib.suppress(Exception):
+            await probe.close()
     return out
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import aio_pika
 
 from dispatcher.config import Config, parse_config
-from dispatcher.topology import declare, delete, tier_queue_names
+from dispatcher.topology import declare, declare_parking, delete, parking_queue, tier_queue_names
 from loadtest.accounting import Accounting, DeadRecord, SubscriberSpec, account
 from loadtest.gcstats import read_dir
 from loadtest.generator import EventMix, Generator
@@ -78,7 +78,6 @@ class PhaseSpec:
     max_in_flight: int = 64
     sub_timeout: str = "10s"
     retry_schedule: tuple[str, ...] = ("200ms", "500ms", "1s", "2s", "5s")
-    overflow_delay: str = "1s"  # the dispatcher's default
     invalid_fraction: float = 0.0
     heal: tuple[int, ...] = ()  # endpoints healed once every other endpoint got its share
     focus: tuple[int, ...] = ()  # endpoints whose throughput is the headline (default all)
@@ -231,8 +230,7 @@ class Run:
             "http": {"listen": f"127.0.0.1:{self.http_port}"},
             "signing": {"issuer": ISSUER, "keys_dir": str(self.keys_dir), "algorithm": "EdDSA",
                         "token_ttl": "5m"},
-            "retry": {"schedule": list(spec.retry_schedule), "jitter": 0.1, "max_age": "1h",
-                      "overflow_delay": spec.overflow_delay},
+            "retry": {"schedule": list(spec.retry_schedule), "jitter": 0.1, "max_age": "1h"},
             "dispatcher": {"workers": spec.workers, "log_level": "warning", "log_format": "json",
                            "drain_timeout": "10s"},
             "subscribers": [
@@ -270,7 +268,7 @@ async def _cleanup(config: Config, consumer: str) -> None:
         async with connection:
             channel = await connection.channel()
             if consumer == DISPATCHER:
-                await delete(channel, config.broker)
+                await delete(channel, config.broker, [s.id for s in config.subscribers])
             else:
                 await channel.queue_delete(config.broker.queue)
                 await channel.exchange_delete(config.broker.exchange)
@@ -310,6 +308,8 @@ class _PhaseRun:
             channel = await connection.channel()
             if self.spec.consumer == DISPATCHER:
                 await declare(channel, self.config.broker)
+                for sub in self.config.subscribers:
+                    await declare_parking(channel, self.config.broker, sub.id)
             else:
                 exchange = await channel.declare_exchange(
                     self.config.broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
@@ -355,7 +355,7 @@ class _PhaseRun:
     async def _consumer_idle(self, channel: aio_pika.abc.AbstractChannel) -> bool:
         names = [self.config.broker.queue]
         if self.spec.consumer == DISPATCHER:
-            names += tier_queue_names(self.config.broker.queue)
+            names += self._dispatcher_queues()
             assert isinstance(self.consumer, DispatcherProcess)
             held = await self.consumer.held()
             if held is None or held > 0:
@@ -508,6 +508,11 @@ class _PhaseRun:
             f"delivered {received}/{target} ({rate:.0f}/s) failed {failed}"
             f"{cpu} rss {(s.rss / MiB if s else 0):.0f}MiB")
 
+    def _dispatcher_queues(self) -> list[str]:
+        """Where the dispatcher keeps deliveries that wait: retry tiers and parking queues."""
+        q = self.config.broker.queue
+        return tier_queue_names(q) + [parking_queue(q, s.id) for s in self.config.subscribers]
+
     async def _dead_letters(self) -> list[DeadRecord]:
         from dispatcher.dead_letters import DeadLetterTool
 
@@ -522,7 +527,7 @@ class _PhaseRun:
 
         names = [self.config.broker.queue]
         if self.spec.consumer == DISPATCHER:
-            names += tier_queue_names(self.config.broker.queue)
+            names += self._dispatcher_queues()
         found: list[DeadRecord] = []
         connection = await aio_pika.connect(self.config.broker.url)
         async with connection:

@@ -72,4 +72,4 @@ async def make(names: Names, keys_dir: str) -> AsyncIterator[Callable[..., Confi
 
     yield factory
     if made:
-        await cleanup_topology(made[-1])
+        await cleanup_topology(made[-1], {s.id for cfg in made for s in cfg.subscribers})

@@ -12,7 +12,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -275,11 +275,13 @@ def write_toml(path: Any, doc: dict[str, Any]) -> str:
     return str(path)
 
 
-async def cleanup_topology(config: Config) -> None:
+async def cleanup_topology(config: Config, subscribers: Iterable[str] = ()) -> None:
+    """Delete the config's topology and the parking queues of its (and these) subscribers."""
+    ids = {s.id for s in config.subscribers} | set(subscribers)
     connection = await aio_pika.connect(config.broker.url)
     async with connection:
         channel = await connection.channel()
-        await delete(channel, config.broker)
+        await delete(channel, config.broker, sorted(ids))
 
 
 class Publisher:

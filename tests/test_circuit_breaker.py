@@ -52,3 +52,17 @@ def test_success_resets_the_count_and_a_cancelled_probe_frees_the_slot() -> None
     assert b.ask(10) is None
     b.release_probe()
     assert b.ask(10) is None  # another caller may probe now
+
+
+def test_would_admit_answers_like_ask_without_moving_the_state() -> None:
+    b = CircuitBreaker(POLICY)
+    assert b.would_admit(0)  # closed
+    for _ in range(3):
+        b.failure(0)
+    # open: only once the cooldown is over, and asking does not start a probe
+    assert (b.would_admit(9.9), b.would_admit(10)) == (False, True)
+    assert b.state is BreakerState.OPEN
+    assert b.ask(10) is None and b.state is BreakerState.HALF_OPEN
+    assert not b.would_admit(10)  # the probe is out
+    b.release_probe()
+    assert b.would_admit(10) and b.state is BreakerState.HALF_OPEN

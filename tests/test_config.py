@@ -74,6 +74,10 @@ BAD_DOCS = [
     ({"subscribers": [{**GOOD_SUB, "url": "http://169.254.169.254/x"}]}, "not a public address"),
     ({"subscribers": [{**GOOD_SUB, "url": "http://localhost:9000/x"}]}, "loopback name"),
     (
+        {"retry": {"overflow_delay": "1s"}, "subscribers": [GOOD_SUB]},
+        r"^retry.overflow_delay: no longer used .*parking queue.*: remove it$",
+    ),
+    (
         {"subscribers": [{**GOOD_SUB, "url": "https://user:pw@hooks.acme.example/"}]},
         "credentials in the URL",
     ),

@@ -25,7 +25,7 @@ from dispatcher.circuit_breaker import BreakerState
 async def test_in_flight_cap_holds_and_nothing_is_lost(make, receivers: ReceiverServer) -> None:
     rec = receivers.add("small", slow(0.1))
     cfg = make(
-        [{"id": "small", "url": rec.url, "max_in_flight": 3}], retry={"overflow_delay": "50ms"}
+        [{"id": "small", "url": rec.url, "max_in_flight": 3}]
     )
     async with running(cfg), Publisher(cfg) as pub:
         await pub.publish_many([event_body(n=i, event_id=f"e{i}") for i in range(40)])
@@ -37,7 +37,7 @@ async def test_in_flight_cap_holds_and_nothing_is_lost(make, receivers: Receiver
 async def test_rate_limit_holds_at_the_receiver(make, receivers: ReceiverServer) -> None:
     rec = receivers.add("limited")
     cfg = make(
-        [{"id": "limited", "url": rec.url, "rate_limit": 20}], retry={"overflow_delay": "50ms"}
+        [{"id": "limited", "url": rec.url, "rate_limit": 20}]
     )
     async with running(cfg), Publisher(cfg) as pub:
         await pub.publish_many([event_body(n=i, event_id=f"r{i}") for i in range(50)])
@@ -92,10 +92,8 @@ async def test_breaker_opens_probes_and_closes(make, receivers) -> None:
     changes = [(e["old"], e["new"]) for e in logs if e["event"] == "breaker_state_changed"]
     assert changes[0] == ("closed", "open")
     assert ("open", "half_open") in changes and changes[-1] == ("half_open", "closed")
-    deferred = [
-        e for e in logs if e["event"] == "delivery_retry_scheduled" and e["why"] == "breaker_open"
-    ]
-    assert deferred, "while open, deliveries wait on the retry path"
+    parked = [e for e in logs if e["event"] == "delivery_parked" and e["why"] == "breaker_open"]
+    assert parked, "while open, deliveries wait in the subscriber's parking queue"
     assert sorted(rec.ids()) == [f"w{i}" for i in range(6)]
     assert rec.attempts == 10  # four failures, six successes: nothing attempted while open
 

@@ -255,10 +255,10 @@ async def test_a_message_that_breaks_the_pipeline_twice_is_dead_lettered(make, r
         assert disp.pipeline is not None
         real = disp.pipeline._deliver
 
-        async def broken(event, sub, delivery, carry):
+        async def broken(event, sub, delivery, *rest):
             if event.id == "poison":
                 raise RuntimeError("a bug")
-            await real(event, sub, delivery, carry)
+            await real(event, sub, delivery, *rest)
 
         disp.pipeline._deliver = broken  # type: ignore[method-assign]
         await pub.publish(event_body(event_id="poison"))

@@ -14,9 +14,10 @@ from dispatcher.retry_policy import (
     Delivered,
     Outcome,
     OutcomeKind,
+    Park,
     Retry,
     decide,
-    defer_delay,
+    expired,
 )
 
 POLICY = RetryConfig(schedule=(5, 30, 120), jitter=0.0, max_age=3600)
@@ -26,6 +27,7 @@ TIMEOUT = Outcome(OutcomeKind.FAILED, error="timeout: no response within 10s")
 GONE = Outcome(OutcomeKind.GONE, status=410)
 BLOCKED = Outcome(OutcomeKind.BLOCKED, error="blocked_destination: x")
 THROTTLED = Outcome(OutcomeKind.FAILED, status=429, retry_after=90)
+DEFERRED = Outcome(OutcomeKind.DEFERRED, error="breaker_open")
 
 
 @pytest.mark.parametrize(
@@ -48,8 +50,9 @@ THROTTLED = Outcome(OutcomeKind.FAILED, status=429, retry_after=90)
             0,
             DeadLetter("max_age_exceeded"),
         ),
-        (2, Outcome(OutcomeKind.DEFERRED, defer_for=10), 0, Retry(10, 2)),  # no attempt spent
-        (2, Outcome(OutcomeKind.DEFERRED, defer_for=10), 3595, DeadLetter("max_age_exceeded")),
+        (2, DEFERRED, 0, Park(2)),  # parked: the attempt that was due stays due
+        (1, DEFERRED, 3600, Park(1)),  # at max_age exactly: still parked
+        (2, DEFERRED, 3601, DeadLetter("max_age_exceeded")),
     ],
 )
 def test_decision_table(attempt, outcome, age, expected) -> None:
@@ -117,11 +120,8 @@ def test_properties(schedule, jitter, max_age, attempt, outcome, age, seed) -> N
         assert decision.reason in ("attempts_exhausted", "max_age_exceeded")
 
 
-def test_defer_delay_backs_off_for_a_full_lane_and_honours_known_waits() -> None:
-    rng = random.Random(1)
-    full = [defer_delay("lane_full", 0, n, 1.0, rng) for n in range(10)]
-    assert full[0] <= 1.2 and full[3] >= 6.4 and max(full) <= 72
-    assert defer_delay("rate_limited", 2.5, 0, 1.0, rng) == 2.5
-    assert 8 <= defer_delay("breaker_open", 10, 0, 1.0, rng) <= 12
-    # A delivery turned away before waits longer than the cooldown: few trips per outage.
-    assert defer_delay("breaker_open", 10, 5, 1.0, rng) >= 32 * 0.8
+@pytest.mark.parametrize(
+    ("age", "too_old"), [(0, False), (3599.9, False), (3600, False), (3600.1, True)]
+)
+def test_a_delivery_that_comes_back_too_old_is_not_attempted(age, too_old) -> None:
+    assert expired(first_attempt_at=50.0, now=50.0 + age, policy=POLICY) is too_old

@@ -71,7 +71,7 @@ def chaos_doc(names: Names, keys_dir: str, subscribers: list[dict[str, Any]], *,
     seconds; ``sections`` override or extend each table."""
     defaults: dict[str, Any] = {
         "broker": {"url": broker_url, "prefetch": 64},
-        "retry": {"schedule": ["50ms", "100ms", "200ms"], "overflow_delay": "100ms"},
+        "retry": {"schedule": ["50ms", "100ms", "200ms"]},
         "breaker": {"failure_threshold": 5, "cooldown": "100ms", "max_cooldown": "500ms"},
         "dispatcher": {"drain_timeout": "10s", "log_level": "info"},
     }
@@ -273,11 +273,12 @@ class DispatcherProcess:
 
 
 async def depths(config: Config) -> dict[str, int]:
-    """Ready messages in the work queue, the retry tiers (summed) and the dead letters."""
+    """Ready messages in the work queue, the retry tiers and parking queues (summed), and the dead
+    letters."""
     connection = await aio_pika.connect(BROKER_URL)
     async with connection:
         channel = await connection.channel()
-        return await queue_depths(channel, config.broker)
+        return await queue_depths(channel, config.broker, [s.id for s in config.subscribers])
 
 
 async def await_settled(ledger: Any, receipts: Any, config: Config, *, timeout: float,
@@ -309,8 +310,8 @@ async def await_settled(ledger: Any, receipts: Any, config: Config, *, timeout: 
     while time.monotonic() < deadline:
         d = await depths(config)
         count = sum(len(ids) for ids in receipts().values())
-        snapshot = (d["work"], d["retry"], d["dead"], count)
-        if d["work"] == 0 and d["retry"] == 0 and snapshot == previous:
+        snapshot = (d["work"], d["retry"], d["parked"], d["dead"], count)
+        if d["work"] == d["retry"] == d["parked"] == 0 and snapshot == previous:
             quiet_since = quiet_since or time.monotonic()
             if time.monotonic() - quiet_since >= quiet:
                 break

@@ -130,7 +130,7 @@ async def test_broker_link_cut_and_stalled_repeatedly(chaos_config, tmp_path: Pa
     record(tally)
     print(f"\nreadiness during refused links: {readiness}")
     assert code == 0, proc.log_tail()
-    assert (left["work"], left["retry"]) == (0, 0), left
+    assert (left["work"], left["retry"], left["parked"]) == (0, 0, 0), left
     assert proxy.connections >= 1 + cuts, "the dispatcher did not reconnect after every cut"
     tally.holds(max_duplicates=len(faults) * PREFETCH * len(SUBSCRIBERS))
 
@@ -183,5 +183,5 @@ async def test_broker_restart_loses_nothing(chaos_config, tmp_path: Path) -> Non
 
     record(tally)
     assert code == 0, proc.log_tail()
-    assert (left["work"], left["retry"]) == (0, 0), left
+    assert (left["work"], left["retry"], left["parked"]) == (0, 0, 0), left
     tally.holds(max_duplicates=restarts * PREFETCH * len(SUBSCRIBERS))

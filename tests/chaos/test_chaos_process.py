@@ -65,7 +65,7 @@ async def test_kill_9_repeatedly_loses_nothing(chaos_config, tmp_path: Path) -> 
 
     record(tally)
     assert code == 0, proc.log_tail()
-    assert (left["work"], left["retry"]) == (0, 0), left
+    assert (left["work"], left["retry"], left["parked"]) == (0, 0, 0), left
     # Each kill can repeat at most the messages it held (the prefetch window), each to at
     # most every subscriber.
     tally.holds(max_duplicates=kills * PREFETCH * len(SUBSCRIBERS))
@@ -133,7 +133,7 @@ async def test_sigterm_under_load_drains_exits_0_and_loses_nothing(
           f"{[round(took, 2) for _, took in exits[:-1]]}s, handed back {handed_back}")
     assert [code for code, _ in exits] == [0] * len(exits), proc.log_tail()
     assert all(took < drain + 10 for _, took in exits), exits
-    assert (left["work"], left["retry"]) == (0, 0), left
+    assert (left["work"], left["retry"], left["parked"]) == (0, 0, 0), left
     # A drained stop settles what it holds: only messages handed back at the drain deadline
     # may come again (to each of their subscribers).
     tally.holds(max_duplicates=handed_back * len(SUBSCRIBERS))

@@ -1,0 +1,187 @@
+"""Parking: deliveries a lane turns away wait in the subscriber's own queue, on the real broker.
+
+The rules under test (dispatcher/parking.py): an open breaker parks every delivery for its
+subscriber and stops consuming its parking queue; when the cooldown ends one parked delivery is
+fetched as the probe, with no new event needed; a closed breaker drains the queue; a full lane
+parks, and parked deliveries wait their turn instead of bouncing; a removed subscriber's parked
+deliveries are dead-lettered and its queue deleted; a park that nothing routes fails loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import aio_pika
+import pytest
+from aiohttp import web
+from aiormq.exceptions import ChannelNotFoundEntity, PublishError
+from harness import (
+    Publisher,
+    Receiver,
+    ReceiverServer,
+    always,
+    event_body,
+    running,
+    slow,
+    wait_for_dead_letters,
+    wait_until,
+)
+from structlog.testing import capture_logs
+
+from dispatcher.circuit_breaker import BreakerState
+from dispatcher.records import Delivery
+from dispatcher.settlement import Settlement
+from dispatcher.topology import declare, declare_parking, parking_queue, queue_depths
+
+
+async def depths(cfg) -> dict[str, int]:
+    connection = await aio_pika.connect(cfg.broker.url)
+    async with connection:
+        channel = await connection.channel()
+        return await queue_depths(channel, cfg.broker, [s.id for s in cfg.subscribers])
+
+
+async def wait_for_depth(cfg, kind: str, want: int, timeout: float = 15.0) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    found = await depths(cfg)
+    while found[kind] != want and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        found = await depths(cfg)
+    return found
+
+
+def switchable() -> tuple[dict[str, bool], object]:
+    """A receiver behaviour that answers 500 until ``state["healed"]`` is set."""
+    state = {"healed": False}
+
+    async def behaviour(_: Receiver, __: web.Request, ___: int) -> web.StreamResponse:
+        return web.Response(status=200 if state["healed"] else 500)
+
+    return state, behaviour
+
+
+def sample(disp, name: str, **labels: str) -> float:
+    value = disp.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def test_an_open_breaker_parks_and_a_parked_probe_closes_it(make, receivers) -> None:
+    state, behaviour = switchable()
+    rec = receivers.add("flaky", behaviour)  # type: ignore[arg-type]
+    cfg = make(
+        [{"id": "flaky", "url": rec.url, "max_in_flight": 1}],
+        breaker={"failure_threshold": 2, "cooldown": "2s", "max_cooldown": "4s"},
+    )
+    n = 20
+    with capture_logs() as logs:
+        async with running(cfg) as disp, Publisher(cfg) as pub:
+            await pub.publish_many([event_body(n=i, event_id=f"p{i}") for i in range(n)])
+            # Two failures open the breaker; the other 18, and the two retries when they come
+            # back from the delay tiers, are parked without an attempt.
+            parked = await wait_for_depth(cfg, "parked", n)
+            assert parked == {"work": 0, "dead": 0, "retry": 0, "parked": n}, parked
+            assert rec.attempts == 2
+            assert disp.parking is not None and disp.parking.consuming == []
+            state["healed"] = True
+            # Nothing new is published: the probe can only come from the parking queue.
+            assert await wait_until(lambda: rec.count == n, timeout=20)
+            assert (await wait_for_depth(cfg, "parked", 0))["parked"] == 0
+            lane = disp.pipeline.lanes.get("flaky")  # type: ignore[union-attr]
+            assert lane is not None and lane.breaker.state is BreakerState.CLOSED
+            assert disp.parking.consuming == ["flaky"]
+            assert sample(disp, "dispatcher_parked_total", subscriber="flaky", why="breaker_open")
+    assert sorted(rec.ids()) == sorted(f"p{i}" for i in range(n))
+    assert rec.attempts == n + 2  # nothing was attempted while the breaker was open
+    changes = [(e["old"], e["new"]) for e in logs if e["event"] == "breaker_state_changed"]
+    assert changes == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+
+
+async def test_a_full_lane_parks_and_parked_deliveries_wait_their_turn(make, receivers) -> None:
+    small = receivers.add("small", slow(0.02))
+    fast = receivers.add("fast")
+    cfg = make(
+        [
+            {"id": "small", "url": small.url, "max_in_flight": 2},
+            {"id": "fast", "url": fast.url},
+        ],
+        broker={"prefetch": 16},
+    )
+    n = 120
+    async with running(cfg) as disp, Publisher(cfg) as pub:
+        await pub.publish_many([event_body(n=i, event_id=f"f{i}") for i in range(n)])
+        assert await wait_until(lambda: small.count == n and fast.count == n, timeout=60)
+        lane_full = sample(disp, "dispatcher_parked_total", subscriber="small", why="lane_full")
+        consumed_parked = sample(disp, "dispatcher_events_total", kind="parked")
+        retries = sample(disp, "dispatcher_retries_scheduled_total", subscriber="small", why="failed")
+    assert small.max_in_flight <= 2
+    assert sorted(small.ids()) == sorted(fast.ids()) == sorted(f"f{i}" for i in range(n))
+    # Parked once, then waiting in the lane: each parked delivery is consumed back once.
+    assert lane_full > 0 and consumed_parked == lane_full
+    assert retries == 0
+
+
+async def test_a_removed_subscribers_parked_deliveries_are_dead_lettered(
+    make, receivers: ReceiverServer
+) -> None:
+    gone = receivers.add("gone", always(500))
+    keep = receivers.add("keep")
+    cfg = make(
+        [
+            {"id": "gone", "url": gone.url, "max_in_flight": 1},
+            {"id": "keep", "url": keep.url},
+        ],
+        breaker={"failure_threshold": 1, "cooldown": "1m", "max_cooldown": "1m"},
+    )
+    async with running(cfg) as disp, Publisher(cfg) as pub:
+        await pub.publish_many([event_body(n=i, event_id=f"g{i}") for i in range(5)])
+        assert (await wait_for_depth(cfg, "parked", 5))["parked"] == 5
+        assert keep.count == 5
+        assert disp.reload(replace(cfg, subscribers=(cfg.subscriber("keep"),)))
+        letters = await wait_for_dead_letters(cfg, 5)
+        assert sorted((dl.record.event_id, dl.record.reason) for dl in letters) == [
+            (f"g{i}", "subscriber_removed") for i in range(5)
+        ]
+        assert {dl.record.subscriber for dl in letters} == {"gone"}
+        assert await queue_disappears(cfg, parking_queue(cfg.broker.queue, "gone"))
+        assert disp.parking is not None and disp.parking.consuming == ["keep"]
+    assert gone.attempts == 1
+
+
+async def queue_disappears(cfg, name: str, timeout: float = 10.0) -> bool:
+    connection = await aio_pika.connect(cfg.broker.url)
+    async with connection:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            channel = await connection.channel()
+            try:
+                await channel.declare_queue(name, passive=True)
+            except ChannelNotFoundEntity:
+                return True
+            await channel.close()
+            await asyncio.sleep(0.2)
+    return False
+
+
+async def test_a_park_that_nothing_routes_fails_instead_of_vanishing(make) -> None:
+    cfg = make([])
+    connection = await aio_pika.connect(cfg.broker.url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await declare(channel, cfg.broker)
+        settlement = Settlement(channel, cfg.broker)
+        delivery = Delivery("nobody", 1, time.time())
+        body = event_body(event_id="lost?")
+        with pytest.raises(PublishError):
+            await settlement.park(
+                body, event_id="lost?", event_type="Message.Bounced", delivery=delivery, carry={}
+            )
+        queue = await declare_parking(channel, cfg.broker, "nobody")
+        await settlement.park(
+            body, event_id="kept", event_type="Message.Bounced", delivery=delivery, carry={}
+        )
+        message = await queue.get(no_ack=True, timeout=5)
+        assert message.body == body and message.message_id == "kept"
+        assert message.headers["x-dispatch-subscriber"] == "nobody"
+        await queue.delete(if_unused=False, if_empty=False)
