@@ -41,6 +41,7 @@ log = structlog.get_logger("dispatcher.parking")
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
 _REMOVED_CHECK = 1.0  # seconds between checks that a removed subscriber's queue is empty
+_TIMER_SLACK = 0.01
 
 
 def parking_prefetch(prefetch: int) -> int:
@@ -125,11 +126,15 @@ class ParkingLots:
             lot.probe_timer.cancel()
             lot.probe_timer = None
         if new is BreakerState.OPEN:
-            loop = asyncio.get_running_loop()
-            lot.probe_timer = loop.call_later(
-                max(0.0, reopen_in), lambda: self._spawn(self._probe(lot))
-            )
+            self._arm(lot, reopen_in)
         self._spawn(self._reconcile(lot))
+
+    def _arm(self, lot: _Lot, delay: float) -> None:
+        # A little late rather than early: the loop may run a timer up to its clock's
+        # resolution ahead, and a probe that finds the cooldown not quite over re-arms.
+        lot.probe_timer = asyncio.get_running_loop().call_later(
+            max(0.0, delay) + _TIMER_SLACK, lambda: self._spawn(self._probe(lot))
+        )
 
     async def _probe(self, lot: _Lot) -> None:
         """The cooldown is over: fetch parked deliveries one at a time until one is the probe.
@@ -141,8 +146,13 @@ class ParkingLots:
         lot.probe_timer = None
         while not self._closed and not lot.wanted:
             lane = self._lanes.get(lot.sub)
-            if lane is not None and not lane.breaker.would_admit(self._clock()):
-                return
+            if lane is not None:
+                breaker, now = lane.breaker, self._clock()
+                if breaker.state is BreakerState.OPEN and now < breaker.open_until:
+                    self._arm(lot, breaker.open_until - now)
+                    return
+                if not breaker.would_admit(now):
+                    return  # a probe is out: its verdict closes the breaker or re-arms
             try:
                 message = await lot.queue.get(no_ack=False, fail=False)
             except Exception as exc:  # the link is down: the next change or delivery retries

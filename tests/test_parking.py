@@ -98,6 +98,31 @@ async def test_an_open_breaker_parks_and_a_parked_probe_closes_it(make, receiver
     assert changes == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
 
 
+async def test_failed_probes_back_off_and_later_probes_still_come_from_parking(
+    make, receivers
+) -> None:
+    state, behaviour = switchable()
+    rec = receivers.add("down", behaviour)  # type: ignore[arg-type]
+    cfg = make(
+        [{"id": "down", "url": rec.url, "max_in_flight": 1}],
+        breaker={"failure_threshold": 1, "cooldown": "200ms", "max_cooldown": "400ms"},
+        retry={"schedule": ["50ms"] * 20},
+    )
+    with capture_logs() as logs:
+        async with running(cfg), Publisher(cfg) as pub:
+            await pub.publish_many([event_body(n=i, event_id=f"d{i}") for i in range(5)])
+            # The first attempt opens the breaker; then only probes reach the receiver, each
+            # one fetched from the parking queue when a cooldown ends.
+            assert await wait_until(lambda: rec.attempts >= 4, timeout=20)
+            state["healed"] = True
+            assert await wait_until(lambda: rec.count == 5, timeout=20)
+    assert sorted(rec.ids()) == [f"d{i}" for i in range(5)]
+    changes = [(e["old"], e["new"]) for e in logs if e["event"] == "breaker_state_changed"]
+    assert changes.count(("half_open", "open")) >= 3 and changes[-1] == ("half_open", "closed")
+    cooldowns = [e["why"] for e in logs if e["event"] == "breaker_state_changed"]
+    assert "probe failed, cooling down 0.4s" in cooldowns
+
+
 async def test_a_full_lane_parks_and_parked_deliveries_wait_their_turn(make, receivers) -> None:
     small = receivers.add("small", slow(0.02))
     fast = receivers.add("fast")
