@@ -146,13 +146,17 @@ class ParkingLots:
         lot.probe_timer = None
         while not self._closed and not lot.wanted:
             lane = self._lanes.get(lot.sub)
-            if lane is not None:
-                breaker, now = lane.breaker, self._clock()
-                if breaker.state is BreakerState.OPEN and now < breaker.open_until:
-                    self._arm(lot, breaker.open_until - now)
-                    return
-                if not breaker.would_admit(now):
-                    return  # a probe is out: its verdict closes the breaker or re-arms
+            if lane is None or lane.breaker.state is BreakerState.CLOSED:
+                # A reload replaced the lane: its successor starts closed, so consume again.
+                lot.wanted = True
+                await self._reconcile(lot)
+                return
+            breaker, now = lane.breaker, self._clock()
+            if breaker.state is BreakerState.OPEN and now < breaker.open_until:
+                self._arm(lot, breaker.open_until - now)
+                return
+            if not breaker.would_admit(now):
+                return  # a probe is out: its verdict closes the breaker or re-arms
             try:
                 message = await lot.queue.get(no_ack=False, fail=False)
             except Exception as exc:  # the link is down: the next change or delivery retries
