@@ -10,8 +10,11 @@ deliveries are dead-lettered and its queue deleted; a park that nothing routes f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import aio_pika
 import pytest
@@ -191,24 +194,45 @@ async def queue_disappears(cfg, name: str, timeout: float = 10.0) -> bool:
     return False
 
 
-async def test_a_park_that_nothing_routes_fails_instead_of_vanishing(make) -> None:
-    cfg = make([])
+@contextlib.asynccontextmanager
+async def settlement_on(cfg) -> AsyncIterator[tuple[Any, Settlement]]:
+    """The declared topology and a `Settlement` on a confirming channel whose returns raise."""
     connection = await aio_pika.connect(cfg.broker.url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await declare(channel, cfg.broker)
-        settlement = Settlement(channel, cfg.broker)
-        delivery = Delivery("nobody", 1, time.time())
-        body = event_body(event_id="lost?")
+        yield channel, Settlement(channel, cfg.broker)
+
+
+async def park(settlement: Settlement, sub: str, event_id: str, body: bytes) -> None:
+    delivery = Delivery(sub, 1, time.time())
+    await settlement.park(
+        body, event_id=event_id, event_type="Message.Bounced", delivery=delivery, carry={}
+    )
+
+
+async def test_a_park_that_nothing_routes_fails_instead_of_vanishing(make) -> None:
+    cfg = make([])
+    body = event_body(event_id="lost?")
+    async with settlement_on(cfg) as (channel, settlement):
         with pytest.raises(PublishError):
-            await settlement.park(
-                body, event_id="lost?", event_type="Message.Bounced", delivery=delivery, carry={}
-            )
+            await park(settlement, "nobody", "lost?", body)
         queue = await declare_parking(channel, cfg.broker, "nobody")
-        await settlement.park(
-            body, event_id="kept", event_type="Message.Bounced", delivery=delivery, carry={}
-        )
+        await park(settlement, "nobody", "kept", body)
         message = await queue.get(no_ack=True, timeout=5)
         assert message.body == body and message.message_id == "kept"
         assert message.headers["x-dispatch-subscriber"] == "nobody"
         await queue.delete(if_unused=False, if_empty=False)
+
+
+async def test_queue_depths_count_parked_deliveries_and_skip_missing_queues(make) -> None:
+    cfg = make([])
+    async with settlement_on(cfg) as (channel, settlement):
+        await declare_parking(channel, cfg.broker, "present")
+        for i in range(3):
+            await park(settlement, "present", f"q{i}", event_body(n=i))
+        found = await queue_depths(channel, cfg.broker, ["missing", "present", "also-missing"])
+        assert found == {"work": 0, "dead": 0, "retry": 0, "parked": 3}
+        # The channel it was given still works: a missing queue did not close it.
+        assert (await queue_depths(channel, cfg.broker))["parked"] == 0
+        await channel.queue_delete(parking_queue(cfg.broker.queue, "present"))
