@@ -237,7 +237,8 @@ class DispatcherProcess:
 
     async def counters(self, prefixes: Sequence[str] = (
         "dispatcher_events_total", "dispatcher_attempts_total", "dispatcher_deliveries_total",
-        "dispatcher_retries_scheduled_total", "dispatcher_dead_letters_total",
+        "dispatcher_retries_scheduled_total", "dispatcher_parked_total",
+        "dispatcher_dead_letters_total",
     )) -> dict[str, float]:
         """The dispatcher's own counters (Prometheus text), for the phase report."""
         try:
