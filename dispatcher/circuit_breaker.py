@@ -10,7 +10,8 @@
     half_open  success                      closed       cooldown := base
     half_open  failure                      open         cooldown := min(2 * cooldown, max)
 
-Deliveries that are denied are not lost: the caller defers them to the durable retry path.
+Deliveries that are denied are not lost: the caller parks them in the subscriber's parking queue,
+which is consumed again when the breaker closes (dispatcher/parking.py).
 """
 
 from __future__ import annotations
