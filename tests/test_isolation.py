@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
+import aio_pika
 from aiohttp import web
 from harness import (
     Publisher,
@@ -20,13 +21,12 @@ from harness import (
 from structlog.testing import capture_logs
 
 from dispatcher.circuit_breaker import BreakerState
+from dispatcher.topology import queue_depths
 
 
 async def test_in_flight_cap_holds_and_nothing_is_lost(make, receivers: ReceiverServer) -> None:
     rec = receivers.add("small", slow(0.1))
-    cfg = make(
-        [{"id": "small", "url": rec.url, "max_in_flight": 3}]
-    )
+    cfg = make([{"id": "small", "url": rec.url, "max_in_flight": 3}])
     async with running(cfg), Publisher(cfg) as pub:
         await pub.publish_many([event_body(n=i, event_id=f"e{i}") for i in range(40)])
         assert await wait_until(lambda: rec.count == 40, timeout=30)
@@ -36,9 +36,7 @@ async def test_in_flight_cap_holds_and_nothing_is_lost(make, receivers: Receiver
 
 async def test_rate_limit_holds_at_the_receiver(make, receivers: ReceiverServer) -> None:
     rec = receivers.add("limited")
-    cfg = make(
-        [{"id": "limited", "url": rec.url, "rate_limit": 20}]
-    )
+    cfg = make([{"id": "limited", "url": rec.url, "rate_limit": 20}])
     async with running(cfg), Publisher(cfg) as pub:
         await pub.publish_many([event_body(n=i, event_id=f"r{i}") for i in range(50)])
         assert await wait_until(lambda: rec.count == 50, timeout=30)
@@ -69,6 +67,11 @@ async def test_a_hanging_subscriber_does_not_starve_the_others(make, receivers) 
         assert disp.pipeline is not None
         lane = disp.pipeline.lanes.lane(cfg.subscriber("stuck"))
         assert stuck.in_flight <= 16 and lane.in_flight + lane.waiting <= 32
+        # The rest waits in the broker, in stuck's own parking queue, not in the work queue's
+        # window: 16 in flight, 16 waiting, 16 more held by the parking consumer (64 / 4).
+        assert lane.waiting_parked <= 16
+        left = await queue_depths_of(cfg)
+        assert left["work"] == 0 and left["parked"] >= n - 48, left
     assert sorted(a.ids()) == sorted(f"h{i}" for i in range(n))
     assert stuck.count == 0
 
@@ -107,6 +110,13 @@ async def test_retry_of_a_removed_subscriber_is_dead_lettered_not_lost(make, rec
         assert disp.reload(make_config_like(cfg, []))
         [letter] = await wait_for_dead_letters(cfg, 1)
     assert (letter.record.reason, letter.record.subscriber) == ("subscriber_removed", "leaving")
+
+
+async def queue_depths_of(cfg) -> dict[str, int]:
+    connection = await aio_pika.connect(cfg.broker.url)
+    async with connection:
+        channel = await connection.channel()
+        return await queue_depths(channel, cfg.broker, [s.id for s in cfg.subscribers])
 
 
 def make_config_like(cfg, subscribers):

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -26,9 +30,11 @@ from harness import (
     ReceiverServer,
     always,
     event_body,
+    free_port,
     running,
     slow,
     wait_for_dead_letters,
+    wait_ready,
     wait_until,
 )
 from structlog.testing import capture_logs
@@ -236,3 +242,45 @@ async def test_queue_depths_count_parked_deliveries_and_skip_missing_queues(make
         # The channel it was given still works: a missing queue did not close it.
         assert (await queue_depths(channel, cfg.broker))["parked"] == 0
         await channel.queue_delete(parking_queue(cfg.broker.queue, "present"))
+
+
+async def test_parked_deliveries_survive_a_killed_dispatcher(make, receivers, tmp_path) -> None:
+    """Parked deliveries live in the broker: a dispatcher killed with -9 loses none, and the
+    next one (its breaker starts closed) delivers them without any new event."""
+    state, behaviour = switchable()
+    rec = receivers.add("outage", behaviour)  # type: ignore[arg-type]
+    toml = tmp_path / "dispatcher.toml"
+    port = free_port()
+    cfg = make(
+        [{"id": "outage", "url": rec.url, "max_in_flight": 1}],
+        toml=toml,
+        broker={"queue_type": "quorum"},
+        breaker={"failure_threshold": 1, "cooldown": "10m", "max_cooldown": "10m"},
+        retry={"schedule": ["50ms"] * 3},
+        http={"listen": f"127.0.0.1:{port}"},
+    )
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dispatcher", "--config", str(toml), "run", "--workers", "1"],
+            env=dict(os.environ),
+        )
+
+    n = 30
+    proc = start()
+    try:
+        assert await wait_ready(port)
+        async with Publisher(cfg) as pub:
+            await pub.publish_many([event_body(n=i, event_id=f"k{i}") for i in range(n)])
+        assert (await wait_for_depth(cfg, "parked", n))["parked"] == n
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert (rec.attempts, rec.count) == (1, 0)
+        state["healed"] = True
+        proc = start()
+        assert await wait_until(lambda: rec.count == n, timeout=30)
+        assert sorted(rec.ids()) == sorted(f"k{i}" for i in range(n))
+        assert (await wait_for_depth(cfg, "parked", 0))["parked"] == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
