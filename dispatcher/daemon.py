@@ -141,7 +141,9 @@ class Dispatcher:
         self.pipeline = Pipeline(
             cfg,
             sender=sender,
-            settlement=Settlement(publish_channel, cfg.broker),
+            settlement=Settlement(
+                publish_channel, cfg.broker, observe=self.metrics.observe_confirm
+            ),
             minter=self._minter,
             metrics=self.metrics,
         )

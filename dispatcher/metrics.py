@@ -132,6 +132,14 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=reg,
         )
+        self.confirm_time = Histogram(
+            "dispatcher_broker_confirm_seconds",
+            "From publishing a retry, parked delivery or dead letter to the broker's confirm, "
+            "by kind (retry, park, dead_letter).",
+            ["kind"],
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        )
         self.mint_time = Histogram(
             "dispatcher_token_mint_seconds",
             "Time to mint one agent token.",
@@ -179,6 +187,9 @@ class Metrics:
             registry=reg,
             multiprocess_mode="livesum",
         )
+
+    def observe_confirm(self, kind: str, seconds: float) -> None:
+        self.confirm_time.labels(kind).observe(seconds)
 
     def for_subscriber(self, sub_id: str) -> SubscriberMetrics:
         """One subscriber's labelled children, resolved once (labels() is not free)."""

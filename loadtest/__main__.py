@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="receivers verify every agent token (scenario default)")
     run.add_argument("--rounds", type=int, help="alternating rounds (compare, fanout3)")
     run.add_argument("--hang-timeout", default="10s", help="subscriber timeout in hol")
+    run.add_argument("--prefetch", type=int, default=None,
+                     help="the dispatcher's [broker].prefetch (hol; default 256)")
     run.add_argument("--candidate", type=Path,
                      help="another checkout to compare against (ab scenario)")
     run.add_argument("--source", type=Path,
@@ -82,6 +84,7 @@ async def _run(args: argparse.Namespace, command: str) -> int:
                            subscribers=args.subscribers, baseline=args.baseline,
                            workers=args.workers, verify=args.verify, rounds=args.rounds,
                            profile=args.profile, hang_timeout=args.hang_timeout,
+                           prefetch=args.prefetch,
                            candidate=str(args.candidate.resolve()) if args.candidate else None,
                            reference=str(args.reference.resolve()) if args.reference else None)
     endpoints = max(endpoints, args.subscribers or 0)

@@ -238,7 +238,7 @@ class DispatcherProcess:
     async def counters(self, prefixes: Sequence[str] = (
         "dispatcher_events_total", "dispatcher_attempts_total", "dispatcher_deliveries_total",
         "dispatcher_retries_scheduled_total", "dispatcher_parked_total",
-        "dispatcher_dead_letters_total",
+        "dispatcher_dead_letters_total", "dispatcher_broker_confirm_seconds",
     )) -> dict[str, float]:
         """The dispatcher's own counters (Prometheus text), for the phase report."""
         try:

@@ -46,6 +46,7 @@ class ScenarioOptions:
     rounds: int | None = None
     profile: bool = False
     hang_timeout: str = "10s"
+    prefetch: int | None = None
     candidate: str | None = None  # another checkout of the project, for the ab scenario
     reference: str | None = None  # the "before" checkout of the ab scenario (default: this one)
 
@@ -256,7 +257,8 @@ async def hol(run: Run, o: ScenarioOptions) -> ScenarioResult:
     res = ScenarioResult()
     spec = PhaseSpec("x", events=_pick(o.events, 30_000), subscribers=3, preload=True,
                      workers=o.workers, verify=_pick(o.verify, True), focus=(0, 1),
-                     sub_timeout=o.hang_timeout, settle_timeout=600)
+                     sub_timeout=o.hang_timeout, settle_timeout=600,
+                     prefetch=_pick(o.prefetch, 256))
     healthy = await run.phase(replace(spec, name="all-healthy"))
     hung = await run.phase(replace(spec, name="one-hanging", behaviours=({}, {}, {"hang": True}),
                                    heal=(2,), profile=o.profile))
