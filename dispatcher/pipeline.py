@@ -360,14 +360,7 @@ class Pipeline:
             log.debug("delivery_parked", why=why, deferrals=delivery.deferrals + 1)
             return
         if outcome is not None and outcome.kind is not OutcomeKind.DEFERRED:
-            delivery = Delivery(
-                delivery.subscriber,
-                delivery.attempt,
-                delivery.first_attempt_at,
-                delivery.deferrals,
-                outcome.status,
-                outcome.error,
-            )
+            delivery = replace(delivery, last_status=outcome.status, last_error=outcome.error)
         if isinstance(decision, Retry):
             why = "failed"
             nxt = replace(delivery, attempt=decision.next_attempt)
