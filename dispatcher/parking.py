@@ -23,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aiormq.exceptions import ChannelNotFoundEntity
 
 from dispatcher.circuit_breaker import BreakerState
 from dispatcher.config import BrokerConfig
@@ -204,24 +205,35 @@ class ParkingLots:
                 lot.tag = await lot.queue.consume(self._handler, no_ack=False)
 
     async def _depth(self, name: str) -> int | None:
+        """Messages ready in a removed subscriber's queue; 0 once it is gone, None if unknown."""
         try:
-            raw = await self._channel.get_underlay_channel()
-            declared = await raw.queue_declare(name, passive=True)
+            async with self._throwaway() as channel:
+                declared = await channel.queue_declare(name, passive=True)
+        except ChannelNotFoundEntity:
+            return 0  # already deleted (another worker retired it)
         except Exception:
             return None
         return int(declared.message_count or 0)
 
     async def _delete_if_empty(self, name: str) -> bool:
-        # A throwaway channel: a refused delete (not empty) closes the channel it runs on.
+        try:
+            async with self._throwaway() as channel:
+                await channel.queue_delete(name, if_empty=True)
+        except Exception:
+            return False
+        return True
+
+    @contextlib.asynccontextmanager
+    async def _throwaway(self) -> AsyncIterator[Any]:
+        """A raw channel of its own: a failed passive declare or a refused delete closes the
+        channel it runs on, and must not take the parking consumers' channel with it."""
         raw = await self._channel.get_underlay_channel()
         channel = await raw.connection.channel()
         try:
-            await channel.queue_delete(name, if_empty=True)
-        except Exception:
-            return False
-        with contextlib.suppress(Exception):
-            await channel.close()
-        return True
+            yield channel
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
 
     # --- lifecycle -----------------------------------------------------------------------------
 
