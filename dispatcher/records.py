@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "H_ACCOUNT",
     "H_ATTEMPT",
     "H_DEAD_AT",
     "H_DEAD_ID",
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 H_SUBSCRIBER = "x-dispatch-subscriber"  # the one subscriber a retry is for
+H_ACCOUNT = "x-dispatch-account"  # the subscriber's account, on retries, parks and dead letters
 H_ATTEMPT = "x-dispatch-attempt"  # the attempt number the message is due for (1-based)
 H_FIRST_ATTEMPT = "x-dispatch-first-attempt"  # unix ms of the first attempt
 H_DEFERRALS = "x-dispatch-deferrals"  # times the delivery was deferred without an attempt
