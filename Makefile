@@ -4,13 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup broker postgres demo run receiver test check lint typecheck chaos chaos-smoke loadtest loadtest-smoke bench clean
+.PHONY: setup broker postgres receiver-kit demo run receiver test check lint typecheck chaos chaos-smoke loadtest loadtest-smoke bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml signing/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e './signing[aiohttp]'
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -19,6 +20,10 @@ broker:
 
 postgres:
 	scripts/ensure-postgres
+
+## Apache httpd + mod_auth_openidc and Node.js + jose, for the receiver-recipe tests.
+receiver-kit:
+	scripts/ensure-receiver-kit
 
 ## The main job: the whole local loop once (broker, dispatcher, receivers, events), then a summary.
 demo: setup broker
@@ -34,7 +39,7 @@ receiver: setup
 	  --issuer https://mail.example.com --db sqlite:///var/receiver.sqlite3
 
 ## Unit, integration and smoke-chaos/load tests against the real broker (what CI runs).
-test: setup broker postgres
+test: setup broker postgres receiver-kit
 	$(BIN)/pytest -q
 
 lint: setup

@@ -1,8 +1,9 @@
 """Agent tokens and signatures for webhook deliveries.
 
-Sender side: `KeyRing` (keys on disk, rotation), `TokenMinter` (the per-delivery JWT), `sign_hmac`
-(Standard Webhooks signature). Receiver side: `WebhookVerifier` and its aiohttp glue, imported on
-first use so the sender does not load aiohttp's server half.
+Receiver side: `WebhookVerifier` (async `verify` and sync `verify_sync`), `VerificationError`,
+replay caches, and aiohttp glue (`webhook_middleware`, `verified`; the `aiohttp` extra), imported
+on first use. Sender side: `KeyRing` (keys on disk per algorithm, rotation), `TokenMinter` (the
+per-delivery JWT), `sign_hmac` (Standard Webhooks signature).
 """
 
 from __future__ import annotations
@@ -13,21 +14,23 @@ from typing import TYPE_CHECKING, Any
 from .errors import VerificationError
 from .hmac_signature import parse_secrets
 from .hmac_signature import sign as sign_hmac
-from .keys import KeyRing, KeyRingError, SigningKey, generate_key, prune, rotate
-from .replay import MemoryReplayCache, ReplayCache
+from .keys import ALGORITHMS, KeyRing, KeyRingError, SigningKey, generate_key, prune, rotate
+from .replay import MemoryReplayCache, ReplayCache, SyncReplayCache
 from .tokens import TokenMinter
+from .verifier import WebhookVerifier
 
 if TYPE_CHECKING:
     from .aiohttp_middleware import WEBHOOK, verified, webhook_middleware
-    from .verifier import WebhookVerifier
 
 __all__ = [
+    "ALGORITHMS",
     "WEBHOOK",
     "KeyRing",
     "KeyRingError",
     "MemoryReplayCache",
     "ReplayCache",
     "SigningKey",
+    "SyncReplayCache",
     "TokenMinter",
     "VerificationError",
     "WebhookVerifier",
@@ -41,7 +44,6 @@ __all__ = [
 ]
 
 _LAZY = {
-    "WebhookVerifier": ".verifier",
     "WEBHOOK": ".aiohttp_middleware",
     "verified": ".aiohttp_middleware",
     "webhook_middleware": ".aiohttp_middleware",

@@ -10,26 +10,29 @@ A key is published (in the JWKS) from creation until `retires_at`, and signs fro
 until a newer key activates. A PEM with no manifest entry is active from its file mtime and never
 retires, so a key placed by hand just works. Writers record the schedule before the PEM appears,
 so a reader never mistakes a key scheduled for later for a hand-placed one.
+
+Each JWS algorithm (EdDSA, ES256, RS256) has its own active key: a ring signs with the newest
+active key of the algorithm asked for, rotation replaces the keys of one algorithm, and the JWKS
+publishes the keys of every algorithm.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
@@ -44,13 +47,15 @@ __all__ = [
     "rotate",
 ]
 
-ALGORITHMS = ("EdDSA", "ES256")
+ALGORITHMS = ("EdDSA", "ES256", "RS256")
+RSA_KEY_BITS = 2048  # new RS256 keys; hand-placed ones may be larger
+_MIN_RSA_BITS = 2048
 MANIFEST_NAME = "keyring.json"
 RETIRED_DIR = "retired"
 _LOCK_NAME = ".keyring.lock"
 
-PrivateKey = Ed25519PrivateKey | ec.EllipticCurvePrivateKey
-PublicKey = Ed25519PublicKey | ec.EllipticCurvePublicKey
+PrivateKey = Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+PublicKey = Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 
 class KeyRingError(Exception):
@@ -66,6 +71,13 @@ def _public_members(public_key: PublicKey) -> dict[str, str]:
     if isinstance(public_key, Ed25519PublicKey):
         raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         return {"crv": "Ed25519", "kty": "OKP", "x": _b64url(raw)}
+    if isinstance(public_key, rsa.RSAPublicKey):
+        rsa_numbers = public_key.public_numbers()
+        return {
+            "e": _b64url(_int_bytes(rsa_numbers.e)),
+            "kty": "RSA",
+            "n": _b64url(_int_bytes(rsa_numbers.n)),
+        }
     numbers = public_key.public_numbers()
     return {
         "crv": "P-256",
@@ -73,6 +85,11 @@ def _public_members(public_key: PublicKey) -> dict[str, str]:
         "x": _b64url(numbers.x.to_bytes(32, "big")),
         "y": _b64url(numbers.y.to_bytes(32, "big")),
     }
+
+
+def _int_bytes(value: int) -> bytes:
+    """Big-endian bytes of a positive integer, without leading zeros (JWA base64urlUInt)."""
+    return value.to_bytes((value.bit_length() + 7) // 8, "big")
 
 
 def jwk_thumbprint(public_key: PublicKey) -> str:
@@ -88,12 +105,14 @@ def _algorithm_of(private_key: object) -> str | None:
         private_key.curve, ec.SECP256R1
     ):
         return "ES256"
+    if isinstance(private_key, rsa.RSAPrivateKey) and private_key.key_size >= _MIN_RSA_BITS:
+        return "RS256"
     return None
 
 
 def _check_algorithm(algorithm: str) -> None:
     if algorithm not in ALGORITHMS:
-        raise KeyRingError(f"unsupported algorithm {algorithm!r}; use EdDSA or ES256")
+        raise KeyRingError(f"unsupported algorithm {algorithm!r}; use EdDSA, ES256 or RS256")
 
 
 @dataclass(frozen=True)
@@ -112,6 +131,8 @@ class SigningKey:
         key = self.private_key
         if isinstance(key, Ed25519PrivateKey):
             return key.sign(data)
+        if isinstance(key, rsa.RSAPrivateKey):
+            return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
         r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
         return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
@@ -213,8 +234,12 @@ def _load_key_file(path: Path) -> _KeyFile:
         private_key = None
     alg = _algorithm_of(private_key)
     if alg is None:
-        raise KeyRingError(f"key file {path.name} is not a PKCS8 Ed25519 or P-256 private key")
-    assert isinstance(private_key, Ed25519PrivateKey | ec.EllipticCurvePrivateKey)
+        raise KeyRingError(
+            f"key file {path.name} is not a PKCS8 Ed25519, P-256 or RSA (2048+ bits) private key"
+        )
+    assert isinstance(
+        private_key, Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+    )
     kid = jwk_thumbprint(private_key.public_key())
     return _KeyFile(SigningKey(kid, alg, private_key, st.st_mtime, st.st_mtime, None), path)
 
@@ -280,6 +305,8 @@ def _ensure_dir(keys_dir: str | Path) -> Path:
 @contextlib.contextmanager
 def _locked(keys_dir: Path) -> Iterator[None]:
     """Serialise writers (the daemon's first start, a rotation, a prune) on one keys_dir."""
+    import fcntl  # POSIX only, and only writers need it: receivers may run anywhere
+
     try:
         fd = os.open(keys_dir / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError:
@@ -295,19 +322,43 @@ def _locked(keys_dir: Path) -> Iterator[None]:
 
 
 class KeyRing:
-    """The keys of one directory, and which of them signs and which are published at a time."""
+    """The keys of one directory: which of them signs, per algorithm, and which are published.
 
-    def __init__(self, keys_dir: Path, keys: Sequence[SigningKey], stamp: tuple[object, ...]):
+    `default_algorithm` is what `signing_key()` and a minter use when no algorithm is asked for.
+    """
+
+    def __init__(
+        self,
+        keys_dir: Path,
+        keys: Sequence[SigningKey],
+        stamp: tuple[object, ...],
+        *,
+        default_algorithm: str = "EdDSA",
+    ):
+        _check_algorithm(default_algorithm)
         self._keys_dir = keys_dir
         self._keys = tuple(keys)
         self._stamp = stamp
+        self._default_algorithm = default_algorithm
 
     @classmethod
     def load(
-        cls, keys_dir: str | Path, algorithm: str = "EdDSA", *, create_if_empty: bool = True
+        cls,
+        keys_dir: str | Path,
+        algorithm: str = "EdDSA",
+        *,
+        create_if_empty: bool = True,
+        algorithms: Iterable[str] = (),
     ) -> KeyRing:
-        """Load every key in `keys_dir`; if there is none, create one active now (or fail)."""
-        _check_algorithm(algorithm)
+        """Load every key in `keys_dir`, `algorithm` being the default one.
+
+        With `create_if_empty` (the default), each of `algorithm` and `algorithms` that has no
+        unretired key gets one, active now. Without it nothing is written, and a directory with
+        no key at all is an error.
+        """
+        wanted = dict.fromkeys([algorithm, *algorithms])
+        for alg in wanted:
+            _check_algorithm(alg)
         path = Path(keys_dir)
         if create_if_empty:
             path = _ensure_dir(path)
@@ -315,34 +366,57 @@ class KeyRing:
             raise KeyRingError(f"keys_dir {path} does not exist")
         stamp = _stamp(path)
         files = _scan(path)
-        if not files:
-            if not create_if_empty:
+        if not create_if_empty:
+            if not files:
                 raise KeyRingError(f"keys_dir {path} has no keys")
-            with _locked(path):
-                if not _scan(path):
-                    now = time.time()
-                    manifest = _read_manifest(path)
-                    _create_key(path, algorithm, manifest, now=now, activates_at=math.floor(now))
+        elif _missing((f.key for f in files), wanted, time.time()):
+            _create_missing(path, wanted)
             stamp = _stamp(path)
             files = _scan(path)
-        return cls(path, [f.key for f in files], stamp)
+        return cls(path, [f.key for f in files], stamp, default_algorithm=algorithm)
 
     @property
     def keys_dir(self) -> Path:
         return self._keys_dir
 
     @property
+    def default_algorithm(self) -> str:
+        return self._default_algorithm
+
+    @property
     def keys(self) -> tuple[SigningKey, ...]:
         """Every loaded key, retired or not."""
         return self._keys
 
-    def signing_key(self, now: float | None = None) -> SigningKey:
-        """The active, unretired key that activated last."""
+    @property
+    def algorithms(self) -> frozenset[str]:
+        """The algorithms that have an unretired key."""
+        now = time.time()
+        return frozenset(k.alg for k in self._keys if not k.is_retired(now))
+
+    def signing_key(self, now: float | None = None, algorithm: str | None = None) -> SigningKey:
+        """The active, unretired key of `algorithm` (default: the ring's) that activated last."""
         t = time.time() if now is None else now
-        candidates = [k for k in self._keys if k.activates_at <= t and not k.is_retired(t)]
+        alg = self._default_algorithm if algorithm is None else algorithm
+        candidates = [
+            k for k in self._keys if k.alg == alg and k.activates_at <= t and not k.is_retired(t)
+        ]
         if not candidates:
-            raise KeyRingError(f"keys_dir {self._keys_dir} has no active signing key")
+            _check_algorithm(alg)
+            raise KeyRingError(f"keys_dir {self._keys_dir} has no active {alg} signing key")
         return max(candidates, key=lambda k: (k.activates_at, k.created_at, k.kid))
+
+    def ensure(self, algorithm: str) -> SigningKey:
+        """Make sure `algorithm` has a key, creating one active now if it has none; returns it.
+
+        Safe to call from several processes at once on one keys_dir (one of them creates it).
+        """
+        _check_algorithm(algorithm)
+        if _missing(self._keys, [algorithm], time.time()):
+            _create_missing(self._keys_dir, [algorithm])
+            self._keys = tuple(f.key for f in _scan(self._keys_dir))
+            self._stamp = _stamp(self._keys_dir)
+        return self.signing_key(algorithm=algorithm)
 
     def published(self, now: float | None = None) -> list[SigningKey]:
         """Every key that may still verify a live token, including keys not yet signing."""
@@ -367,12 +441,29 @@ class KeyRing:
         return True
 
 
+def _missing(keys: Iterable[SigningKey], wanted: Iterable[str], now: float) -> list[str]:
+    """The wanted algorithms without an unretired key (active now or scheduled)."""
+    have = {k.alg for k in keys if not k.is_retired(now)}
+    return [alg for alg in wanted if alg not in have]
+
+
+def _create_missing(keys_dir: Path, wanted: Iterable[str]) -> None:
+    """Under the lock, look again and create a key, active now, for each algorithm still missing."""
+    with _locked(keys_dir):
+        now = time.time()
+        for alg in _missing((f.key for f in _scan(keys_dir)), wanted, now):
+            manifest = _read_manifest(keys_dir)
+            _create_key(keys_dir, alg, manifest, now=now, activates_at=math.floor(now))
+
+
 # -- writers --------------------------------------------------------------------------------------
 
 
 def _new_private_key(algorithm: str) -> PrivateKey:
     if algorithm == "EdDSA":
         return Ed25519PrivateKey.generate()
+    if algorithm == "RS256":
+        return rsa.generate_private_key(public_exponent=65537, key_size=RSA_KEY_BITS)
     return ec.generate_private_key(ec.SECP256R1())
 
 
@@ -425,10 +516,11 @@ def rotate(
     retire_after: float,
     now: float | None = None,
 ) -> tuple[SigningKey, list[SigningKey]]:
-    """Publish a new key now that signs from now + publish_lead, and schedule the others to retire.
+    """Publish a new `algorithm` key now that signs from now + publish_lead; retire the old ones.
 
-    Every unretired older key retires at new.activates_at + retire_after (pass token TTL plus the
-    JWKS cache max-age), or earlier if it was already scheduled to. Returns (new key, retiring).
+    Every unretired older key of the same algorithm retires at new.activates_at + retire_after
+    (pass token TTL plus the JWKS cache max-age), or earlier if it was already scheduled to; keys
+    of other algorithms are left alone. Returns (new key, retiring).
     """
     _check_algorithm(algorithm)
     if publish_lead < 0 or retire_after < 0:
@@ -441,7 +533,7 @@ def rotate(
         retires_at = activates_at + retire_after
         retiring: list[SigningKey] = []
         for old in (f.key for f in _scan(path)):
-            if old.is_retired(t):
+            if old.alg != algorithm or old.is_retired(t):
                 continue
             when = retires_at if old.retires_at is None else min(old.retires_at, retires_at)
             scheduled = replace(old, retires_at=when)

@@ -13,6 +13,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -32,10 +33,11 @@ def body_sha256(body: bytes) -> str:
 
 
 class TokenMinter:
-    """Mints agent tokens with the key ring's current signing key.
+    """Mints agent tokens with the key ring's current signing key for each algorithm.
 
-    The signing key is resolved at most once per second (of `now`), so a rotation or a reload of
-    the ring is picked up within a second without a lookup per token.
+    Keys are resolved at most once per second (of `now`) and algorithm, so a rotation or a reload
+    of the ring is picked up within a second without a lookup per token; the encoded header and
+    the bound signing method are cached per key.
     """
 
     def __init__(
@@ -55,32 +57,49 @@ class TokenMinter:
         self._ttl = int(ttl_seconds)
         self._scope = scope
         self._resolved_for: int | None = None
-        self._key: SigningKey | None = None
-        self._header: bytes = b""
-        self._sign: Callable[[bytes], bytes] = _unset_signer
+        self._resolved: dict[str | None, _Signer] = {}  # algorithm (None: default) -> signer
+        self._signers: dict[str, _Signer] = {}  # kid -> signer, kept across resolutions
+        self._last_kid: str | None = None
 
-    def _resolve(self, now: float, second: int) -> None:
-        key = self._keyring.signing_key(now)
-        if key != self._key:
-            header = {"alg": key.alg, "kid": key.kid, "typ": TOKEN_TYPE}
-            self._header = _b64(orjson.dumps(header)).rstrip(b"=")
-            # Ed25519 signatures are already in JWS form; bind the method directly.
-            private = key.private_key
-            self._sign = private.sign if isinstance(private, Ed25519PrivateKey) else key.sign
-            self._key = key
-        self._resolved_for = second
+    def _resolve(self, algorithm: str | None, now: float, second: int) -> _Signer:
+        if second != self._resolved_for:
+            self._resolved.clear()
+            self._resolved_for = second
+        key = self._keyring.signing_key(now, algorithm)
+        signer = self._signers.get(key.kid)
+        if signer is None or signer.key != key:
+            signer = _Signer.for_key(key)
+            if len(self._signers) > 64:  # rotations over a long life: keep only recent keys
+                self._signers.clear()
+            self._signers[key.kid] = signer
+        self._resolved[algorithm] = signer
+        return signer
 
     @property
     def current_kid(self) -> str | None:
         """The kid of the key that signed the last token, if any."""
-        return None if self._key is None else self._key.kid
+        return self._last_kid
 
-    def mint(self, *, audience: str, webhook_id: str, body: bytes, now: int | None = None) -> str:
-        """A signed token for one delivery attempt of `body` to `audience` (the subscriber url)."""
+    def mint(
+        self,
+        *,
+        audience: str,
+        webhook_id: str,
+        body: bytes,
+        now: int | None = None,
+        algorithm: str | None = None,
+        account: str | None = None,
+    ) -> str:
+        """A signed token for one delivery attempt of `body` to `audience` (the subscriber url).
+
+        `algorithm` picks the key (None: the ring's default algorithm); `account` adds the
+        `account` claim.
+        """
         t = time.time() if now is None else now
         iat = int(t)
-        if iat != self._resolved_for:
-            self._resolve(t, iat)
+        signer = self._resolved.get(algorithm) if iat == self._resolved_for else None
+        if signer is None:
+            signer = self._resolve(algorithm, t, iat)
         claims = {
             "iss": self._issuer,
             "sub": self._subject,
@@ -92,10 +111,26 @@ class TokenMinter:
             "webhook_id": webhook_id,
             "body_sha256": _b64(hashlib.sha256(body).digest()).rstrip(b"=").decode("ascii"),
         }
-        signing_input = self._header + b"." + _b64(orjson.dumps(claims)).rstrip(b"=")
-        signature = _b64(self._sign(signing_input)).rstrip(b"=")
+        if account is not None:
+            claims["account"] = account
+        signing_input = signer.header + b"." + _b64(orjson.dumps(claims)).rstrip(b"=")
+        signature = _b64(signer.sign(signing_input)).rstrip(b"=")
+        self._last_kid = signer.key.kid
         return (signing_input + b"." + signature).decode("ascii")
 
 
-def _unset_signer(data: bytes) -> bytes:
-    raise RuntimeError("no signing key resolved")
+@dataclass(frozen=True)
+class _Signer:
+    """One key's encoded JOSE header and signing method."""
+
+    key: SigningKey
+    header: bytes
+    sign: Callable[[bytes], bytes]
+
+    @classmethod
+    def for_key(cls, key: SigningKey) -> _Signer:
+        header = {"alg": key.alg, "kid": key.kid, "typ": TOKEN_TYPE}
+        private = key.private_key
+        # Ed25519 signatures are already in JWS form; bind the method directly.
+        sign = private.sign if isinstance(private, Ed25519PrivateKey) else key.sign
+        return cls(key, _b64(orjson.dumps(header)).rstrip(b"="), sign)

@@ -1,90 +1,41 @@
 """Receiver side: verify a webhook's agent token and/or Standard Webhooks signature.
 
-Usage::
+Usage, async (aiohttp, FastAPI, ...; needs the `aiohttp` extra to fetch a JWKS URL)::
 
     async with WebhookVerifier(jwks_url=..., audience="https://me.example/hooks") as verifier:
         claims = await verifier.verify(request.headers, await request.read())
+
+and sync (Flask, Django, any WSGI app; standard library only)::
+
+    verifier = WebhookVerifier(jwks_url=..., audience="https://me.example/hooks")
+    claims = verifier.verify_sync(request.headers, request.get_data())
 
 Every failure is a `VerificationError` whose `.reason` says what was wrong; nothing else escapes.
 """
 
 from __future__ import annotations
 
-import base64
-import hmac
-import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Collection, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import aiohttp
-import jwt
-import orjson
-
+from . import jws
 from .errors import VerificationError
 from .hmac_signature import parse_secrets, verify_hmac
-from .jwks_client import JwksClient, valid_kid
-from .replay import MemoryReplayCache, ReplayCache
-from .tokens import TOKEN_TYPE, body_sha256
+from .jwks import JwksCache, PinnedKey
+from .jwks_sync import SyncJwksClient
+from .replay import MemoryReplayCache, ReplayCache, SyncReplayCache
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from .jwks_client import JwksClient
 
 __all__ = ["WebhookVerifier"]
 
-_ALLOWED_ALGORITHMS: Final = frozenset({"EdDSA", "ES256"})
-_REQUIRED_CLAIMS: Final = ["exp", "iat", "iss", "aud", "jti", "sub"]
-_MAX_TOKEN_LENGTH: Final = 8192
 _HMAC_TOLERANCE: Final = 300.0
-
-# PyJWT exceptions to reasons; subclasses before their bases (InvalidSignatureError is a
-# DecodeError, ExpiredSignatureError an InvalidTokenError).
-_JWT_ERRORS: Final[tuple[tuple[type[jwt.PyJWTError], str], ...]] = (
-    (jwt.ExpiredSignatureError, "expired"),
-    (jwt.ImmatureSignatureError, "not_yet_valid"),
-    (jwt.InvalidAudienceError, "wrong_audience"),
-    (jwt.InvalidIssuerError, "wrong_issuer"),
-    (jwt.MissingRequiredClaimError, "missing_claim"),
-    (jwt.InvalidSignatureError, "bad_signature"),
-    (jwt.InvalidAlgorithmError, "algorithm_not_allowed"),
-)
-
-
-def _reason_for(exc: jwt.PyJWTError) -> str:
-    for exc_type, reason in _JWT_ERRORS:
-        if isinstance(exc, exc_type):
-            return reason
-    return "malformed_token"
-
-
-_SEGMENT: Final = re.compile(r"[A-Za-z0-9_-]*")
-
-
-def _canonical_compact_jws(token: str) -> bool:
-    """Three segments, each canonical unpadded base64url.
-
-    Decoders skip stray characters and ignore the spare bits of the last character, so without
-    this check many different strings would verify as the same token.
-    """
-    segments = token.split(".")
-    if len(segments) != 3:
-        return False
-    for segment in segments:
-        if _SEGMENT.fullmatch(segment) is None or len(segment) % 4 == 1:
-            return False
-        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        if base64.urlsafe_b64encode(raw).rstrip(b"=") != segment.encode("ascii"):
-            return False
-    return True
-
-
-def _unverified_header(token: str) -> dict[str, Any]:
-    """The JOSE header of a canonical compact JWS, not yet trusted for anything."""
-    segment = token.partition(".")[0]
-    try:
-        header = orjson.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except ValueError:
-        header = None
-    if not isinstance(header, dict):
-        raise VerificationError("malformed_token", "header is not a JSON object")
-    return header
+DEFAULT_MAX_LIFETIME: Final = 900.0  # 15 minutes
 
 
 def _bearer_token(authorization: str | None) -> str | None:
@@ -93,11 +44,6 @@ def _bearer_token(authorization: str | None) -> str | None:
         return None
     scheme, _, token = authorization.strip().partition(" ")
     return token.strip() if scheme.lower() == "bearer" else None
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _secrets_from(value: str | Sequence[str] | None) -> list[bytes]:
@@ -115,6 +61,13 @@ class WebhookVerifier:
     `webhook-signature` header; with HMAC alone it returns the webhook id. With both configured,
     both are required. Token ids are remembered until expiry to refuse replays; the default cache
     is per process.
+
+    `account`: the token's `account` claim must equal it. `max_lifetime`: a token whose exp - iat
+    exceeds it (seconds) is refused, however well signed. `algorithms`: the JWS algorithms
+    accepted at all (each key still verifies only its own).
+
+    Nothing is held open between JWKS fetches: `aclose()` (or leaving ``async with``) releases
+    what the async path may hold, and is safe to call any number of times.
     """
 
     def __init__(
@@ -124,126 +77,114 @@ class WebhookVerifier:
         jwks: Mapping[str, Any] | None = None,
         audience: str | None = None,
         issuer: str | None = None,
+        account: str | None = None,
         hmac_secrets: str | Sequence[str] | None = None,
         leeway: float = 30.0,
-        replay_cache: ReplayCache | None = None,
+        max_lifetime: float = DEFAULT_MAX_LIFETIME,
+        algorithms: Collection[str] = ("EdDSA", "ES256", "RS256"),
+        replay_cache: ReplayCache | SyncReplayCache | None = None,
         require_scope: str = "webhooks:deliver",
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         if jwks_url is not None and jwks is not None:
             raise ValueError("give jwks_url or jwks, not both")
         self._secrets = _secrets_from(hmac_secrets)
-        self._keys: JwksClient | None = None
-        if jwks_url is not None or jwks is not None:
+        self._jwks_url = jwks_url
+        self._static: JwksCache | None = None
+        self._sync_keys: SyncJwksClient | None = None
+        self._async_keys: JwksClient | None = None
+        self._session = session
+        uses_tokens = jwks_url is not None or jwks is not None
+        if uses_tokens:
             if not audience:
                 raise ValueError("audience (this endpoint's url) is required to verify tokens")
-            self._keys = JwksClient(jwks_url, jwks=jwks, session=session)
+            if jwks is not None:
+                self._static = JwksCache.static(jwks)
+            else:
+                assert jwks_url is not None
+                self._sync_keys = SyncJwksClient(jwks_url)
         elif not self._secrets:
             raise ValueError("configure jwks_url, jwks or hmac_secrets")
         if leeway < 0:
             raise ValueError("leeway must not be negative")
+        if not max_lifetime > 0:
+            raise ValueError("max_lifetime must be positive (seconds)")
+        if account is not None and not account:
+            raise ValueError("account must not be empty")
         if not require_scope or require_scope.strip() != require_scope:
             raise ValueError("require_scope must be a single non-empty scope")
-        self._audience = audience
-        self._issuer = issuer
-        self._leeway = leeway
-        self._replay: ReplayCache = MemoryReplayCache() if replay_cache is None else replay_cache
-        self._scope = require_scope
+        unknown = set(algorithms) - jws.ALGORITHMS
+        if unknown or not algorithms or isinstance(algorithms, str):
+            raise ValueError(f"algorithms must be a list drawn from {sorted(jws.ALGORITHMS)}")
+        self._uses_tokens = uses_tokens
+        self._algorithms = frozenset(algorithms)
+        self._policy = jws.ClaimsPolicy(
+            audience=audience or "",
+            issuer=issuer,
+            leeway=leeway,
+            scope=require_scope,
+            max_lifetime=float(max_lifetime),
+            account=account,
+        )
+        self._replay = MemoryReplayCache() if replay_cache is None else replay_cache
+
+    # -- async ---------------------------------------------------------------------------------
 
     async def verify(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any] | str:
         """The token's claims (or, HMAC only, the webhook id); raises VerificationError."""
+        keys = self._async_client()
         try:
-            return await self._verify(headers, body)
+            h, token = self._credentials(headers)
+            claims = None
+            if token is not None:
+                parsed = jws.parse(token, self._algorithms)
+                if keys is not None:
+                    pinned = await keys.get(parsed.kid)
+                else:
+                    pinned = self._static_key(parsed)
+                claims = self._check_token(parsed, pinned, h, body)
+            self._check_hmac(h, body)
+            if claims is None:
+                return h["webhook-id"]
+            # Last, so a request that fails any other check does not use up its token id.
+            if await self._seen(claims):
+                raise VerificationError("replayed", "token id already used")
+            return claims
         except VerificationError:
             raise
         except Exception as exc:
             raise VerificationError("malformed_token", type(exc).__name__) from exc
 
-    async def _verify(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any] | str:
-        h = {str(name).lower(): value for name, value in headers.items()}
-        token = _bearer_token(h.get("authorization"))
-        signature = h.get("webhook-signature")
-        if self._keys is not None and self._secrets and token is None and signature is None:
-            raise VerificationError("no_credentials", "neither a token nor a signature was sent")
-        claims: dict[str, Any] | None = None
-        if self._keys is not None:
-            if token is None:
-                raise VerificationError("missing_token", "no Authorization: Bearer token")
-            claims = await self._verify_token(token, h.get("webhook-id"), body)
-        if self._secrets:
-            verify_hmac(
-                self._secrets,
-                h.get("webhook-id"),
-                h.get("webhook-timestamp"),
-                signature,
-                body,
-                tolerance=_HMAC_TOLERANCE,
-            )
-        if claims is None:
-            return h["webhook-id"]
-        # Last, so a request that fails any other check does not use up its token id.
-        if await self._replay.seen(claims["jti"], float(claims["exp"]) + self._leeway):
-            raise VerificationError("replayed", "token id already used")
-        return claims
+    def _async_client(self) -> JwksClient | None:
+        if self._jwks_url is None:
+            return None
+        if self._async_keys is None:
+            try:
+                from .jwks_client import JwksClient
+            except ImportError:  # pragma: no cover - depends on the installation
+                raise ImportError(
+                    "WebhookVerifier.verify with jwks_url needs aiohttp: "
+                    "pip install 'bounce-signing[aiohttp]' (or use verify_sync)"
+                ) from None
+            self._async_keys = JwksClient(self._jwks_url, session=self._session)
+        return self._async_keys
 
-    async def _verify_token(
-        self, token: str, webhook_id: str | None, body: bytes
-    ) -> dict[str, Any]:
-        assert self._keys is not None
-        if len(token) > _MAX_TOKEN_LENGTH or not _canonical_compact_jws(token):
-            raise VerificationError("malformed_token", "not a compact JWS")
-        header = _unverified_header(token)
-        if "crit" in header or "b64" in header:
-            raise VerificationError("malformed_token", "unsupported critical header")
-        typ = header.get("typ")
-        if not isinstance(typ, str) or typ.lower().removeprefix("application/") != TOKEN_TYPE:
-            raise VerificationError("bad_type", f"typ {_short(typ)}")
-        alg = header.get("alg")
-        if alg not in _ALLOWED_ALGORITHMS:
-            raise VerificationError("algorithm_not_allowed", f"alg {_short(alg)}")
-        kid = header.get("kid")
-        if not valid_kid(kid):
-            raise VerificationError("malformed_token", "kid missing or invalid")
-        pinned = await self._keys.get(kid)
-        if alg != pinned.alg:
-            raise VerificationError("algorithm_not_allowed", f"key {kid} is {pinned.alg}")
-        try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                pinned.key,
-                algorithms=[pinned.alg],
-                audience=self._audience,
-                issuer=self._issuer,
-                leeway=self._leeway,
-                options={"require": _REQUIRED_CLAIMS},
-            )
-        except jwt.PyJWTError as exc:
-            raise VerificationError(_reason_for(exc), str(exc)) from None
-        self._check_claims(claims, webhook_id, body)
-        return claims
+    async def _seen(self, claims: dict[str, Any]) -> bool:
+        expires_at = float(claims["exp"]) + self._policy.leeway
+        replay = self._replay
+        if hasattr(replay, "seen"):
+            return bool(await replay.seen(claims["jti"], expires_at))
+        return bool(replay.seen_sync(claims["jti"], expires_at))
 
-    def _check_claims(self, claims: dict[str, Any], webhook_id: str | None, body: bytes) -> None:
-        for name in ("scope", "webhook_id", "body_sha256"):
-            if name not in claims:
-                raise VerificationError("missing_claim", f"token has no {name} claim")
-        scope = claims["scope"]
-        if not isinstance(scope, str) or self._scope not in scope.split():
-            raise VerificationError("bad_scope", f"scope {_short(scope)}")
-        if webhook_id is None or claims["webhook_id"] != webhook_id:
-            raise VerificationError("webhook_id_mismatch", "webhook-id header differs from token")
-        digest = claims["body_sha256"]
-        if not isinstance(digest, str) or not hmac.compare_digest(
-            digest.encode(), body_sha256(body).encode()
-        ):
-            raise VerificationError("body_mismatch", "body does not match body_sha256")
-        jti = claims["jti"]
-        if not isinstance(jti, str) or not jti:
-            raise VerificationError("malformed_token", "jti is not a string")
+    async def aclose(self) -> None:
+        """Release what the async path holds; the verifier may still be used afterwards."""
+        keys, self._async_keys = self._async_keys, None
+        if keys is not None:
+            await keys.close()
 
     async def close(self) -> None:
-        """Release the JWKS client's HTTP session (if the verifier created it)."""
-        if self._keys is not None:
-            await self._keys.close()
+        """Same as `aclose()`."""
+        await self.aclose()
 
     async def __aenter__(self) -> WebhookVerifier:
         return self
@@ -254,4 +195,68 @@ class WebhookVerifier:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        await self.aclose()
+
+    # -- sync ----------------------------------------------------------------------------------
+
+    def verify_sync(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any] | str:
+        """`verify` for synchronous code (WSGI); thread-safe. Raises VerificationError.
+
+        Fetches the JWKS with the standard library, by the same cache and refetch rules. A custom
+        replay cache must offer ``seen_sync(jti, expires_at)`` here (MemoryReplayCache does).
+        """
+        replay = self._replay
+        if not hasattr(replay, "seen_sync"):
+            raise TypeError("verify_sync needs a replay cache with a seen_sync() method")
+        try:
+            h, token = self._credentials(headers)
+            claims = None
+            if token is not None:
+                parsed = jws.parse(token, self._algorithms)
+                keys = self._sync_keys
+                pinned = keys.get(parsed.kid) if keys is not None else self._static_key(parsed)
+                claims = self._check_token(parsed, pinned, h, body)
+            self._check_hmac(h, body)
+            if claims is None:
+                return h["webhook-id"]
+            expires_at = float(claims["exp"]) + self._policy.leeway
+            if replay.seen_sync(claims["jti"], expires_at):
+                raise VerificationError("replayed", "token id already used")
+            return claims
+        except VerificationError:
+            raise
+        except Exception as exc:
+            raise VerificationError("malformed_token", type(exc).__name__) from exc
+
+    # -- shared, no I/O ------------------------------------------------------------------------
+
+    def _credentials(self, headers: Mapping[str, str]) -> tuple[dict[str, str], str | None]:
+        """Lower-cased headers and the bearer token, which must be there when tokens are used."""
+        h = {str(name).lower(): value for name, value in headers.items()}
+        token = _bearer_token(h.get("authorization"))
+        if self._uses_tokens and self._secrets and token is None and "webhook-signature" not in h:
+            raise VerificationError("no_credentials", "neither a token nor a signature was sent")
+        if self._uses_tokens and token is None:
+            raise VerificationError("missing_token", "no Authorization: Bearer token")
+        return h, token if self._uses_tokens else None
+
+    def _static_key(self, token: jws.Token) -> PinnedKey:
+        assert self._static is not None
+        return self._static.lookup(token.kid)
+
+    def _check_token(
+        self, token: jws.Token, pinned: PinnedKey, h: Mapping[str, str], body: bytes
+    ) -> dict[str, Any]:
+        jws.check_signature(token, pinned)
+        return jws.check_claims(token, self._policy, h.get("webhook-id"), body, time.time())
+
+    def _check_hmac(self, h: Mapping[str, str], body: bytes) -> None:
+        if self._secrets:
+            verify_hmac(
+                self._secrets,
+                h.get("webhook-id"),
+                h.get("webhook-timestamp"),
+                h.get("webhook-signature"),
+                body,
+                tolerance=_HMAC_TOLERANCE,
+            )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from jwcrypto import jwk
@@ -54,7 +54,7 @@ def test_load_creates_one_private_active_key(tmp_path: Path, algorithm: str) -> 
         "activates_at": key.activates_at,
         "retires_at": None,
     }
-    assert [k.kid for k in KeyRing.load(keys_dir).keys] == [key.kid]
+    assert [k.kid for k in KeyRing.load(keys_dir, algorithm).keys] == [key.kid]
 
 
 @pytest.mark.parametrize("algorithm", ["EdDSA", "ES256"])
@@ -125,13 +125,90 @@ def test_second_rotation_does_not_extend_an_earlier_retirement(tmp_path: Path) -
     assert ring.signing_key(2070).kid == third.kid
 
 
-def test_rotation_can_switch_algorithm(tmp_path: Path) -> None:
-    generate_key(tmp_path, activates_at=1000)
-    new, _ = rotate(tmp_path, "ES256", publish_lead=0, retire_after=60, now=2000)
-    ring = KeyRing.load(tmp_path)
-    assert ring.signing_key(2000).alg == "ES256"
-    assert {k.alg for k in ring.published(2000)} == {"EdDSA", "ES256"}
-    assert new.alg == "ES256"
+def test_rotation_replaces_only_the_keys_of_its_algorithm(tmp_path: Path) -> None:
+    ed = generate_key(tmp_path, activates_at=1000)
+    es = generate_key(tmp_path, "ES256", activates_at=1000)
+    new, retiring = rotate(tmp_path, "ES256", publish_lead=60, retire_after=360, now=2000)
+    assert [k.kid for k in retiring] == [es.kid]
+
+    ring = KeyRing.load(tmp_path, "ES256")
+    assert ring.signing_key(2059).kid == es.kid
+    assert ring.signing_key(2060).kid == new.kid
+    assert ring.signing_key(2060, "EdDSA").kid == ed.kid
+    assert {k.kid for k in ring.published(2420)} == {ed.kid, new.kid}
+    assert prune(tmp_path, now=2420) == [es.kid]
+
+
+def test_default_algorithm_decides_what_signs(tmp_path: Path) -> None:
+    ed = generate_key(tmp_path, activates_at=1000)
+    es = generate_key(tmp_path, "ES256", activates_at=1000)
+    assert KeyRing.load(tmp_path).signing_key().kid == ed.kid
+    ring = KeyRing.load(tmp_path, "ES256")
+    assert (ring.default_algorithm, ring.signing_key().kid) == ("ES256", es.kid)
+    assert ring.algorithms == {"EdDSA", "ES256"}
+
+
+def test_load_creates_a_key_for_each_algorithm_asked_for(tmp_path: Path) -> None:
+    ed = generate_key(tmp_path, activates_at=1000)
+    ring = KeyRing.load(tmp_path, "EdDSA", algorithms=["ES256", "RS256"])
+    assert ring.signing_key().kid == ed.kid
+    assert {k.alg for k in ring.keys} == {"EdDSA", "ES256", "RS256"}
+    assert {k["kty"] for k in ring.jwks()["keys"]} == {"OKP", "EC", "RSA"}
+    again = KeyRing.load(tmp_path, "RS256", algorithms=["ES256"])
+    assert {k.kid for k in again.keys} == {k.kid for k in ring.keys}  # nothing new
+
+
+def test_load_without_create_adds_nothing(tmp_path: Path) -> None:
+    generate_key(tmp_path)
+    ring = KeyRing.load(tmp_path, "ES256", create_if_empty=False)
+    assert [k.alg for k in ring.keys] == ["EdDSA"]
+    with pytest.raises(KeyRingError, match="no active ES256 signing key"):
+        ring.signing_key()
+
+
+def test_ensure_creates_once_and_other_rings_agree(tmp_path: Path) -> None:
+    first = KeyRing.load(tmp_path)
+    second = KeyRing.load(tmp_path)
+    created = first.ensure("ES256")
+    assert created.alg == "ES256"
+    assert second.ensure("ES256").kid == created.kid  # found on disk, not created again
+    assert first.ensure("ES256").kid == created.kid
+    assert [k.alg for k in KeyRing.load(tmp_path).keys].count("ES256") == 1
+    assert first.signing_key().alg == "EdDSA"  # the default is unchanged
+    with pytest.raises(KeyRingError, match="unsupported algorithm 'HS256'"):
+        first.ensure("HS256")
+
+
+def test_ensure_replaces_an_algorithm_whose_keys_all_retired(tmp_path: Path) -> None:
+    old = generate_key(tmp_path, "ES256", activates_at=1000)
+    manifest_path = tmp_path / "keyring.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["keys"][old.kid]["retires_at"] = 1500
+    manifest_path.write_text(json.dumps(manifest))
+    ring = KeyRing.load(tmp_path, "ES256")
+    new = ring.signing_key()
+    assert new.kid != old.kid and new.alg == "ES256"
+    assert ring.ensure("ES256").kid == new.kid
+
+
+def test_rs256_key(tmp_path: Path) -> None:
+    key = generate_key(tmp_path, "RS256")
+    public = key.public_jwk()
+    assert set(public) == {"kty", "n", "e", "kid", "alg", "use"}
+    assert (public["kty"], public["alg"], public["e"]) == ("RSA", "RS256", "AQAB")
+    pem = (tmp_path / f"{key.kid}.pem").read_bytes()
+    assert key.kid == jwk.JWK.from_pem(pem).thumbprint()
+    signature = key.sign(b"payload")
+    assert len(signature) == 256
+    public_key = key.private_key.public_key()
+    assert isinstance(public_key, rsa.RSAPublicKey)
+    public_key.verify(signature, b"payload", padding.PKCS1v15(), hashes.SHA256())
+
+
+def test_hand_placed_rsa_key_loads_as_rs256(tmp_path: Path) -> None:
+    _write_pem(tmp_path / "rsa.pem", rsa.generate_private_key(public_exponent=65537, key_size=3072))
+    ring = KeyRing.load(tmp_path, "RS256")
+    assert [(k.alg, k.private_key.key_size) for k in ring.keys] == [("RS256", 3072)]  # type: ignore[union-attr]
 
 
 def test_hand_placed_pem_is_active_from_its_mtime_and_never_retires(tmp_path: Path) -> None:
@@ -144,7 +221,7 @@ def test_hand_placed_pem_is_active_from_its_mtime_and_never_retires(tmp_path: Pa
     key = ring.signing_key(1500)
     assert key.kid == jwk.JWK.from_pem(path.read_bytes()).thumbprint()
     assert (key.activates_at, key.retires_at) == (1500, None)
-    with pytest.raises(KeyRingError, match="no active signing key"):
+    with pytest.raises(KeyRingError, match="no active EdDSA signing key"):
         ring.signing_key(1499)
 
     # Rotation gives the hand-placed key a schedule like any other.
@@ -164,7 +241,8 @@ def test_hand_placed_sec1_p256_key_loads(tmp_path: Path) -> None:
     path = tmp_path / "ec.pem"
     path.write_bytes(pem)
     path.chmod(0o600)
-    assert KeyRing.load(tmp_path).signing_key().alg == "ES256"
+    ring = KeyRing.load(tmp_path, "ES256")
+    assert [k.alg for k in ring.keys] == ["ES256"]  # the hand-placed key; nothing created
 
 
 @pytest.mark.parametrize(
@@ -172,7 +250,7 @@ def test_hand_placed_sec1_p256_key_loads(tmp_path: Path) -> None:
     [
         b"not a key",
         b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
-        rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        rsa.generate_private_key(public_exponent=65537, key_size=1024).private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
@@ -188,13 +266,16 @@ def test_hand_placed_sec1_p256_key_loads(tmp_path: Path) -> None:
             serialization.BestAvailableEncryption(b"passphrase"),
         ),
     ],
-    ids=["garbage", "bad-der", "rsa", "p384", "encrypted"],
+    ids=["garbage", "bad-der", "rsa1024", "p384", "encrypted"],
 )
 def test_unusable_key_file_is_refused(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "bad.pem"
     path.write_bytes(content)
     path.chmod(0o600)
-    with pytest.raises(KeyRingError, match=r"^key file bad.pem is not a PKCS8 Ed25519 or P-256"):
+    with pytest.raises(
+        KeyRingError,
+        match=r"^key file bad.pem is not a PKCS8 Ed25519, P-256 or RSA \(2048\+ bits\)",
+    ):
         KeyRing.load(tmp_path)
 
 
@@ -232,8 +313,10 @@ def test_empty_dir_without_create(tmp_path: Path) -> None:
 
 
 def test_unsupported_algorithm(tmp_path: Path) -> None:
-    with pytest.raises(KeyRingError, match="unsupported algorithm 'RS256'"):
-        KeyRing.load(tmp_path, "RS256")
+    with pytest.raises(KeyRingError, match="unsupported algorithm 'HS256'"):
+        KeyRing.load(tmp_path, "HS256")
+    with pytest.raises(KeyRingError, match="unsupported algorithm 'none'"):
+        KeyRing.load(tmp_path, algorithms=["none"])
 
 
 def test_unwritable_keys_dir_under_a_file(tmp_path: Path) -> None:

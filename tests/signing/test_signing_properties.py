@@ -1,5 +1,6 @@
 """Property tests: whatever arrives, the verifier either accepts the untouched webhook or raises
-VerificationError; a mutated token or body is never accepted."""
+VerificationError; a mutated token or body is never accepted. `verify` and `verify_sync` give
+the same answer every time."""
 
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ class _RememberNothing:
     async def seen(self, jti: str, expires_at: float) -> bool:
         return False
 
+    def seen_sync(self, jti: str, expires_at: float) -> bool:
+        return False
 
-@pytest.fixture(scope="module", params=["EdDSA", "ES256"])
+
+@pytest.fixture(scope="module", params=["EdDSA", "ES256", "RS256"])
 def setup(request: pytest.FixtureRequest) -> Iterator[tuple[KeyRing, TokenMinter, bytes]]:
     with tempfile.TemporaryDirectory() as keys_dir:
         ring = KeyRing.load(keys_dir, request.param)
@@ -49,8 +53,13 @@ def _refused(runner: asyncio.Runner, verifier: WebhookVerifier, headers: Any, bo
         runner.run(verifier.verify(headers, body))
     except VerificationError as exc:
         assert exc.reason in REASONS
-        return exc.reason
-    raise AssertionError("accepted")
+        reason = exc.reason
+    else:
+        raise AssertionError("accepted")
+    with pytest.raises(VerificationError) as caught:
+        verifier.verify_sync(headers, body)
+    assert caught.value.reason == reason
+    return reason
 
 
 _PROPERTY = settings(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import time
@@ -17,7 +18,7 @@ from jwcrypto import jwk
 from jwcrypto import jwt as jwcrypto_jwt
 from signing_helpers import AUDIENCE, BODY, ISSUER, SUBJECT, WEBHOOK_ID, make_minter
 
-from signing import KeyRing, TokenMinter, generate_key, rotate
+from signing import KeyRing, KeyRingError, TokenMinter, generate_key, rotate
 from signing.tokens import body_sha256
 
 
@@ -39,7 +40,7 @@ def _decode_with_jwcrypto(token: str, jwks: Mapping[str, Any]) -> dict[str, obje
     verified = jwcrypto_jwt.JWT(
         jwt=token,
         key=keyset,
-        algs=["EdDSA", "ES256"],
+        algs=["EdDSA", "ES256", "RS256"],
         check_claims={"iss": ISSUER, "aud": AUDIENCE, "exp": None},
         expected_type="JWS",
     )
@@ -47,9 +48,14 @@ def _decode_with_jwcrypto(token: str, jwks: Mapping[str, Any]) -> dict[str, obje
     return claims
 
 
-@pytest.fixture(params=["EdDSA", "ES256"])
+@pytest.fixture(params=["EdDSA", "ES256", "RS256"])
 def any_ring(request: pytest.FixtureRequest, tmp_path: Path) -> KeyRing:
     return KeyRing.load(tmp_path / request.param, request.param)
+
+
+@pytest.fixture(scope="module")
+def all_algorithms(tmp_path_factory: pytest.TempPathFactory) -> KeyRing:
+    return KeyRing.load(tmp_path_factory.mktemp("all"), "EdDSA", algorithms=["ES256", "RS256"])
 
 
 def test_token_verifies_with_pyjwt_and_jwcrypto_from_the_jwks_alone(any_ring: KeyRing) -> None:
@@ -129,3 +135,65 @@ def _kid(token: str) -> str:
     kid = jwt.get_unverified_header(token)["kid"]
     assert isinstance(kid, str)
     return kid
+
+
+@pytest.mark.parametrize("algorithm", ["EdDSA", "ES256", "RS256", None])
+def test_mint_with_an_algorithm_signs_with_its_key(
+    all_algorithms: KeyRing, algorithm: str | None
+) -> None:
+    minter = make_minter(all_algorithms)
+    token = minter.mint(audience=AUDIENCE, webhook_id=WEBHOOK_ID, body=BODY, algorithm=algorithm)
+    key = all_algorithms.signing_key(algorithm=algorithm)
+    assert jwt.get_unverified_header(token) == {
+        "alg": key.alg,
+        "kid": key.kid,
+        "typ": "webhook+jwt",
+    }
+    jwks = json.loads(json.dumps(all_algorithms.jwks()))
+    assert _decode_with_pyjwt(token, jwks) == _decode_with_jwcrypto(token, jwks)
+    assert minter.current_kid == key.kid
+
+
+def test_algorithms_interleave_within_one_second(all_algorithms: KeyRing) -> None:
+    minter = make_minter(all_algorithms)
+    now = int(time.time())
+    seen = []
+    for algorithm in ["ES256", "EdDSA", "RS256", "ES256", None]:
+        token = minter.mint(
+            audience=AUDIENCE, webhook_id="e", body=b"", now=now, algorithm=algorithm
+        )
+        seen.append(jwt.get_unverified_header(token)["alg"])
+    assert seen == ["ES256", "EdDSA", "RS256", "ES256", "EdDSA"]
+
+
+def test_account_claim_only_when_given(ring: KeyRing) -> None:
+    minter = make_minter(ring)
+    with_account = minter.mint(audience=AUDIENCE, webhook_id="e", body=b"", account="acme")
+    without = minter.mint(audience=AUDIENCE, webhook_id="e", body=b"")
+    assert _decode_with_pyjwt(with_account, ring.jwks())["account"] == "acme"
+    assert "account" not in _decode_with_pyjwt(without, ring.jwks())
+
+
+def test_unknown_algorithm_is_refused(ring: KeyRing) -> None:
+    with pytest.raises(KeyRingError, match="unsupported algorithm 'HS256'"):
+        make_minter(ring).mint(audience=AUDIENCE, webhook_id="e", body=b"", algorithm="HS256")
+
+
+def test_algorithm_without_a_key_is_an_error(ring: KeyRing) -> None:
+    with pytest.raises(KeyRingError, match="no active ES256 signing key"):
+        make_minter(ring).mint(audience=AUDIENCE, webhook_id="e", body=b"", algorithm="ES256")
+    ring.ensure("ES256")
+    token = make_minter(ring).mint(audience=AUDIENCE, webhook_id="e", body=b"", algorithm="ES256")
+    assert jwt.get_unverified_header(token)["alg"] == "ES256"
+
+
+def test_rotation_of_one_algorithm_leaves_the_other_signing(tmp_path: Path) -> None:
+    ed = generate_key(tmp_path, activates_at=1000)
+    generate_key(tmp_path, "ES256", activates_at=1000)
+    ring = KeyRing.load(tmp_path)
+    minter = make_minter(ring)
+    new, _ = rotate(tmp_path, "ES256", publish_lead=60, retire_after=360, now=2000)
+    assert ring.reload_if_changed()
+    mint = functools.partial(minter.mint, audience=AUDIENCE, webhook_id="e", body=b"")
+    assert _kid(mint(now=2060, algorithm="ES256")) == new.kid
+    assert _kid(mint(now=2060)) == ed.kid
