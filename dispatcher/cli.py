@@ -57,12 +57,19 @@ def _parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="manage signing keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
-    ksub.add_parser("generate", help="create a signing key (active at once)")
+    gen = ksub.add_parser("generate", help="create a signing key (active at once)")
     rot = ksub.add_parser(
         "rotate",
         help="publish a new key now; it signs after the JWKS "
-        "cache age; the old one retires after token_ttl + cache age",
+        "cache age; the old one (same algorithm) retires after token_ttl + cache age",
     )
+    for with_alg in (gen, rot):
+        with_alg.add_argument(
+            "--algorithm",
+            choices=["EdDSA", "ES256", "RS256"],
+            default=None,
+            help="the key's algorithm (default: [signing].algorithm)",
+        )
     rot.add_argument(
         "--publish-lead",
         default=None,
@@ -196,8 +203,9 @@ def _cmd_keys(args: argparse.Namespace, config: Config) -> int:
 
     s = config.signing
     try:
+        algorithm = getattr(args, "algorithm", None) or s.algorithm
         if args.keys_command == "generate":
-            key = generate_key(s.keys_dir, s.algorithm)
+            key = generate_key(s.keys_dir, algorithm)
             print(f"generated {key.alg} key {key.kid} in {s.keys_dir}")
         elif args.keys_command == "rotate":
             lead = (
@@ -207,11 +215,11 @@ def _cmd_keys(args: argparse.Namespace, config: Config) -> int:
             )
             new, retiring = rotate(
                 s.keys_dir,
-                s.algorithm,
+                algorithm,
                 publish_lead=lead,
                 retire_after=s.token_ttl + s.jwks_max_age,
             )
-            print(f"new key {new.kid}: published now, signs from +{lead:g}s")
+            print(f"new {new.alg} key {new.kid}: published now, signs from +{lead:g}s")
             for old in retiring:
                 print(f"key {old.kid}: stays published until its tokens and caches expire")
         elif args.keys_command == "prune":
