@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jwks-url", help="where the dispatcher publishes its public keys")
     p.add_argument("--audience", help="this endpoint's URL as the dispatcher knows it")
     p.add_argument("--issuer", help="expected token issuer, e.g. https://mail.example.com")
+    p.add_argument("--account", help="accept only tokens whose account claim is this account")
     p.add_argument("--db", default="sqlite:///receiver.sqlite3", help="sqlite:///FILE or DSN")
     p.add_argument("--db-schema", help="PostgreSQL schema for the tables")
     p.add_argument("--hmac-secret-env", metavar="NAME", help="env var holding whsec_ secret(s)")
@@ -79,6 +80,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> ReceiverSettings:
             jwks_url=args.jwks_url,
             audience=audience,
             issuer=args.issuer,
+            account=args.account,
             hmac_secrets=hmac_secrets,
             leeway=parse_duration(args.leeway).total_seconds(),
             soft_bounce_limit=args.soft_bounce_limit,

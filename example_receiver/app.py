@@ -87,6 +87,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             jwks_url=settings.jwks_url,
             audience=settings.audience,
             issuer=settings.issuer,
+            account=settings.account,
             hmac_secrets=list(settings.hmac_secrets) or None,
             leeway=settings.leeway,
             replay_cache=MemoryReplayCache(),
@@ -96,7 +97,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             yield
         finally:
             resources.store = resources.verifier = None
-            await verifier.close()
+            await verifier.aclose()
 
 
 def _open(app: web.Application) -> tuple[Store, WebhookVerifier]:

@@ -89,6 +89,7 @@ class ReceiverSettings:
     jwks_url: str | None = None
     audience: str | None = None
     issuer: str | None = None
+    account: str | None = None  # the token's account claim must be this (the sender's account)
     # Standard Webhooks secrets, "whsec_<base64>" each; with jwks_url both must verify.
     hmac_secrets: tuple[str, ...] = field(default=(), repr=False)
     leeway: float = 30.0
@@ -111,6 +112,11 @@ class ReceiverSettings:
                 raise SettingsError(f"jwks url must be http(s): {self.jwks_url!r}")
             if not self.audience:
                 raise SettingsError("audience is required with a JWKS url (this endpoint's URL)")
+        if self.account is not None:
+            if self.jwks_url is None:
+                raise SettingsError("an account is checked in the agent token: give a JWKS url")
+            if not self.account:
+                raise SettingsError("account must not be empty")
         for secret in self.hmac_secrets:
             try:
                 parse_secrets(secret)
