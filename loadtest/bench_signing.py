@@ -2,6 +2,10 @@
 
     python -m loadtest.bench_signing [--iterations 20000] [--json]
 
+Minting per algorithm (EdDSA, ES256, RS256) from one key ring holding a key of each, as the
+dispatcher does with `algorithm=` per subscriber; verifying per algorithm through
+`WebhookVerifier.verify` (async) and `verify_sync`.
+
 Also runnable under pytest-benchmark: ``pytest loadtest/bench_signing.py``.
 """
 
@@ -116,8 +120,8 @@ def _minter(keys_dir: Path, algorithm: str) -> tuple[KeyRing, TokenMinter]:
     return ring, TokenMinter(ring, issuer=ISSUER, subject=SUBJECT, ttl_seconds=300)
 
 
-def _pyjwt_encode(ring: KeyRing) -> Callable[[], str]:
-    key = ring.signing_key()
+def _pyjwt_encode(ring: KeyRing, algorithm: str = "EdDSA") -> Callable[[], str]:
+    key = ring.signing_key(algorithm=algorithm)
     headers = {"kid": key.kid, "typ": "webhook+jwt"}
 
     def encode() -> str:
@@ -133,44 +137,72 @@ def _pyjwt_encode(ring: KeyRing) -> Callable[[], str]:
             "webhook_id": WEBHOOK_ID,
             "body_sha256": body_sha256(BODY),
         }
-        return jwt.encode(claims, key.private_key, algorithm="EdDSA", headers=headers)
+        return jwt.encode(claims, key.private_key, algorithm=algorithm, headers=headers)
 
     return encode
 
 
-async def _verify_case(ring: KeyRing, minter: TokenMinter, iterations: int) -> Result:
+def _requests(minter: TokenMinter, algorithm: str, n: int) -> list[dict[str, str]]:
+    tokens = [
+        minter.mint(audience=AUDIENCE, webhook_id=WEBHOOK_ID, body=BODY, algorithm=algorithm)
+        for _ in range(n)
+    ]
+    return [{"authorization": f"Bearer {t}", "webhook-id": WEBHOOK_ID} for t in tokens]
+
+
+async def _verify_case(
+    ring: KeyRing, minter: TokenMinter, algorithm: str, iterations: int
+) -> Result:
+    requests = _requests(minter, algorithm, iterations + min(1000, iterations))
     async with WebhookVerifier(jwks=ring.jwks(), audience=AUDIENCE, issuer=ISSUER) as verifier:
 
         def make(i: int) -> Callable[[], Awaitable[object]]:
-            token = minter.mint(audience=AUDIENCE, webhook_id=WEBHOOK_ID, body=BODY)
-            headers = {"authorization": f"Bearer {token}", "webhook-id": WEBHOOK_ID}
+            headers = requests[i]
             return lambda: verifier.verify(headers, BODY)
 
-        return await _measure_async(
-            f"WebhookVerifier.verify {ring.signing_key().alg}", make, iterations
-        )
+        return await _measure_async(f"WebhookVerifier.verify {algorithm}", make, iterations)
+
+
+def _verify_sync_case(
+    ring: KeyRing, minter: TokenMinter, algorithm: str, iterations: int
+) -> Result:
+    warmup = min(1000, iterations)
+    requests = iter(_requests(minter, algorithm, 5 * (iterations // 5) + warmup))
+    verifier = WebhookVerifier(jwks=ring.jwks(), audience=AUDIENCE, issuer=ISSUER)
+    name = f"WebhookVerifier.verify_sync {algorithm}"
+    return _measure_interleaved(
+        [(name, lambda: verifier.verify_sync(next(requests), BODY))], iterations
+    )[0]
 
 
 def run(iterations: int) -> list[Result]:
     with tempfile.TemporaryDirectory() as tmp:
         keys_dir = Path(tmp)
-        ed_ring, ed_minter = _minter(keys_dir, "EdDSA")
-        es_ring, es_minter = _minter(keys_dir, "ES256")
-        ed_key = ed_ring.signing_key().private_key
+        ring = KeyRing.load(keys_dir / "all", "EdDSA", algorithms=["ES256", "RS256"])
+        minter = TokenMinter(ring, issuer=ISSUER, subject=SUBJECT, ttl_seconds=300)
+        ed_key = ring.signing_key(algorithm="EdDSA").private_key
         assert isinstance(ed_key, Ed25519PrivateKey)
-        signing_input = ed_minter.mint(audience=AUDIENCE, webhook_id=WEBHOOK_ID, body=BODY)
+        signing_input = minter.mint(audience=AUDIENCE, webhook_id=WEBHOOK_ID, body=BODY)
         signing_input_bytes = signing_input.rsplit(".", 1)[0].encode()
         secret = os.urandom(32)
+
+        def mint(algorithm: str | None, account: str | None = None) -> Callable[[], str]:
+            return lambda: minter.mint(
+                audience=AUDIENCE,
+                webhook_id=WEBHOOK_ID,
+                body=BODY,
+                algorithm=algorithm,
+                account=account,
+            )
+
         cases: list[tuple[str, Callable[[], object]]] = [
-            (
-                "TokenMinter.mint EdDSA",
-                lambda: ed_minter.mint(audience=AUDIENCE, webhook_id=WEBHOOK_ID, body=BODY),
-            ),
-            (
-                "TokenMinter.mint ES256",
-                lambda: es_minter.mint(audience=AUDIENCE, webhook_id=WEBHOOK_ID, body=BODY),
-            ),
-            (BASELINE, _pyjwt_encode(ed_ring)),
+            ("TokenMinter.mint EdDSA", mint(None)),
+            ("TokenMinter.mint EdDSA+account", mint("EdDSA", "acme")),
+            ("TokenMinter.mint ES256", mint("ES256")),
+            ("TokenMinter.mint RS256", mint("RS256")),
+            (BASELINE, _pyjwt_encode(ring)),
+            ("jwt.encode ES256", _pyjwt_encode(ring, "ES256")),
+            ("jwt.encode RS256", _pyjwt_encode(ring, "RS256")),
             ("raw Ed25519 sign", lambda: ed_key.sign(signing_input_bytes)),
             (
                 "HMAC sign (1 secret)",
@@ -178,18 +210,19 @@ def run(iterations: int) -> list[Result]:
             ),
         ]
         results = _measure_interleaved(cases, iterations)
-        results.append(asyncio.run(_verify_case(ed_ring, ed_minter, iterations)))
-        results.append(asyncio.run(_verify_case(es_ring, es_minter, iterations)))
+        for algorithm in ("EdDSA", "ES256", "RS256"):
+            results.append(asyncio.run(_verify_case(ring, minter, algorithm, iterations)))
+            results.append(_verify_sync_case(ring, minter, algorithm, iterations))
         return results
 
 
 def _table(results: list[Result]) -> str:
     baseline = next(r for r in results if r.name == BASELINE).median_us
-    lines = [f"{'case':<28} {'median us':>10} {'p99 us':>10} {'mean us':>10} {'vs baseline':>12}"]
+    lines = [f"{'case':<34} {'median us':>10} {'p99 us':>10} {'mean us':>10} {'vs baseline':>12}"]
     for r in results:
         ratio = r.median_us / baseline
         figures = f"{r.median_us:>10.1f} {r.p99_us:>10.1f} {r.mean_us:>10.1f} {ratio:>11.2f}x"
-        lines.append(f"{r.name:<28} {figures}")
+        lines.append(f"{r.name:<34} {figures}")
     return "\n".join(lines)
 
 
