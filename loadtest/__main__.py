@@ -42,7 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--events", type=int, help="events per phase")
     run.add_argument("--rate", type=float, help="events/s (default: as fast as possible)")
     run.add_argument("--duration", type=float, help="seconds to publish for (with --rate)")
-    run.add_argument("--subscribers", type=int, help="subscribers (custom scenario)")
+    run.add_argument("--subscribers", type=int,
+                     help="subscribers (custom; accounts: all of them, 2 per account)")
+    run.add_argument("--active-accounts", type=int,
+                     help="accounts the events are spread over (accounts; default 1000)")
     run.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
                      help="also run the bare pipeline (custom, fanout3)")
     run.add_argument("--workers", type=int, default=1, help="dispatcher worker processes")
@@ -76,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _run(args: argparse.Namespace, command: str) -> int:
     from loadtest.report import document, plot, table, write_json
-    from loadtest.runner import Run, RunOptions
+    from loadtest.runner import PhaseFailed, Run, RunOptions
     from loadtest.scenarios import SCENARIOS, ScenarioOptions
 
     fn, endpoints = SCENARIOS[args.scenario]
@@ -84,17 +87,22 @@ async def _run(args: argparse.Namespace, command: str) -> int:
                            subscribers=args.subscribers, baseline=args.baseline,
                            workers=args.workers, verify=args.verify, rounds=args.rounds,
                            profile=args.profile, hang_timeout=args.hang_timeout,
-                           prefetch=args.prefetch,
+                           prefetch=args.prefetch, active_accounts=args.active_accounts,
                            candidate=str(args.candidate.resolve()) if args.candidate else None,
                            reference=str(args.reference.resolve()) if args.reference else None)
-    endpoints = max(endpoints, args.subscribers or 0)
+    if args.scenario != "accounts":  # there --subscribers are path endpoints, not servers
+        endpoints = max(endpoints, args.subscribers or 0)
     started = dt.datetime.now(dt.UTC)
     stamp = started.strftime("%Y%m%d-%H%M%S")
     run_opts = RunOptions(broker_url=args.broker_url, out_dir=args.out, endpoints=endpoints,
                           keep_tmp=args.keep_tmp, quiet=args.quiet,
                           source=str(args.source.resolve()) if args.source else None)
-    async with Run(run_opts) as run:
-        result = await fn(run, opts)
+    try:
+        async with Run(run_opts) as run:
+            result = await fn(run, opts)
+    except PhaseFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     options = {k: v for k, v in asdict(opts).items()}
     doc = document(args.scenario, command, started.isoformat(timespec="seconds"), options, result,
                    source=run_opts.source)

@@ -64,7 +64,7 @@ def _config(subscribers: int, keys_dir: str) -> Config:
 
 
 def _body() -> bytes:
-    _, body, _ = EventMix(seed=3).document("lt-bench-1", time.time() * 1000)
+    _, body, *_ = EventMix(seed=3).document("lt-bench-1", time.time() * 1000)
     return body
 
 
@@ -232,9 +232,9 @@ def run(iterations: int, ablation: bool = True) -> list[Result]:
             _measure(f"parse_event ({len(body)}-byte body)",
                      lambda: parse_event(body, message_id="lt-bench-1"), iterations, 10),
             _measure("RoutingTable.targets (1 subscriber)",
-                     lambda: table1.targets("Message.Delivered"), iterations, 100),
+                     lambda: table1.targets(None, "Message.Delivered", {}), iterations, 100),
             _measure("RoutingTable.targets (4 subscribers)",
-                     lambda: table4.targets("Message.Bounced"), iterations, 100),
+                     lambda: table4.targets(None, "Message.Bounced", {}), iterations, 100),
             _measure("Delivery.from_headers (new event)",
                      lambda: Delivery.from_headers(amqp_headers, 0.0), iterations, 100),
             _measure("TokenMinter.mint EdDSA",
@@ -282,7 +282,7 @@ def test_bench_parse_event(benchmark: Any) -> None:
 
 def test_bench_routing_targets(benchmark: Any, tmp_path: Path) -> None:
     table = RoutingTable(_config(3, str(tmp_path / "keys")).subscribers)
-    benchmark(lambda: table.targets("Message.Bounced"))
+    benchmark(lambda: table.targets(None, "Message.Bounced", {}))
 
 
 def test_bench_mint(benchmark: Any) -> None:

@@ -4,7 +4,8 @@ Every event carries its publish time twice: as unix milliseconds in the ``x-publ
 (which the dispatcher carries from hop to hop) and as a top-level ``published_at`` field in the
 body (which the dispatcher passes through byte for byte), so a receiver can compute
 publish-to-receipt latency from the request alone. Event ids are unique per run and phase; they
-are both the top-level ``id`` and the AMQP ``message_id``.
+are both the top-level ``id`` and the AMQP ``message_id``. Given accounts, every valid event
+also names one of them in a top-level ``account`` (contract section 7), drawn evenly.
 
 Two publishing modes:
 
@@ -62,12 +63,14 @@ _MTAS = ("mta1.mail.example.com", "mta2.mail.example.com", "mta3.mail.example.co
 
 @dataclass(frozen=True, slots=True)
 class Published:
-    """One confirmed event: its id, type, publish time (unix ms) and whether it was valid."""
+    """One confirmed event: its id, type, publish time (unix ms), whether it was valid, and
+    the account it names (None: no ``account`` in the body)."""
 
     id: str
     type: str
     published_ms: float
     valid: bool = True
+    account: str | None = None
 
 
 @dataclass(slots=True)
@@ -91,6 +94,7 @@ class EventMix:
     invalid_fraction: float = 0.0  # share of deliberately invalid events (dead-lettered)
     company_domains: int = 400
     users_per_domain: int = 5000
+    accounts: tuple[str, ...] = ()  # each valid event names one of these (none: no account)
     _rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -111,11 +115,15 @@ class EventMix:
         domain = rng.choices(self._domains, self._domain_w)[0]
         return f"user{rng.randrange(self.users_per_domain)}.{rng.randrange(1000)}@{domain}"
 
-    def document(self, event_id: str, published_ms: float) -> tuple[str, bytes, bool]:
-        """(routing key, body, valid) for one event stamped with ``published_ms``."""
+    def document(self, event_id: str, published_ms: float,
+                 account: str | None = None) -> tuple[str, bytes, bool, str | None]:
+        """(routing key, body, valid, account) for one event stamped with ``published_ms``;
+        ``account`` overrides the drawn one."""
         rng = self._rng
-        if self.invalid_fraction and rng.random() < self.invalid_fraction:
-            return self._invalid(event_id, published_ms)
+        if account is None and self.invalid_fraction and rng.random() < self.invalid_fraction:
+            return (*self._invalid(event_id, published_ms), None)
+        if account is None and self.accounts:
+            account = self.accounts[rng.randrange(len(self.accounts))]
         event_type = rng.choices(self._types, self._type_w)[0]
         recipient = self.recipient()
         local = f"{rng.getrandbits(64):016x}.{rng.getrandbits(32):08x}"
@@ -135,14 +143,16 @@ class EventMix:
         elif event_type == "Message.Delivered":
             data["mx"] = f"mx{rng.randrange(1, 5)}.{recipient.rsplit('@', 1)[1]}"
             data["smtp_response"] = "250 2.0.0 OK"
-        doc = {
+        doc: dict[str, object] = {
             "id": event_id,
             "event": event_type,
             "timestamp": _iso(published_ms),
             "published_at": published_ms,
             "data": data,
         }
-        return event_type, orjson.dumps(doc), True
+        if account is not None:
+            doc["account"] = account
+        return event_type, orjson.dumps(doc), True, account
 
     def _invalid(self, event_id: str, published_ms: float) -> tuple[str, bytes, bool]:
         kind = self._rng.randrange(3)
@@ -187,11 +197,20 @@ class Generator:
             await self._conn.close()
 
     async def _publish_one(self) -> None:
-        assert self._exchange is not None
         self._seq += 1
-        event_id = f"{self._prefix}-{self._seq}"
+        published = await self.publish_one(f"{self._prefix}-{self._seq}")
+        if published is None:
+            self.stats.refused += 1
+            return
+        self.stats.confirmed += 1
+        self.published.append(published)
+
+    async def publish_one(self, event_id: str, *, account: str | None = None) -> Published | None:
+        """Publish one event (``account`` forces the account it names) and wait for its
+        confirm; None if the broker refused it. Not counted in `published` or `stats`."""
+        assert self._exchange is not None
         now_ms = round(time.time() * 1000, 3)
-        key, body, valid = self._mix.document(event_id, now_ms)
+        key, body, valid, named = self._mix.document(event_id, now_ms, account)
         message = aio_pika.Message(
             body, message_id=event_id, content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -199,10 +218,8 @@ class Generator:
         try:
             await self._exchange.publish(message, routing_key=key, mandatory=True)
         except Exception:  # nack or unroutable: the event never entered the system
-            self.stats.refused += 1
-            return
-        self.stats.confirmed += 1
-        self.published.append(Published(event_id, key, now_ms, valid))
+            return None
+        return Published(event_id, key, now_ms, valid, named)
 
     async def run(self, count: int, *, rate: float | None = None, batch: int = 500,
                   stop: Callable[[], bool] | None = None) -> PublishStats:

@@ -48,6 +48,8 @@ class TreeSampler:
     interval: float = 0.5
     samples: list[Sample] = field(default_factory=list)
     _hwm: dict[int, int] = field(default_factory=dict)
+    _rss_max: dict[int, int] = field(default_factory=dict)  # sampled maximum per pid
+    max_processes: int = 0  # most processes seen in the tree at once
     _cpu_done: dict[int, float] = field(default_factory=dict)  # last CPU seen per pid
     _sys_done: dict[int, float] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = None
@@ -68,18 +70,23 @@ class TreeSampler:
         if not procs:
             return None
         rss = 0
+        alive = 0
         for proc in procs:
             try:
                 with proc.oneshot():
                     times = proc.cpu_times()
-                    rss += proc.memory_info().rss
+                    own = proc.memory_info().rss
                 self._cpu_done[proc.pid] = times.user + times.system
                 self._sys_done[proc.pid] = times.system
             except psutil.Error:
                 continue
+            rss += own
+            alive += 1
+            self._rss_max[proc.pid] = max(own, self._rss_max.get(proc.pid, 0))
             hwm = _hwm(proc.pid)
             if hwm is not None:
                 self._hwm[proc.pid] = max(hwm, self._hwm.get(proc.pid, 0))
+        self.max_processes = max(self.max_processes, alive)
         # CPU of a worker that exited stays counted (its last sample).
         s = Sample(time.time(), sum(self._cpu_done.values()), rss, sum(self._sys_done.values()))
         self.samples.append(s)
@@ -137,6 +144,10 @@ class TreeSampler:
     @property
     def peak_rss_sampled(self) -> int:
         return max((s.rss for s in self.samples), default=0)
+
+    def peak_rss_by_pid(self) -> dict[int, int]:
+        """Each process's own peak (VmHWM, else its sampled maximum); the root is `pid`."""
+        return {p: max(self._hwm.get(p, 0), r) for p, r in self._rss_max.items()}
 
 
 def find_broker_pid() -> int | None:

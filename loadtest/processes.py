@@ -27,6 +27,7 @@ import orjson
 __all__ = [
     "REPO_ROOT",
     "Child",
+    "DispatcherFailed",
     "DispatcherProcess",
     "ReceiversProcess",
     "free_port",
@@ -156,9 +157,23 @@ class ReceiversProcess:
         async with self._session.get(f"{self._base}/stats") as r:
             return list(orjson.loads(await r.read()))
 
-    async def records(self) -> dict[str, Any]:
-        """``{"endpoints": [per endpoint records], "gc": pauses since the phase began}``."""
-        async with self._session.get(f"{self._base}/records") as r:
+    async def path_stats(self) -> dict[str, Any]:
+        """The account endpoints (``/a/<account>/<n>``) summed: received, unique, own_unique,
+        cross_account, failures, verify_failures, ... and how many paths were hit."""
+        async with self._session.get(f"{self._base}/paths") as r:
+            return dict(orjson.loads(await r.read()))
+
+    async def lookup(self, paths: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
+        """Ids and arrival times recorded so far at these account endpoints (those hit)."""
+        async with self._session.post(f"{self._base}/lookup",
+                                      data=orjson.dumps({"paths": list(paths)})) as r:
+            return dict(orjson.loads(await r.read()))
+
+    async def records(self, paths: bool = False) -> dict[str, Any]:
+        """``{"endpoints": [per endpoint records], "gc": pauses since the phase began}``, and
+        with ``paths`` ``"paths": {path: records}`` for every account endpoint hit."""
+        url = f"{self._base}/records" + ("?paths=1" if paths else "")
+        async with self._session.get(url) as r:
             return dict(orjson.loads(await r.read()))
 
     async def close(self) -> None:
@@ -170,6 +185,9 @@ class ReceiversProcess:
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, Mapping):  # an inline table: batch = { max_events = 100, ... }
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}"
+                                for k, v in value.items()) + " }"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -181,17 +199,25 @@ def _toml_value(value: object) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
+def _toml_key(key: str) -> str:
+    bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
+    return key if bare else json.dumps(key)
+
+
 def to_toml(doc: Mapping[str, Any]) -> str:
-    """The small subset of TOML a dispatcher config needs: scalars, tables, arrays of tables."""
+    """The small subset of TOML a dispatcher config needs: scalars, tables, arrays of tables,
+    and inline tables inside those (``batch = { ... }``, ``filter = { "data.x" = [...] }``)."""
     lines = [f"{k} = {_toml_value(v)}" for k, v in doc.items()
              if not isinstance(v, Mapping) and not _is_table_array(v)]
     for key, value in doc.items():
         if isinstance(value, Mapping):
-            lines += ["", f"[{key}]"] + [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+            lines += ["", f"[{key}]"] + [f"{_toml_key(k)} = {_toml_value(v)}"
+                                         for k, v in value.items()]
     for key, value in doc.items():
         if _is_table_array(value):
             for table in value:
-                lines += ["", f"[[{key}]]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+                lines += ["", f"[[{key}]]"] + [f"{_toml_key(k)} = {_toml_value(v)}"
+                                               for k, v in table.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -199,34 +225,74 @@ def _is_table_array(value: object) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, Mapping) for v in value)
 
 
+class DispatcherFailed(RuntimeError):
+    """The dispatcher exited before it was ready (a refused config, say), or never got ready."""
+
+
+def _last_line(path: Path) -> str:
+    """The last non-empty line of a log: a refused config is one line on stderr."""
+    try:
+        lines = path.read_bytes().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.strip() for line in reversed(lines) if line.strip()), "")
+
+
 class DispatcherProcess:
     """``python -m dispatcher --config <generated> run --workers N``."""
 
-    def __init__(self, child: Child, http_port: int) -> None:
+    def __init__(self, child: Child, http_port: int, spawned_at: float) -> None:
         self.child = child
         self.http_port = http_port
+        self.spawned_at = spawned_at  # unix seconds, just before the process was started
+        self.ready_at: float | None = None  # the first /readyz 200
+        self.metrics_bytes: int | None = None  # size of the last /metrics read
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+
+    @property
+    def startup_s(self) -> float | None:
+        """Process start until /readyz first answered 200."""
+        return None if self.ready_at is None else self.ready_at - self.spawned_at
 
     @classmethod
     async def start(cls, config_path: Path, http_port: int, workers: int, log_path: Path,
                     ready_timeout: float = 60.0, source: Path | None = None,
                     gc_dir: Path | None = None) -> DispatcherProcess:
         """``source``: another checkout to run the dispatcher from (A/B runs); default this one."""
+        spawned_at = time.time()
         child = await _spawn("dispatcher", ["-m", "dispatcher", "--config", str(config_path),
                                             "run", "--workers", str(workers)], log_path,
                              source=source or REPO_ROOT, gc_dir=gc_dir)
-        self = cls(child, http_port)
+        self = cls(child, http_port, spawned_at)
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if not child.running:
                 await self.close()
-                raise RuntimeError(f"dispatcher exited with {child.proc.returncode} "
-                                   f"(see {log_path})")
+                raise DispatcherFailed(f"dispatcher exited with {child.proc.returncode}: "
+                                       f"{_last_line(log_path) or '(no output)'} "
+                                       f"(log: {log_path})")
             if await self.ready():
+                self.ready_at = time.time()
                 return self
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
         await self.close()
-        raise RuntimeError(f"dispatcher not ready within {ready_timeout:g}s (see {log_path})")
+        raise DispatcherFailed(f"dispatcher not ready within {ready_timeout:g}s "
+                               f"(log: {log_path})")
+
+    def reload(self) -> None:
+        """SIGHUP: reload the subscribers (the supervisor forwards it to every worker)."""
+        self.child.proc.send_signal(signal.SIGHUP)
+
+    async def metrics(self, timeout: float = 60.0) -> str | None:
+        """The /metrics text (its size kept in `metrics_bytes`); None if it did not answer."""
+        try:
+            async with self._session.get(f"http://127.0.0.1:{self.http_port}/metrics",
+                                         timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                body = await r.read()
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+        self.metrics_bytes = len(body)
+        return body.decode("utf-8", "replace")
 
     async def ready(self) -> bool:
         try:
@@ -241,10 +307,8 @@ class DispatcherProcess:
         "dispatcher_dead_letters_total", "dispatcher_broker_confirm_seconds",
     )) -> dict[str, float]:
         """The dispatcher's own counters (Prometheus text), for the phase report."""
-        try:
-            async with self._session.get(f"http://127.0.0.1:{self.http_port}/metrics") as r:
-                text = await r.text()
-        except (aiohttp.ClientError, TimeoutError):
+        text = await self.metrics()
+        if text is None:
             return {}
         out = {}
         for line in text.splitlines():

@@ -5,6 +5,12 @@ verifying never share an event loop with the dispatcher or the generator. Each e
 on its own 127.0.0.1 port (path ``/hooks/<n>``); a control port takes the phase settings and hands
 back the records. On start it prints one JSON line: ``{"control": port, "endpoints": [url, ...]}``.
 
+Account endpoints: tens of thousands of subscribers cannot each be a server, so every port also
+serves ``/a/<account>/<n>``, one endpoint per path, created on its first request and recorded on
+its own. Such an endpoint knows its account: it counts every event whose body names another
+account (a cross-account delivery: must never happen) and, verifying, refuses a token whose
+``account`` claim is not its own.
+
 Per request an endpoint:
 
 1. verifies the agent token like a real subscriber (`signing.WebhookVerifier` against the
@@ -13,9 +19,15 @@ Per request an endpoint:
    for a fraction of requests;
 3. records (event id, ``published_at`` from the body, arrival time) for every 2xx it answers.
 
+A batch (contract section 8: the body is a JSON array of events, ``webhook-batch-size: N``,
+``webhook-id`` the batch id) is verified once over the whole body and records each member event
+by its own id, so accounting counts events, not requests.
+
 Control API (JSON): ``POST /control/phase`` (reset, verification, behaviours),
 ``POST /control/behaviour`` (change one endpoint mid-phase), ``GET /control/stats``,
-``GET /control/records`` (with the garbage collector's pauses since the phase began).
+``GET /control/paths`` (the account endpoints summed), ``POST /control/lookup`` (ids and arrival
+times of some account endpoints), ``GET /control/records`` (``?paths=1``: with every account
+endpoint; with the garbage collector's pauses since the phase began).
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -58,6 +71,7 @@ class Behaviour:
 class Endpoint:
     index: int
     url: str = ""
+    account: str | None = None  # an account endpoint's own account (None: not checked)
     behaviour: Behaviour = field(default_factory=Behaviour)
     verifier: WebhookVerifier | None = None
     ids: list[str] = field(default_factory=list)
@@ -68,6 +82,10 @@ class Endpoint:
     failures: int = 0  # non-2xx answers given on purpose (behaviour)
     verify_failures: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
+    requests: int = 0  # 2xx answers (a batch is one)
+    batched: int = 0  # events that came in a batch
+    cross_account: int = 0  # events whose body names another account than this endpoint's
+    own_unique: int = 0  # unique events of this endpoint's own account
     in_flight: int = 0
     healed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -75,13 +93,31 @@ class Endpoint:
         self.ids, self.published, self.arrived = [], [], []
         self.seen = set()
         self.duplicates = self.failures = self.verify_failures = 0
+        self.requests = self.batched = self.cross_account = self.own_unique = 0
         self.reasons = Counter()
         self.healed = asyncio.Event()
+
+    def record(self, doc: dict[str, Any], arrived: float, batched: bool) -> None:
+        event_id = doc["id"]
+        if event_id in self.seen:
+            self.duplicates += 1
+        else:
+            self.seen.add(event_id)
+            if self.account is not None and doc.get("account") == self.account:
+                self.own_unique += 1
+        if self.account is not None and doc.get("account") != self.account:
+            self.cross_account += 1
+        self.ids.append(event_id)
+        self.published.append(float(doc.get("published_at") or "nan"))
+        self.arrived.append(arrived)
+        self.batched += batched
 
     def stats(self) -> dict[str, Any]:
         return {"received": len(self.ids), "unique": len(self.seen),
                 "duplicates": self.duplicates, "failures": self.failures,
                 "verify_failures": self.verify_failures, "in_flight": self.in_flight,
+                "requests": self.requests, "batched": self.batched,
+                "cross_account": self.cross_account, "own_unique": self.own_unique,
                 "last_arrival": self.arrived[-1] if self.arrived else None}
 
     def records(self) -> dict[str, Any]:
@@ -95,13 +131,20 @@ class ReceiverApp:
 
     def __init__(self, endpoints: int, seed: int = 7) -> None:
         self.endpoints = [Endpoint(i) for i in range(endpoints)]
+        self.paths: dict[str, Endpoint] = {}  # account endpoints by path, made on first use
         self.gc = GcPauses().install()
         self._rng = random.Random(seed)
-        self.app = web.Application(client_max_size=4 * 1024 * 1024)
+        self._verify: dict[str, Any] | None = None  # the phase's verification settings
+        self._jwks: dict[str, Any] | None = None  # fetched once per phase for account endpoints
+        self._jwks_lock = asyncio.Lock()
+        self.app = web.Application(client_max_size=16 * 1024 * 1024)
         self.app.router.add_post("/hooks/{n}", self._hook)
+        self.app.router.add_post("/a/{account}/{n}", self._account_hook)
         self.app.router.add_post("/control/phase", self._phase)
         self.app.router.add_post("/control/behaviour", self._behaviour)
         self.app.router.add_get("/control/stats", self._stats)
+        self.app.router.add_get("/control/paths", self._path_stats)
+        self.app.router.add_post("/control/lookup", self._lookup)
         self.app.router.add_get("/control/records", self._records)
 
     # --- the endpoints ---------------------------------------------------------------------
@@ -112,12 +155,45 @@ class ReceiverApp:
             ep = self.endpoints[int(request.match_info["n"])]
         except (ValueError, IndexError):
             return web.Response(status=404)
+        return await self._receive(ep, request, arrived)
+
+    async def _account_hook(self, request: web.Request) -> web.StreamResponse:
+        arrived = time.time()
+        path = request.path
+        ep = self.paths.get(path)
+        if ep is None:  # registered before any await: concurrent first requests share it
+            ep = self.paths[path] = Endpoint(len(self.paths), url=f"http://{request.host}{path}",
+                                             account=request.match_info["account"])
+        if self._verify is not None and ep.verifier is None:
+            jwks = await self._phase_jwks()
+            if ep.verifier is None:
+                ep.verifier = WebhookVerifier(jwks=jwks, audience=ep.url,
+                                              issuer=self._verify.get("issuer"))
+        return await self._receive(ep, request, arrived)
+
+    async def _phase_jwks(self) -> dict[str, Any]:
+        """The dispatcher's JWKS, fetched once per phase (the keys do not rotate in a run)."""
+        assert self._verify is not None
+        async with self._jwks_lock:
+            if self._jwks is None:
+                async with aiohttp.ClientSession() as session, session.get(
+                        self._verify["jwks_url"]) as r:
+                    r.raise_for_status()
+                    self._jwks = dict(await r.json())
+        return self._jwks
+
+    async def _receive(self, ep: Endpoint, request: web.Request,
+                       arrived: float) -> web.StreamResponse:
         body = await request.read()
         ep.in_flight += 1
         try:
             if ep.verifier is not None:
                 try:
-                    await ep.verifier.verify(request.headers, body)
+                    claims = await ep.verifier.verify(request.headers, body)
+                    if ep.account is not None and isinstance(claims, dict) and \
+                            claims.get("account") != ep.account:
+                        raise VerificationError("wrong_account",
+                                                f"account claim {claims.get('account')!r}")
                 except VerificationError as exc:
                     ep.verify_failures += 1
                     ep.reasons[exc.reason] += 1
@@ -131,14 +207,17 @@ class ReceiverApp:
                 ep.failures += 1
                 return web.Response(status=status)
             doc = orjson.loads(body)
-            event_id = doc["id"]
-            if event_id in ep.seen:
-                ep.duplicates += 1
+            size = request.headers.get("webhook-batch-size")
+            if isinstance(doc, list):
+                if size is None or not size.isdigit() or int(size) != len(doc):
+                    ep.verify_failures += 1
+                    ep.reasons["batch_size_mismatch"] += 1
+                    return web.Response(status=400, text="webhook-batch-size mismatch")
+                for member in doc:
+                    ep.record(member, arrived, batched=True)
             else:
-                ep.seen.add(event_id)
-            ep.ids.append(event_id)
-            ep.published.append(float(doc.get("published_at") or "nan"))
-            ep.arrived.append(arrived)
+                ep.record(doc, arrived, batched=False)
+            ep.requests += 1
             return web.Response(status=204)
         finally:
             ep.in_flight -= 1
@@ -160,12 +239,16 @@ class ReceiverApp:
     async def _phase(self, request: web.Request) -> web.Response:
         spec = orjson.loads(await request.read())
         behaviours = spec.get("behaviours") or []
-        for ep in self.endpoints:
+        for ep in [*self.endpoints, *self.paths.values()]:
             if ep.verifier is not None:
                 await ep.verifier.close()
                 ep.verifier = None
+        self.paths = {}
+        self._verify = spec if spec.get("verify") else None
+        self._jwks = None
+        self.gc.reset()
+        for ep in self.endpoints:
             ep.reset()
-            self.gc.reset()
             ep.behaviour = Behaviour.from_dict(
                 behaviours[ep.index] if ep.index < len(behaviours) else None)
             if spec.get("verify"):
@@ -185,12 +268,34 @@ class ReceiverApp:
         return web.Response(body=orjson.dumps([ep.stats() for ep in self.endpoints]),
                             content_type="application/json")
 
-    async def _records(self, _: web.Request) -> web.Response:
-        doc = {"endpoints": [ep.records() for ep in self.endpoints], "gc": self.gc.as_dict()}
+    async def _path_stats(self, _: web.Request) -> web.Response:
+        total: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
+        for ep in self.paths.values():
+            for key, value in ep.stats().items():
+                if key != "last_arrival":
+                    total[key] += value
+            reasons.update(ep.reasons)
+        doc = {"paths": len(self.paths), **{k: total[k] for k in (
+            "received", "unique", "duplicates", "failures", "verify_failures", "in_flight",
+            "requests", "batched", "cross_account", "own_unique")}, "reasons": dict(reasons)}
+        return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+    async def _lookup(self, request: web.Request) -> web.Response:
+        wanted = orjson.loads(await request.read()).get("paths") or []
+        doc = {path: {"ids": ep.ids, "arrived": ep.arrived}
+               for path in wanted if (ep := self.paths.get(path)) is not None}
+        return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+    async def _records(self, request: web.Request) -> web.Response:
+        doc: dict[str, Any] = {"endpoints": [ep.records() for ep in self.endpoints],
+                               "gc": self.gc.as_dict()}
+        if request.query.get("paths"):
+            doc["paths"] = {path: ep.records() for path, ep in self.paths.items()}
         return web.Response(body=orjson.dumps(doc), content_type="application/json")
 
     async def close(self) -> None:
-        for ep in self.endpoints:
+        for ep in [*self.endpoints, *self.paths.values()]:
             ep.healed.set()
             if ep.verifier is not None:
                 await ep.verifier.close()

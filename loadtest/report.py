@@ -91,6 +91,26 @@ def _grid(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _extras(p: dict[str, Any]) -> str:
+    """One line of a phase's start-up time, /metrics size, broker census and reload."""
+    bits = []
+    if p.get("startup_s") is not None:
+        bits.append(f"ready after {p['startup_s']:.2f}s")
+    sizes = {k: v for k, v in (p.get("metrics_bytes") or {}).items() if v is not None}
+    if sizes and p.get("broker"):
+        bits.append("/metrics " + ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in sizes.items()))
+    for c in p.get("broker") or []:
+        bits.append(f"{c['when']}: {c['queues']} queues, {c['consumers']} consumers")
+    r = p.get("reload")
+    if r:
+        bits.append(f"SIGHUP +{r['subscribers_added']} subscribers: effective after "
+                    f"{_fmt(r['effective_s'], 2)}s ({r['delivered']}/{r['probes']} probes)")
+    w = p.get("process", {}).get("peak_rss_per_worker_mib")
+    if w and p.get("broker"):
+        bits.append(f"peak RSS per worker {w} MiB")
+    return f"  {p['name']}: " + "; ".join(bits) if len(bits) > 1 or r else ""
+
+
 def table(doc: dict[str, Any]) -> str:
     phases = doc["phases"]
     headers = ["phase", "consumer", "subs", "published", "deliveries", "deliv/s", "p50 ms",
@@ -128,6 +148,9 @@ def table(doc: dict[str, Any]) -> str:
     parts.append("CPU of the rest of the box during each phase (100% = one core):")
     parts += ["  " + "  ".join(o) for o in others]
     parts.append("")
+    extras = [line for p in phases if (line := _extras(p))]
+    if extras:
+        parts += ["Start-up, /metrics, broker, reload:", *extras, ""]
     for c in doc["checks"]:
         mark = {True: "PASS", False: "FAIL", None: "info"}[c["ok"]]
         val = _fmt(c["value"], 3)

@@ -7,7 +7,13 @@ broker names, declares its topology before publishing (so a backlog published be
 consumer starts is kept), runs the dispatcher or the baseline as a child process under a
 CPU/memory sampler, and ends when every owed delivery arrived, or when nothing moves any more
 and the consumer holds nothing. Then it reads the dead-letter queue, collects the receivers'
-records, deletes its queues and exchanges, and summarises (`PhaseResult`).
+records and deletes its queues and exchanges; `summary.summarise` turns what it gathered into
+a `PhaseResult`.
+
+A phase with subscribers by account (``spec.accounts``) writes them to included files, points
+them at the receivers' path endpoints, reads the broker's queues through `broker.census` (not
+one passive declare per subscriber), and can append a file and SIGHUP the dispatcher while
+traffic flows (``spec.reload_after``), probing until the new subscribers receive.
 """
 
 from __future__ import annotations
@@ -21,18 +27,22 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 
-from dispatcher.config import Config, parse_config
+from dispatcher.config import BrokerConfig, ConfigError, parse_config
 from dispatcher.topology import declare, declare_parking, delete, parking_queue, tier_queue_names
-from loadtest.accounting import Accounting, DeadRecord, SubscriberSpec, account
+from loadtest.accounting import DeadRecord, Owed, SubscriberSpec
+from loadtest.accounts import INCLUDE_DIR, specs_of, write_files
+from loadtest.broker import census, delete_prefixed
 from loadtest.gcstats import read_dir
 from loadtest.generator import EventMix, Generator
 from loadtest.monitor import MachineSampler, MiB, TreeSampler, find_broker_pid
+from loadtest.phases import BASELINE, DISPATCHER, PhaseResult, PhaseSpec
 from loadtest.processes import (
     Child,
     DispatcherProcess,
@@ -42,13 +52,22 @@ from loadtest.processes import (
     to_toml,
 )
 from loadtest.profiling import Profiler, summarize
-from loadtest.stats import latency, throughput, timeline
+from loadtest.reload_probe import reload_and_probe
+from loadtest.summary import PhaseData, summarise
 
-__all__ = ["PhaseResult", "PhaseSpec", "Run", "RunOptions"]
+__all__ = ["BASELINE", "DISPATCHER", "PhaseFailed", "PhaseResult", "PhaseSpec", "Run",
+           "RunOptions"]
 
 ISSUER = "https://mail.example.com"
-DISPATCHER = "dispatcher"
-BASELINE = "baseline"
+_EMPTY_RECORD: dict[str, Any] = {
+    "ids": [], "published": [], "arrived": [], "received": 0, "unique": 0, "duplicates": 0,
+    "failures": 0, "verify_failures": 0, "reasons": {}, "behaviour": {}, "requests": 0,
+    "batched": 0,
+}
+
+
+class PhaseFailed(RuntimeError):
+    """A phase could not run (the dispatcher refused its config, say): one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -59,99 +78,6 @@ class RunOptions:
     keep_tmp: bool = False
     quiet: bool = False
     source: str | None = None  # run every dispatcher phase from this checkout
-
-
-@dataclass(frozen=True)
-class PhaseSpec:
-    name: str
-    consumer: str = DISPATCHER  # or BASELINE
-    events: int = 10_000
-    subscribers: int = 1
-    patterns: tuple[tuple[str, ...], ...] = ()  # per subscriber; default "*"
-    behaviours: tuple[dict[str, Any], ...] = ()  # per subscriber (see receivers.Behaviour)
-    rate: float | None = None  # events/s; None = as fast as confirms allow
-    duration: float | None = None  # with a rate: publish for this long instead of `events`
-    preload: bool = False  # publish everything before the consumer starts
-    verify: bool = True  # receivers verify agent tokens (dispatcher phases only)
-    workers: int = 1
-    prefetch: int = 256
-    max_in_flight: int = 64
-    sub_timeout: str = "10s"
-    retry_schedule: tuple[str, ...] = ("200ms", "500ms", "1s", "2s", "5s")
-    invalid_fraction: float = 0.0
-    heal: tuple[int, ...] = ()  # endpoints healed once every other endpoint got its share
-    focus: tuple[int, ...] = ()  # endpoints whose throughput is the headline (default all)
-    sample_interval: float = 0.5
-    profile: bool = False
-    settle_timeout: float = 120.0  # after publishing: give up waiting after this long
-    seed: int = 1
-    source: str | None = None  # run the dispatcher from this checkout instead (A/B runs)
-
-    def subscriber_specs(self) -> list[SubscriberSpec]:
-        return [SubscriberSpec(f"sub{i}", self.patterns[i] if i < len(self.patterns) else ("*",))
-                for i in range(self.subscribers)]
-
-    @property
-    def event_count(self) -> int:
-        if self.rate and self.duration:
-            return int(self.rate * self.duration)
-        return self.events
-
-
-@dataclass
-class PhaseResult:
-    spec: PhaseSpec
-    queue: str
-    t0: float  # unix seconds when the phase started publishing or consuming, whichever first
-    consumer_started: float
-    publish: dict[str, Any]
-    throughput: dict[str, Any]
-    focus_throughput: dict[str, Any]
-    latency_ms: dict[str, Any]
-    per_subscriber: dict[str, dict[str, Any]]
-    accounting: Accounting
-    process: dict[str, Any]
-    others_cpu_percent: dict[str, float]
-    timeline: list[dict[str, Any]]
-    rss_timeline: list[tuple[float, float]]
-    settled: bool
-    healed_at: float | None = None
-    profile: dict[str, Any] | None = None
-    notes: list[str] = field(default_factory=list)
-    dispatcher_counters: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def deliveries_per_s(self) -> float:
-        return float(self.throughput.get("deliveries_per_s") or 0.0)
-
-    @property
-    def focus_per_s(self) -> float:
-        return float(self.focus_throughput.get("deliveries_per_s") or 0.0)
-
-    def as_dict(self) -> dict[str, Any]:
-        spec = asdict(self.spec)
-        return {
-            "name": self.spec.name,
-            "consumer": self.spec.consumer,
-            "spec": spec,
-            "queue": self.queue,
-            "publish": self.publish,
-            "throughput": self.throughput,
-            "focus_throughput": self.focus_throughput,
-            "latency_ms": self.latency_ms,
-            "per_subscriber": self.per_subscriber,
-            "accounting": self.accounting.as_dict(),
-            "process": self.process,
-            "others_cpu_percent": self.others_cpu_percent,
-            "settled": self.settled,
-            "healed_after_s": (None if self.healed_at is None
-                               else round(self.healed_at - self.t0, 3)),
-            "profile": self.profile,
-            "notes": self.notes,
-            "dispatcher_counters": self.dispatcher_counters,
-            "timeline": self.timeline,
-            "rss_timeline_mib": [[round(t, 2), round(r, 2)] for t, r in self.rss_timeline],
-        }
 
 
 class _Progress:
@@ -205,6 +131,12 @@ class Run:
     def jwks_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}/.well-known/jwks.json"
 
+    @property
+    def receiver_ports(self) -> list[int]:
+        """The receivers' ports: account endpoints (``/a/...``) are spread over them."""
+        assert self.receivers is not None
+        return [int(urlsplit(u).port or 0) for u in self.receivers.urls]
+
     async def __aenter__(self) -> Run:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -220,9 +152,20 @@ class Run:
 
     # --- configuration -----------------------------------------------------------------------
 
-    def dispatcher_doc(self, spec: PhaseSpec, prefix: str, urls: Sequence[str]) -> dict[str, Any]:
-        subs = spec.subscriber_specs()
-        return {
+    @staticmethod
+    def subscriber_keys(spec: PhaseSpec) -> dict[str, Any]:
+        """What every subscriber table of the phase has besides id, url, account, events."""
+        keys: dict[str, Any] = {"auth": "jwt", "timeout": spec.sub_timeout,
+                                "max_in_flight": spec.max_in_flight}
+        if spec.batch is not None:
+            keys["batch"] = dict(spec.batch)
+        return keys
+
+    def dispatcher_doc(self, spec: PhaseSpec, prefix: str, urls: Sequence[str],
+                       subs: Sequence[SubscriberSpec] | None = None) -> dict[str, Any]:
+        """The main config file; subscribers by account go to included files instead."""
+        subs = spec.subscriber_specs() if subs is None else subs
+        doc: dict[str, Any] = {
             "allow_private_networks": True,
             "broker": {"url": self.options.broker_url, "exchange": f"{prefix}.events",
                        "queue": f"{prefix}.dispatch", "binding_keys": ["Message.#"],
@@ -233,12 +176,15 @@ class Run:
             "retry": {"schedule": list(spec.retry_schedule), "jitter": 0.1, "max_age": "1h"},
             "dispatcher": {"workers": spec.workers, "log_level": "warning", "log_format": "json",
                            "drain_timeout": "10s"},
-            "subscribers": [
-                {"id": s.id, "url": url, "events": list(s.events), "auth": "jwt",
-                 "timeout": spec.sub_timeout, "max_in_flight": spec.max_in_flight}
-                for s, url in zip(subs, urls, strict=False)
-            ],
         }
+        if spec.accounts is not None:
+            doc["include"] = [f"{INCLUDE_DIR}/*.toml"]
+        else:
+            doc["subscribers"] = [
+                {"id": s.id, "url": url, "events": list(s.events), **self.subscriber_keys(spec)}
+                for s, url in zip(subs, urls, strict=False)
+            ]
+        return doc
 
     # --- one phase ---------------------------------------------------------------------------
 
@@ -248,46 +194,69 @@ class Run:
             spec = replace(spec, name=self.name_prefix + spec.name)
         if spec.source is None and self.options.source:
             spec = replace(spec, source=self.options.source)
-        if spec.subscribers > len(self.receivers.urls):
-            raise ValueError(f"{spec.name}: {spec.subscribers} subscribers, "
-                             f"only {len(self.receivers.urls)} receivers")
+        tables: list[dict[str, Any]] = []
+        if spec.accounts is not None:
+            tables = spec.accounts.tables(self.receiver_ports)
+            urls: Sequence[str] = [t["url"] for t in tables]
+            subs = specs_of(tables)
+        else:
+            if spec.subscribers > len(self.receivers.urls):
+                raise ValueError(f"{spec.name}: {spec.subscribers} subscribers, "
+                                 f"only {len(self.receivers.urls)} receivers")
+            urls = self.receivers.urls[: spec.subscribers]
+            subs = spec.subscriber_specs()
         self._phase_no += 1
         prefix = f"lt-{self.run_id}-{self._phase_no}"
-        urls = self.receivers.urls[: spec.subscribers]
-        doc = self.dispatcher_doc(spec, prefix, urls)
-        config = parse_config(doc, env={}, source="<loadtest>")
+        doc = self.dispatcher_doc(spec, prefix, urls, subs)
+        # The load test reads only the broker's names from it; the dispatcher itself judges the
+        # subscribers (and refuses, in one line, what it does not support yet).
         try:
-            return await _PhaseRun(self, spec, config, doc, urls).run()
+            broker = parse_config({k: v for k, v in doc.items()
+                                   if k not in ("include", "subscribers")},
+                                  env={}, source="<loadtest>").broker
+        except ConfigError as exc:
+            raise PhaseFailed(f"{spec.name}: {exc}") from None
+        phase = _PhaseRun(self, spec, broker, doc, urls, subs, tables, prefix)
+        try:
+            return await phase.run()
         finally:
-            await _cleanup(config, spec.consumer)
+            await _cleanup(broker, spec, [s.id for s in subs], prefix)
 
 
-async def _cleanup(config: Config, consumer: str) -> None:
+async def _cleanup(broker: BrokerConfig, spec: PhaseSpec, sub_ids: Sequence[str],
+                   prefix: str) -> None:
     with contextlib.suppress(Exception):
-        connection = await aio_pika.connect(config.broker.url)
+        if spec.accounts is not None and await delete_prefixed(f"{prefix}.", broker.url):
+            return
+        connection = await aio_pika.connect(broker.url)
         async with connection:
             channel = await connection.channel()
-            if consumer == DISPATCHER:
-                await delete(channel, config.broker, [s.id for s in config.subscribers])
+            if spec.consumer == DISPATCHER:
+                await delete(channel, broker, sub_ids)
             else:
-                await channel.queue_delete(config.broker.queue)
-                await channel.exchange_delete(config.broker.exchange)
+                await channel.queue_delete(broker.queue)
+                await channel.exchange_delete(broker.exchange)
 
 
 class _PhaseRun:
-    def __init__(self, run: Run, spec: PhaseSpec, config: Config, doc: dict[str, Any],
-                 urls: Sequence[str]) -> None:
+    def __init__(self, run: Run, spec: PhaseSpec, broker: BrokerConfig, doc: dict[str, Any],
+                 urls: Sequence[str], subs: Sequence[SubscriberSpec],
+                 tables: list[dict[str, Any]], prefix: str) -> None:
         self.owner = run
         self.spec = spec
-        self.config = config
+        self.broker = broker
         self.doc = doc
         self.urls = urls
-        self.subs = spec.subscriber_specs()
+        self.subs = subs
+        self.tables = tables
+        self.prefix = prefix
         assert run.receivers is not None
         self.receivers = run.receivers
-        self.mix = EventMix(seed=spec.seed, invalid_fraction=spec.invalid_fraction)
-        self.generator = Generator(config.broker.url, config.broker.exchange,
-                                   prefix=f"{config.broker.queue}", mix=self.mix)
+        accounts = spec.accounts.active_accounts() if spec.accounts else ()
+        self.mix = EventMix(seed=spec.seed, invalid_fraction=spec.invalid_fraction,
+                            accounts=accounts)
+        self.generator = Generator(broker.url, broker.exchange, prefix=broker.queue,
+                                   mix=self.mix)
         self.consumer: DispatcherProcess | Child | None = None
         self.sampler: TreeSampler | None = None
         self.others: dict[str, TreeSampler] = {}
@@ -296,27 +265,43 @@ class _PhaseRun:
         self.notes: list[str] = []
         self.counters: dict[str, float] = {}
         self.gc_dir: Path | None = None
-        self.receivers_gc: dict[str, Any] | None = None
+        self.config_dir = run.tmp / spec.name
+        self.census: list[dict[str, Any]] = []
+        self.metrics_bytes: dict[str, int | None] = {}
+        self.reload_task: asyncio.Task[dict[str, Any]] | None = None
 
     @property
     def label(self) -> str:
         return f"[{self.spec.name}]"
 
+    @property
+    def by_account(self) -> bool:
+        return self.spec.accounts is not None
+
     async def _declare(self) -> None:
-        connection = await aio_pika.connect(self.config.broker.url)
+        connection = await aio_pika.connect(self.broker.url)
         async with connection:
             channel = await connection.channel()
             if self.spec.consumer == DISPATCHER:
-                await declare(channel, self.config.broker)
-                for sub in self.config.subscribers:
-                    await declare_parking(channel, self.config.broker, sub.id)
+                await declare(channel, self.broker)
+                if not self.by_account:  # thousands of them: left to the dispatcher
+                    for sub in self.subs:
+                        await declare_parking(channel, self.broker, sub.id)
             else:
                 exchange = await channel.declare_exchange(
-                    self.config.broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+                    self.broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
                 queue = await channel.declare_queue(
-                    self.config.broker.queue, durable=True,
-                    arguments={"x-queue-type": "classic"})
+                    self.broker.queue, durable=True, arguments={"x-queue-type": "classic"})
                 await queue.bind(exchange, routing_key="Message.#")
+
+    def _write_config(self) -> Path:
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        path = self.config_dir / "dispatcher.toml"
+        if self.spec.accounts is not None:
+            keys = {"events": ["*"], **self.owner.subscriber_keys(self.spec)}
+            write_files(self.config_dir, self.spec.accounts.files_of(self.tables), keys)
+        path.write_text(to_toml(self.doc), encoding="utf-8")
+        return path
 
     async def _start_consumer(self) -> float:
         spec, run = self.spec, self.owner
@@ -324,15 +309,16 @@ class _PhaseRun:
         self.gc_dir = run.log_dir / f"{run._phase_no:02d}-{spec.name}-gc"
         self.gc_dir.mkdir(exist_ok=True)
         if spec.consumer == DISPATCHER:
-            path = run.tmp / f"{spec.name}.toml"
-            path.write_text(to_toml(self.doc), encoding="utf-8")
-            disp = await DispatcherProcess.start(
-                path, run.http_port, spec.workers, log,
-                source=Path(spec.source) if spec.source else None, gc_dir=self.gc_dir)
+            try:
+                disp = await DispatcherProcess.start(
+                    self._write_config(), run.http_port, spec.workers, log,
+                    source=Path(spec.source) if spec.source else None, gc_dir=self.gc_dir)
+            except RuntimeError as exc:
+                raise PhaseFailed(f"{spec.name}: {exc}") from None
             self.consumer, pid = disp, disp.child.pid
         else:
-            child = await start_baseline(self.config.broker.url, self.config.broker.queue,
-                                         spec.prefetch, self.urls, log, gc_dir=self.gc_dir)
+            child = await start_baseline(self.broker.url, self.broker.queue, spec.prefetch,
+                                         self.urls, log, gc_dir=self.gc_dir)
             self.consumer, pid = child, child.pid
         started = time.time()
         self.sampler = TreeSampler(pid, children=True, interval=spec.sample_interval)
@@ -340,7 +326,6 @@ class _PhaseRun:
         return started
 
     def _start_others(self) -> None:
-        assert self.receivers is not None
         pids = {"receivers": self.receivers.child.pid, "generator+runner": os.getpid()}
         if self.owner.broker_pid is not None:
             pids["rabbitmq"] = self.owner.broker_pid
@@ -352,15 +337,28 @@ class _PhaseRun:
         machine.start()
         self.others["whole machine"] = machine
 
+    async def _census(self, when: str) -> None:
+        c = await census(f"{self.prefix}.", self.broker.url, self._known_queues())
+        self.census.append({"when": when, **c.as_dict()})
+
+    def _known_queues(self) -> list[str]:
+        """Where the dispatcher keeps deliveries that wait: retry tiers and parking queues."""
+        q = self.broker.queue
+        names = [q] if self.spec.consumer != DISPATCHER else [q, *tier_queue_names(q)]
+        if self.spec.consumer == DISPATCHER and not self.by_account:
+            names += [parking_queue(q, s.id) for s in self.subs]
+        return names
+
     async def _consumer_idle(self, channel: aio_pika.abc.AbstractChannel) -> bool:
-        names = [self.config.broker.queue]
         if self.spec.consumer == DISPATCHER:
-            names += self._dispatcher_queues()
             assert isinstance(self.consumer, DispatcherProcess)
             held = await self.consumer.held()
             if held is None or held > 0:
                 return False
-        for name in names:
+        if self.by_account:
+            c = await census(f"{self.prefix}.", self.broker.url, self._known_queues())
+            return c.waiting(exclude=[self.broker.dead_letter_queue]) == 0
+        for name in self._known_queues():
             q = await channel.declare_queue(name, passive=True)
             if q.declaration_result.message_count:
                 return False
@@ -376,6 +374,7 @@ class _PhaseRun:
         t0 = time.time()
         profiler: Profiler | None = None
         consumer_started = t0
+        reload: dict[str, Any] | None = None
         async with self.generator as gen:
             try:
                 if spec.preload:
@@ -383,6 +382,11 @@ class _PhaseRun:
                     consumer_started = await self._start_consumer()
                 else:
                     consumer_started = await self._start_consumer()
+                if spec.census and isinstance(self.consumer, DispatcherProcess):
+                    await self.consumer.metrics()
+                    self.metrics_bytes["ready"] = self.consumer.metrics_bytes
+                    await self._census("ready")
+                if not spec.preload:
                     t0 = time.time()
                 if spec.profile:
                     assert self.sampler is not None
@@ -390,8 +394,16 @@ class _PhaseRun:
                     profiler = Profiler(self.sampler.pid, raw)
                     await profiler.start()
                 publishing = None if spec.preload else asyncio.create_task(self._publish(gen))
+                if spec.reload_after is not None:
+                    self.reload_task = asyncio.create_task(self._reload(gen))
                 settled = await self._wait(publishing)
+                if self.reload_task is not None:
+                    reload = await self.reload_task
+                if spec.census:
+                    await self._census("end")
             finally:
+                if self.reload_task is not None and not self.reload_task.done():
+                    self.reload_task.cancel()
                 if profiler is not None:
                     await profiler.stop()
                 for s in self.others.values():
@@ -400,17 +412,46 @@ class _PhaseRun:
                     await self.sampler.stop()
                 if isinstance(self.consumer, DispatcherProcess):
                     self.counters = await self.consumer.counters()
+                    self.metrics_bytes["end"] = self.consumer.metrics_bytes
                 if self.consumer is not None:
                     code = await self.consumer.close() if isinstance(
                         self.consumer, DispatcherProcess) else await self.consumer.stop()
                     if code != 0:
                         self.notes.append(f"{spec.consumer} exited with {code}")
+        ended = time.time()
         dead = await self._dead_letters() if spec.consumer == DISPATCHER else []
         pending = [] if settled else await self._pending()
-        received = await self.receivers.records()
+        received = await self.receivers.records(paths=self.by_account)
         records: list[dict[str, Any]] = received["endpoints"]
-        self.receivers_gc = received.get("gc")
-        return self._summarise(t0, consumer_started, records, dead, pending, settled, profiler)
+        paths_summary = None
+        if self.by_account:
+            paths = received.get("paths") or {}
+            records = [paths.get(urlsplit(u).path, _EMPTY_RECORD) for u in self.urls]
+            paths_summary = await self.receivers.path_stats()
+        assert self.sampler is not None
+        profile = None
+        if profiler is not None and profiler.output.exists():
+            profile = {"raw": str(profiler.output), "rate": profiler.rate,
+                       **summarize(profiler.output)}
+        result = summarise(PhaseData(
+            spec=spec, queue=self.broker.queue, subscribers=self.subs,
+            published=self.generator.published, records=records, dead=dead, pending=pending,
+            settled=settled, t0=t0, consumer_started=consumer_started, ended=ended,
+            sampler=self.sampler, others=self.others, publish_stats=self.generator.stats,
+            gc=read_dir(self.gc_dir) if self.gc_dir is not None else None,
+            receivers_gc=received.get("gc"), profile=profile, healed_at=self.healed_at,
+            notes=self.notes, counters=self.counters,
+            startup_s=(self.consumer.startup_s
+                       if isinstance(self.consumer, DispatcherProcess) else None),
+            metrics_bytes=self.metrics_bytes, broker=self.census, reload=reload,
+            account_endpoints=paths_summary))
+        thr, lat, proc = result.throughput, result.latency_ms, result.process
+        self.owner.progress.done(
+            f"{self.label} {thr['deliveries']} deliveries, {thr['deliveries_per_s']:.0f}/s; "
+            f"p50 {lat['p50'] or 0:.1f} ms p99 {lat['p99'] or 0:.1f} ms; "
+            f"lost {result.accounting.lost}; "
+            f"cpu {proc['cpu_percent']}% peak rss {proc['peak_rss_mib']} MiB")
+        return result
 
     async def _publish(self, gen: Generator, show: bool = False) -> None:
         spec = self.spec
@@ -425,14 +466,36 @@ class _PhaseRun:
         await task
         self.publish_done = True
 
+    async def _reload(self, gen: Generator) -> dict[str, Any]:
+        spec = self.spec
+        assert spec.accounts is not None and spec.reload_after is not None
+        assert isinstance(self.consumer, DispatcherProcess)
+        effect = await reload_and_probe(
+            after=spec.reload_after, layout=spec.accounts, ports=self.owner.receiver_ports,
+            config_dir=self.config_dir, keys={"events": ["*"], **Run.subscriber_keys(spec)},
+            dispatcher=self.consumer, generator=gen, receivers=self.receivers,
+            id_prefix=self.broker.queue)
+        if spec.census:
+            await self._census("after reload")
+        return effect
+
+    # --- settling ------------------------------------------------------------------------------
+
+    async def _progress(self) -> tuple[list[int], int, tuple[int, ...], int]:
+        """(unique per subscriber, or own-account unique of all account endpoints summed;
+        received; what changes while anything moves; failures)."""
+        if self.by_account:
+            ps = await self.receivers.path_stats()
+            failed = ps["failures"] + ps["verify_failures"]
+            return [ps["own_unique"]], ps["received"], (ps["received"] + failed,), failed
+        stats = (await self.receivers.stats())[: len(self.subs)]
+        failed = sum(x["failures"] + x["verify_failures"] for x in stats)
+        sig = tuple(s["received"] + s["failures"] + s["verify_failures"] for s in stats)
+        return [s["unique"] for s in stats], sum(s["received"] for s in stats), sig, failed
+
     def _owed(self) -> list[int]:
-        owed = [0] * len(self.subs)
-        for event in self.generator.published:
-            if event.valid:
-                for i, sub in enumerate(self.subs):
-                    if sub.wants(event.type):
-                        owed[i] += 1
-        return owed
+        owed = Owed(self.subs).per_subscriber(self.generator.published)
+        return [sum(owed)] if self.by_account else owed
 
     async def _wait(self, publishing: asyncio.Task[None] | None) -> bool:
         spec = self.spec
@@ -442,7 +505,7 @@ class _PhaseRun:
         last_count, last_t = 0, time.monotonic()
         rate = 0.0
         deadline: float | None = None
-        connection = await aio_pika.connect(self.config.broker.url)
+        connection = await aio_pika.connect(self.broker.url)
         try:
             channel = await connection.channel()
             while True:
@@ -460,19 +523,16 @@ class _PhaseRun:
                 if self.publish_done and owed is None:
                     owed = self._owed()
                     deadline = time.monotonic() + spec.settle_timeout
-                stats = await self.receivers.stats()
-                stats = stats[: len(self.subs)]
-                unique = [s["unique"] for s in stats]
-                received = sum(s["received"] for s in stats)
-                sig = tuple(s["received"] + s["failures"] + s["verify_failures"] for s in stats)
+                unique, received, sig, failed = await self._progress()
                 now = time.monotonic()
                 if sig != last_sig:
                     last_sig, quiet_since = sig, now
                 if now - last_t >= 1.0:
                     rate = (received - last_count) / (now - last_t)
                     last_count, last_t = received, now
-                self._show(received, owed, rate, stats)
-                if owed is not None:
+                self._show(received, owed, rate, failed)
+                reloading = self.reload_task is not None and not self.reload_task.done()
+                if owed is not None and not reloading:
                     if all(u >= o for u, o in zip(unique, owed, strict=True)):
                         return True
                     if spec.heal and self.healed_at is None and all(
@@ -493,8 +553,7 @@ class _PhaseRun:
         finally:
             await connection.close()
 
-    def _show(self, received: int, owed: list[int] | None, rate: float,
-              stats: list[dict[str, Any]]) -> None:
+    def _show(self, received: int, owed: list[int] | None, rate: float, failed: int) -> None:
         gen = self.generator
         s = self.sampler.samples[-1] if self.sampler and self.sampler.samples else None
         cpu = ""
@@ -502,21 +561,16 @@ class _PhaseRun:
             a, b = self.sampler.samples[-2], self.sampler.samples[-1]
             cpu = f" cpu {100 * (b.cpu - a.cpu) / max(b.t - a.t, 1e-3):.0f}%"
         target = sum(owed) if owed is not None else "?"
-        failed = sum(x["failures"] + x["verify_failures"] for x in stats)
         self.owner.progress.show(
             f"{self.label} published {gen.stats.confirmed}/{self.spec.event_count} "
             f"delivered {received}/{target} ({rate:.0f}/s) failed {failed}"
             f"{cpu} rss {(s.rss / MiB if s else 0):.0f}MiB")
 
-    def _dispatcher_queues(self) -> list[str]:
-        """Where the dispatcher keeps deliveries that wait: retry tiers and parking queues."""
-        q = self.config.broker.queue
-        return tier_queue_names(q) + [parking_queue(q, s.id) for s in self.config.subscribers]
-
     async def _dead_letters(self) -> list[DeadRecord]:
+        from dispatcher.config import Config
         from dispatcher.dead_letters import DeadLetterTool
 
-        letters = await DeadLetterTool(self.config, progress=None).list()
+        letters = await DeadLetterTool(Config(broker=self.broker), progress=None).list()
         return [DeadRecord(dl.record.event_id, dl.record.subscriber, dl.record.reason)
                 for dl in letters]
 
@@ -525,11 +579,14 @@ class _PhaseRun:
         stopped, so nothing is held): read without acknowledging, handed back on close."""
         from dispatcher.records import H_SUBSCRIBER
 
-        names = [self.config.broker.queue]
-        if self.spec.consumer == DISPATCHER:
-            names += self._dispatcher_queues()
+        if self.by_account:
+            c = await census(f"{self.prefix}.", self.broker.url, self._known_queues())
+            names = [n for n, (m, _) in c.queues.items()
+                     if m and n != self.broker.dead_letter_queue]
+        else:
+            names = self._known_queues()
         found: list[DeadRecord] = []
-        connection = await aio_pika.connect(self.config.broker.url)
+        connection = await aio_pika.connect(self.broker.url)
         async with connection:
             channel = await connection.channel()
             for name in names:
@@ -545,80 +602,4 @@ class _PhaseRun:
         if found:
             self.notes.append(f"{len(found)} deliveries still pending in the broker")
         return found
-
-    # --- summary -----------------------------------------------------------------------------
-
-    def _summarise(self, t0: float, consumer_started: float, records: list[dict[str, Any]],
-                   dead: list[DeadRecord], pending: list[DeadRecord], settled: bool,
-                   profiler: Profiler | None) -> PhaseResult:
-        spec = self.spec
-        records = records[: len(self.subs)]
-        acc = account(self.generator.published, self.subs, [r["ids"] for r in records], dead,
-                      pending=pending)
-        all_pub = [p for r in records for p in r["published"]]
-        all_arr = [a for r in records for a in r["arrived"]]
-        thr = throughput(all_arr)
-        focus = spec.focus or tuple(range(len(records)))
-        focus_arr = [a for i in focus for a in records[i]["arrived"]]
-        fthr = throughput(focus_arr)
-        lat = latency(all_pub, all_arr)
-        per_sub = {}
-        for sub, r in zip(self.subs, records, strict=True):
-            t = throughput(r["arrived"])
-            per_sub[sub.id] = {
-                "received": r["received"], "unique": r["unique"], "duplicates": r["duplicates"],
-                "failed_answers": r["failures"], "verify_failures": r["verify_failures"],
-                "verify_reasons": r["reasons"], "deliveries_per_s": round(t.per_second, 1),
-                "behaviour": r["behaviour"],
-                "latency_ms": latency(r["published"], r["arrived"]).as_dict(),
-            }
-        assert self.sampler is not None
-        w0, w1 = (thr.first, thr.last) if thr.window > 0 else (consumer_started, time.time())
-        cpu = self.sampler.cpu_between(w0, w1)
-        span = max(w1 - w0, 1e-9)
-        process = {
-            "kind": spec.consumer,
-            "workers": spec.workers,
-            "cpu_seconds_window": round(cpu, 3),
-            "cpu_percent": round(100 * cpu / span, 1),
-            "cpu_ms_per_1k_deliveries": round(1e6 * cpu / thr.deliveries, 1)
-            if thr.deliveries else None,
-            "system_cpu_share": round(self.sampler.cpu_between(w0, w1, system=True) / cpu, 3)
-            if cpu else None,
-            "cpu_seconds_total": round(self.sampler.cpu_total, 3),
-            "peak_rss_mib": round(self.sampler.peak_rss / MiB, 1),
-            "peak_rss_sampled_mib": round(self.sampler.peak_rss_sampled / MiB, 1),
-            "gc": read_dir(self.gc_dir) if self.gc_dir is not None else None,
-            "receivers_gc": self.receivers_gc,
-        }
-        others = {name: round(100 * s.cpu_between(w0, w1) / span, 1)
-                  for name, s in self.others.items()}
-        ours = sum(v for k, v in others.items() if k != "whole machine")
-        consumer_cpu = 100 * cpu / span
-        others["not this test"] = round(max(0.0, others["whole machine"] - ours
-                                            - consumer_cpu), 1)
-        gen = self.generator.stats
-        publish = {"confirmed": gen.confirmed, "refused": gen.refused,
-                   "events_per_s": round(gen.rate, 1),
-                   "seconds": round(gen.finished - gen.started, 3), "target_rate": spec.rate}
-        rss = [(s.t - t0, s.rss / MiB) for s in self.sampler.samples]
-        profile = None
-        if profiler is not None and profiler.output.exists():
-            profile = {"raw": str(profiler.output), **summarize(profiler.output)}
-            if thr.deliveries:
-                # Busy samples per delivery, in ms of wall time at the sampling rate.
-                profile["busy_ms_per_1k_deliveries"] = round(
-                    1e6 * profile["samples"] / profiler.rate / thr.deliveries, 1)
-        result = PhaseResult(
-            spec=spec, queue=self.config.broker.queue, t0=t0, consumer_started=consumer_started,
-            publish=publish, throughput=thr.as_dict(), focus_throughput=fthr.as_dict(),
-            latency_ms=lat.as_dict(), per_subscriber=per_sub, accounting=acc, process=process,
-            others_cpu_percent=others, timeline=timeline(all_pub, all_arr, t0), rss_timeline=rss,
-            settled=settled, healed_at=self.healed_at, profile=profile, notes=self.notes,
-            dispatcher_counters=self.counters)
-        self.owner.progress.done(
-            f"{self.label} {thr.deliveries} deliveries, {thr.per_second:.0f}/s; "
-            f"p50 {lat.p50:.1f} ms p99 {lat.p99:.1f} ms; lost {acc.lost}; "
-            f"cpu {process['cpu_percent']}% peak rss {process['peak_rss_mib']} MiB")
-        return result
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from loadtest.accounting import DeadRecord, SubscriberSpec, account
+from loadtest.accounts import AccountLayout, Probe, reload_effect
 from loadtest.generator import Published
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,8 +62,9 @@ def test_smoke_scenario_accounts_for_every_event(tmp_path: Path) -> None:
     assert all(c["ok"] is not False for c in doc["checks"]), doc["checks"]
 
 
-def _pub(event_id: str, event_type: str = "Message.Bounced", valid: bool = True) -> Published:
-    return Published(event_id, event_type, 0.0, valid)
+def _pub(event_id: str, event_type: str = "Message.Bounced", valid: bool = True,
+         acct: str | None = None) -> Published:
+    return Published(event_id, event_type, 0.0, valid, acct)
 
 
 SUBS = [SubscriberSpec("all", ("*",)), SubscriberSpec("bounces", ("Message.Bounced",))]
@@ -94,3 +96,119 @@ def test_accounting_rules(published: list[Published], received: list[list[str]],
                           dead: list[DeadRecord], expect: dict[str, object]) -> None:
     got = account(published, SUBS, received, dead).as_dict()
     assert {k: got[k] for k in expect} == expect
+
+
+ACCOUNT_SUBS = [SubscriberSpec("a.0", account="a"), SubscriberSpec("a.1", account="a"),
+                SubscriberSpec("b.0", account="b"), SubscriberSpec("none"),
+                SubscriberSpec("all", account="*")]
+
+
+@pytest.mark.parametrize(
+    ("published", "received", "expect"),
+    [
+        # An account's event is owed to its own endpoints and to "*", not to others.
+        ([_pub("e", acct="a")], [["e"], ["e"], [], [], ["e"]],
+         {"expected_deliveries": 3, "delivered": 3, "lost": 0, "complete_events": 1}),
+        # An event without an account is owed to subscribers without one (and "*").
+        ([_pub("e")], [[], [], [], ["e"], ["e"]],
+         {"expected_deliveries": 2, "lost": 0, "cross_account": 0}),
+        # Another account's event at an endpoint is unexpected and cross-account.
+        ([_pub("e", acct="a")], [["e"], ["e"], ["e"], ["e"], ["e"]],
+         {"unexpected": 2, "cross_account": 2, "lost": 0}),
+        # One endpoint of the account missing: lost, and the event is not complete.
+        ([_pub("e", acct="a")], [["e"], [], [], [], ["e"]],
+         {"lost": 1, "complete_events": 0, "lost_sample": ["e -> a.1"]}),
+    ],
+)
+def test_accounting_by_account(published: list[Published], received: list[list[str]],
+                               expect: dict[str, object]) -> None:
+    got = account(published, ACCOUNT_SUBS, received).as_dict()
+    assert {k: got[k] for k in expect} == expect
+
+
+def test_account_layout_files_and_reload_file() -> None:
+    layout = AccountLayout(accounts=10, endpoints=2, files=5, active=4)
+    tables = layout.tables([8001, 8002, 8003])
+    assert len(tables) == 20
+    assert tables[3] == {"id": "acct-00001.1", "account": "acct-00001",
+                         "url": "http://127.0.0.1:8001/a/acct-00001/1"}
+    files = layout.files_of(tables)
+    assert list(files) == [f"part-0{i}.toml" for i in range(1, 6)]
+    assert all(len(t) == 4 for t in files.values())
+    assert layout.active_accounts() == ("acct-00000", "acct-00002", "acct-00005", "acct-00007")
+    name, extra = layout.extra_file([8001])
+    assert name == "part-06.toml"
+    assert [t["account"] for t in extra] == ["acct-00010"] * 2 + ["acct-00011"] * 2
+
+
+def test_reload_takes_effect_from_the_first_probe_after_the_last_miss() -> None:
+    probes = [Probe(f"p{i}", "n", 100.0 + i / 10) for i in range(6)]
+    both = {"/a/n/0": {}, "/a/n/1": {}}
+    for i, (a, b) in enumerate([(None, None), (100.15, None), (None, None), (100.35, 100.36),
+                                (100.45, 100.47), (100.55, 100.55)]):
+        if a is not None:
+            both["/a/n/0"][f"p{i}"] = a
+        if b is not None:
+            both["/a/n/1"][f"p{i}"] = b
+    effect = reload_effect(100.0, probes, both, endpoints=2)
+    assert effect["effective_s"] == 0.36  # probe 3, the later of its two arrivals
+    assert effect["first_delivered_s"] == 0.36
+    assert effect["delivered"] == 3 and effect["probes"] == 6
+    assert reload_effect(100.0, probes[:3], both, endpoints=2)["effective_s"] is None
+
+
+async def test_receivers_verify_batches_and_account_endpoints(tmp_path: Path) -> None:
+    """A batch is verified once over the whole array and counted per member; an account
+    endpoint refuses another account's token and counts another account's event."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from loadtest.receivers import ReceiverApp
+    from signing import KeyRing, TokenMinter
+
+    ring = KeyRing.load(tmp_path, "EdDSA")
+    minter = TokenMinter(ring, issuer="iss", subject="sub", ttl_seconds=300)
+
+    async def jwks_doc(_: web.Request) -> web.Response:
+        return web.json_response(ring.jwks())
+
+    keys = web.Application()
+    keys.router.add_get("/jwks", jwks_doc)
+    receiver = ReceiverApp(1)
+    async with TestServer(keys) as jwks, TestClient(TestServer(receiver.app)) as client:
+        receiver.endpoints[0].url = str(client.make_url("/hooks/0"))
+        await client.post("/control/phase", json={
+            "verify": True, "jwks_url": str(jwks.make_url("/jwks")), "issuer": "iss"})
+
+        def headers(url: str, wid: str, body: bytes, account: str | None = None,
+                    size: int | None = None) -> dict[str, str]:
+            token = minter.mint(audience=url, webhook_id=wid, body=body, account=account)
+            h = {"Authorization": f"Bearer {token}", "webhook-id": wid,
+                 "Content-Type": "application/json"}
+            if size is not None:
+                h["webhook-batch-size"] = str(size)
+            return h
+
+        members = [json.dumps({"id": f"e{i}", "published_at": 1.0}).encode() for i in range(3)]
+        batch = b"[" + b",".join(members) + b"]"
+        url = receiver.endpoints[0].url
+        r = await client.post("/hooks/0", data=batch, headers=headers(url, "b1", batch, size=3))
+        assert r.status == 204
+        r = await client.post("/hooks/0", data=batch, headers=headers(url, "b2", batch, size=2))
+        assert r.status == 400
+        stats = (await (await client.get("/control/stats")).json())[0]
+        assert (stats["received"], stats["unique"], stats["requests"], stats["batched"]) == (
+            3, 3, 1, 3)
+        assert stats["verify_failures"] == 1
+
+        path = "/a/acct-1/0"
+        aurl = f"http://{client.host}:{client.port}{path}"
+        other = json.dumps({"id": "x1", "account": "acct-2"}).encode()
+        r = await client.post(path, data=other, headers=headers(aurl, "x1", other, "acct-1"))
+        assert r.status == 204  # the token is right; the event is another account's
+        r = await client.post(path, data=other, headers=headers(aurl, "x2", other, "acct-2"))
+        assert r.status == 401
+        paths = await (await client.get("/control/paths")).json()
+        assert paths["cross_account"] == 1 and paths["own_unique"] == 0
+        assert paths["reasons"] == {"wrong_account": 1}
+        await receiver.close()
