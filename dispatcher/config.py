@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from dispatcher.events import KNOWN_EVENT_TYPES
+from dispatcher.events import ACCOUNT_PATTERN, KNOWN_EVENT_TYPES
 
 __all__ = [
+    "BatchConfig",
     "BreakerConfig",
     "BrokerConfig",
     "Config",
@@ -32,6 +33,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_duration",
+    "parse_size",
 ]
 
 DEFAULT_CONFIG_PATH = "config/dispatcher.toml"
@@ -59,6 +61,21 @@ def parse_duration(value: object, key: str) -> float:
     if seconds < 0:
         raise ConfigError(f"{key}: duration must not be negative")
     return seconds
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|KB|MB)?\s*$")
+_UNIT_BYTES = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024 * 1024, "KB": 1000, "MB": 1000 * 1000}
+
+
+def parse_size(value: object, key: str) -> int:
+    """Parse "512KiB", "1MiB", "64000" (or a bare integer) into bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        size = int(m.group(1)) * _UNIT_BYTES[m.group(2)]
+    else:
+        raise ConfigError(f'{key}: bad size {value!r} (use B, KiB or MiB, e.g. "1MiB")')
+    return size
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +121,7 @@ class RetryConfig:
     schedule: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 10800, 21600)
     jitter: float = 0.2
     max_age: float = 86400.0
+    park_ttl: float = 600.0  # a parked delivery nobody consumed returns to the work queue
 
     @property
     def max_attempts(self) -> int:
@@ -127,6 +145,18 @@ class DispatcherConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchConfig:
+    """Opt-in batching for one subscriber: up to max_events (or max_bytes) per POST."""
+
+    max_events: int = 100
+    max_wait: float = 1.0
+    max_bytes: int = 1024 * 1024
+
+
+ALL_ACCOUNTS = "*"
+
+
+@dataclass(frozen=True, slots=True)
 class SubscriberConfig:
     id: str
     url: str
@@ -137,6 +167,13 @@ class SubscriberConfig:
     timeout: float = 10.0
     max_in_flight: int = 64
     rate_limit: float = 0.0
+    # None: only events without an account; "*": every event; else that account's events.
+    account: str | None = None
+    # (dotted path, accepted strings) pairs: every path must hold one of its strings.
+    filter: tuple[tuple[tuple[str, ...], frozenset[str]], ...] = ()
+    algorithm: str | None = None  # None: [signing].algorithm
+    batch: BatchConfig | None = None
+    source: str = field(default="", compare=False, repr=False)  # the file it was read from
 
     @property
     def uses_jwt(self) -> bool:
@@ -158,17 +195,30 @@ class Config:
     subscribers: tuple[SubscriberConfig, ...] = ()
     allow_private_networks: bool = False
     source: str = "<defaults>"
+    include: tuple[str, ...] = ()
+    _by_id: dict[str, SubscriberConfig] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_id", {s.id: s for s in self.subscribers})
 
     def subscriber(self, subscriber_id: str) -> SubscriberConfig | None:
-        for sub in self.subscribers:
-            if sub.id == subscriber_id:
-                return sub
-        return None
+        return self._by_id.get(subscriber_id)
+
+    @property
+    def algorithms(self) -> frozenset[str]:
+        """Every signing algorithm a token may be minted with under this config."""
+        return frozenset(
+            {self.signing.algorithm}
+            | {s.algorithm for s in self.subscribers if s.algorithm and s.uses_jwt}
+        )
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration as plain data, with secrets masked."""
         return {
             "source": self.source,
+            "include": list(self.include),
             "allow_private_networks": self.allow_private_networks,
             "broker": {
                 "url": _mask_url(self.broker.url),
@@ -192,6 +242,7 @@ class Config:
                 "schedule": list(self.retry.schedule),
                 "jitter": self.retry.jitter,
                 "max_age": self.retry.max_age,
+                "park_ttl": self.retry.park_ttl,
             },
             "breaker": {
                 "failure_threshold": self.breaker.failure_threshold,
@@ -216,6 +267,17 @@ class Config:
                     "timeout": s.timeout,
                     "max_in_flight": s.max_in_flight,
                     "rate_limit": s.rate_limit,
+                    "account": s.account,
+                    "filter": {".".join(path): sorted(values) for path, values in s.filter},
+                    "algorithm": s.algorithm or self.signing.algorithm,
+                    "batch": None
+                    if s.batch is None
+                    else {
+                        "max_events": s.batch.max_events,
+                        "max_wait": s.batch.max_wait,
+                        "max_bytes": s.batch.max_bytes,
+                    },
+                    **({"file": s.source} if s.source else {}),
                 }
                 for s in self.subscribers
             ],
@@ -241,6 +303,7 @@ class _Table:
             raise ConfigError(f"{name}: expected a table")
         self._data = dict(data)
         self._name = name
+        self.seen = frozenset(self._data)
 
     def key(self, k: str) -> str:
         return f"{self._name}.{k}" if self._name else k
@@ -342,11 +405,7 @@ def _signing(t: _Table) -> SigningConfig:
         jwks_max_age=t.take_duration("jwks_max_age", d.jwks_max_age),
     )
     t.finish()
-    _check(
-        cfg.algorithm in ("EdDSA", "ES256"),
-        t.key("algorithm"),
-        f'must be "EdDSA" or "ES256", got {cfg.algorithm!r}',
-    )
+    _algorithm(t, t.key("algorithm"), cfg.algorithm)
     _check(bool(cfg.issuer), t.key("issuer"), "must not be empty")
     _check(bool(cfg.keys_dir), t.key("keys_dir"), "must not be empty")
     _check(10 <= cfg.token_ttl <= 3600, t.key("token_ttl"), "must be between 10s and 1h")
@@ -364,7 +423,10 @@ def _retry(t: _Table) -> RetryConfig:
         schedule = tuple(parse_duration(v, f"{t.key('schedule')}[{i}]") for i, v in enumerate(raw))
     jitter = t.take("jitter", float, d.jitter)
     cfg = RetryConfig(
-        schedule=schedule, jitter=jitter, max_age=t.take_duration("max_age", d.max_age)
+        schedule=schedule,
+        jitter=jitter,
+        max_age=t.take_duration("max_age", d.max_age),
+        park_ttl=t.take_duration("park_ttl", d.park_ttl),
     )
     _check(
         t.take_raw("overflow_delay", None) is None,
@@ -380,6 +442,7 @@ def _retry(t: _Table) -> RetryConfig:
         "each delay must be more than 0 and at most 72h",
     )
     _check(cfg.max_age > 0, t.key("max_age"), "must be more than 0")
+    _check(1 <= cfg.park_ttl <= 86400, t.key("park_ttl"), "must be between 1s and 24h")
     return cfg
 
 
@@ -476,11 +539,104 @@ def _subscriber(t: _Table, env: Mapping[str, str], allow_private: bool) -> Subsc
         timeout=t.take_duration("timeout", 10.0),
         max_in_flight=t.take("max_in_flight", int, 64),
         rate_limit=t.take("rate_limit", float, 0.0),
+        account=_account(t),
+        filter=_filter(t),
+        algorithm=_algorithm(t, t.key("algorithm"), t.take("algorithm", str, "") or None),
+        batch=_batch(t),
     )
     t.finish()
     _check(0 < cfg.timeout <= 300, t.key("timeout"), "must be more than 0 and at most 5m")
     _check(1 <= cfg.max_in_flight <= 10000, t.key("max_in_flight"), "must be 1 to 10000")
     _check(cfg.rate_limit >= 0, t.key("rate_limit"), "must be 0 (unlimited) or more")
+    return cfg
+
+
+SIGNING_ALGORITHMS = ("EdDSA", "ES256", "RS256")
+
+
+def _algorithm(t: _Table, key: str, value: str | None) -> str | None:
+    _check(
+        value is None or value in SIGNING_ALGORITHMS,
+        key,
+        f"must be one of {', '.join(SIGNING_ALGORITHMS)}, got {value!r}",
+    )
+    return value
+
+
+def _account(t: _Table) -> str | None:
+    account = t.take("account", str, "") or None
+    if account is None and "account" in t.seen:
+        raise ConfigError(f'{t.key("account")}: must not be empty (omit it, or use "*")')
+    _check(
+        account is None or account == ALL_ACCOUNTS or bool(ACCOUNT_PATTERN.match(account)),
+        t.key("account"),
+        f'must be "*" or 1-64 characters of A-Z a-z 0-9 . _ -, got {account!r}',
+    )
+    return account
+
+
+# Fields of an event whose value is a string: a filter path that goes inside one never matches.
+_SCALAR_FIELDS = frozenset({"event", "timestamp", "id", "account"})
+_PATH_PART = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _filter(t: _Table) -> tuple[tuple[tuple[str, ...], frozenset[str]], ...]:
+    raw = t.take_raw("filter", None)
+    if raw is None:
+        return ()
+    key = t.key("filter")
+    _check(isinstance(raw, Mapping), key, 'expected a table, e.g. { "data.bounce_type" = [...] }')
+    assert isinstance(raw, Mapping)
+    _check(bool(raw), key, "must name at least one field (or leave filter out)")
+    out = []
+    for path, values in raw.items():
+        where = f'{key}."{path}"'
+        parts = tuple(str(path).split("."))
+        _check(
+            all(_PATH_PART.match(p) for p in parts),
+            where,
+            "bad path (dotted names of letters, digits, '_' or '-', e.g. data.bounce_type)",
+        )
+        _check(
+            not (len(parts) > 1 and parts[0] in _SCALAR_FIELDS),
+            where,
+            f"can never match: {parts[0]!r} is a string, it has no fields",
+        )
+        _check(
+            isinstance(values, list) and all(isinstance(v, str) for v in values),
+            where,
+            f"expected a list of strings, got {values!r}",
+        )
+        _check(bool(values), where, "an empty list can never match")
+        if parts == ("event",):
+            unknown = sorted(set(values) - set(KNOWN_EVENT_TYPES))
+            _check(not unknown, where, f"unknown event type {unknown[0]!r}" if unknown else "")
+        out.append((parts, frozenset(values)))
+    return tuple(out)
+
+
+def _batch(t: _Table) -> BatchConfig | None:
+    raw = t.take_raw("batch", None)
+    if raw is None:
+        return None
+    b = _Table(raw, t.key("batch"))
+    d = BatchConfig()
+    max_bytes_raw = b.take_raw("max_bytes", None)
+    cfg = BatchConfig(
+        max_events=b.take("max_events", int, d.max_events),
+        max_wait=b.take_duration("max_wait", d.max_wait),
+        max_bytes=d.max_bytes
+        if max_bytes_raw is None
+        else parse_size(max_bytes_raw, b.key("max_bytes")),
+    )
+    b.finish()
+    _check(1 <= cfg.max_events <= 10000, b.key("max_events"), "must be 1 to 10000")
+    _check(0 < cfg.max_wait <= 300, b.key("max_wait"), "must be more than 0 and at most 5m")
+    _check(
+        1024 <= cfg.max_bytes <= 64 * 1024 * 1024,
+        b.key("max_bytes"),
+        "must be between 1KiB and 64MiB",
+    )
     return cfg
 
 
@@ -537,31 +693,43 @@ def _check_subscriber_url(url: str, key: str, allow_private: bool) -> None:
 
 
 def parse_config(
-    data: Mapping[str, Any], env: Mapping[str, str] | None = None, source: str = "<memory>"
+    data: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    source: str = "<memory>",
+    *,
+    base_dir: Path | None = None,
 ) -> Config:
-    """Validate a parsed TOML document into a `Config`; raise `ConfigError` on any problem."""
+    """Validate a parsed TOML document into a `Config`; raise `ConfigError` on any problem.
+
+    ``include`` globs are read relative to ``base_dir`` (the main file's directory; the
+    current directory for a document from memory).
+    """
     env = os.environ if env is None else env
     root = _Table(data, "")
     allow_private = root.take("allow_private_networks", bool, False)
+    include = root.take_str_list("include", ())
     broker = _broker(_Table(root.take_raw("broker", {}), "broker"), env)
     http = _http(_Table(root.take_raw("http", {}), "http"))
     signing = _signing(_Table(root.take_raw("signing", {}), "signing"))
     retry = _retry(_Table(root.take_raw("retry", {}), "retry"))
     breaker = _breaker(_Table(root.take_raw("breaker", {}), "breaker"))
     disp = _dispatcher(_Table(root.take_raw("dispatcher", {}), "dispatcher"), env)
-    raw_subs = root.take_raw("subscribers", [])
-    if not isinstance(raw_subs, list):
-        raise ConfigError("subscribers: expected [[subscribers]] tables")
-    subs = tuple(
-        _subscriber(_Table(s, f"subscribers[{i}]"), env, allow_private)
-        for i, s in enumerate(raw_subs)
-    )
-    seen: set[str] = set()
-    for i, s in enumerate(subs):
-        if s.id in seen:
-            raise ConfigError(f"subscribers[{i}].id: duplicate subscriber id {s.id!r}")
-        seen.add(s.id)
+    subs = list(_subscribers(root.take_raw("subscribers", []), env, allow_private, ""))
     root.finish()
+    for i, pattern in enumerate(include):
+        for path in _included_files(pattern, base_dir or Path.cwd(), f"include[{i}]"):
+            subs.extend(_included_subscribers(path, env, allow_private))
+    seen: dict[str, SubscriberConfig] = {}
+    for i, s in enumerate(subs):
+        first = seen.get(s.id)
+        if first is not None:
+            where = f"{s.source}: " if s.source else ""
+            earlier = f" (first in {first.source or source})" if first.source != s.source else ""
+            raise ConfigError(
+                f"{where}subscribers[{_index_in_file(subs, i)}].id: "
+                f"duplicate subscriber id {s.id!r}{earlier}"
+            )
+        seen[s.id] = s
     return Config(
         broker=broker,
         http=http,
@@ -569,10 +737,66 @@ def parse_config(
         retry=retry,
         breaker=breaker,
         dispatcher=disp,
-        subscribers=subs,
+        subscribers=tuple(subs),
         allow_private_networks=allow_private,
         source=source,
+        include=include,
     )
+
+
+def _subscribers(
+    raw: object, env: Mapping[str, str], allow_private: bool, source: str
+) -> list[SubscriberConfig]:
+    if not isinstance(raw, list):
+        raise ConfigError("subscribers: expected [[subscribers]] tables")
+    out = []
+    for i, item in enumerate(raw):
+        sub = _subscriber(_Table(item, f"subscribers[{i}]"), env, allow_private)
+        out.append(replace(sub, source=source) if source else sub)
+    return out
+
+
+def _index_in_file(subs: list[SubscriberConfig], i: int) -> int:
+    return sum(1 for s in subs[:i] if s.source == subs[i].source)
+
+
+def _included_files(pattern: str, base: Path, key: str) -> list[Path]:
+    """The files an include glob names, sorted; a plain path must exist, a glob may match none."""
+    _check(bool(pattern.strip()), key, "must not be empty")
+    if not any(c in pattern for c in "*?["):
+        path = Path(pattern) if Path(pattern).is_absolute() else base / pattern
+        _check(path.is_file(), key, f"included file {pattern!r} not found")
+        return [path]
+    if Path(pattern).is_absolute():
+        found = sorted(Path(pattern).parent.glob(Path(pattern).name))
+    else:
+        found = sorted(base.glob(pattern))
+    return [p for p in found if p.is_file()]
+
+
+def _included_subscribers(
+    path: Path, env: Mapping[str, str], allow_private: bool
+) -> list[SubscriberConfig]:
+    """An included file holds ``[[subscribers]]`` tables and nothing else."""
+    name = str(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{name}: cannot read included file ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{name}: invalid TOML ({exc})") from None
+    try:
+        root = _Table(data, "")
+        subs = _subscribers(root.take_raw("subscribers", []), env, allow_private, name)
+        root.finish()
+    except ConfigError as exc:
+        hint = (
+            " (an included file holds only [[subscribers]] tables)"
+            if "unknown key" in str(exc) and not str(exc).startswith("subscribers[")
+            else ""
+        )
+        raise ConfigError(f"{name}: {exc}{hint}") from None
+    return subs
 
 
 def load_config(
@@ -591,7 +815,7 @@ def load_config(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{chosen}: invalid TOML ({exc})") from None
-    cfg = parse_config(data, env, source=str(chosen))
+    cfg = parse_config(data, env, source=str(chosen), base_dir=chosen.parent)
     keys_dir = Path(cfg.signing.keys_dir)
     if not keys_dir.is_absolute():
         # keys_dir is relative to the config file's directory's parent project, i.e. the cwd.

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 __all__ = [
+    "ACCOUNT_PATTERN",
     "BOUNCE_TYPES",
     "KNOWN_EVENT_TYPES",
     "Event",
@@ -36,6 +37,7 @@ _KNOWN = frozenset(KNOWN_EVENT_TYPES)
 # Deliberately plain: one @, a dot in the domain, no spaces or control characters.
 _EMAIL = re.compile(r"^[^@\s\x00-\x1f]{1,64}@[^@\s\x00-\x1f]+\.[^@\s\x00-\x1f]+$")
 _EVENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: a safe header value
+ACCOUNT_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _MAX_ID = 128
 
 
@@ -49,6 +51,8 @@ class Event:
     type: str
     body: bytes
     recipient: str | None = None
+    account: str | None = None  # the sending account (the provider's customer), if any
+    doc: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # parsed body
 
 
 def derive_event_id(body: bytes) -> str:
@@ -106,16 +110,26 @@ def parse_event(
         if code is not None and not isinstance(code, str):
             raise InvalidEvent('"data.diagnostic_code" must be a string')
 
-    if message_id:
-        event_id = _check_id(message_id, "message_id property")
-    elif "id" in doc:
+    account = doc.get("account")
+    if account is not None and not (isinstance(account, str) and ACCOUNT_PATTERN.match(account)):
+        shown = repr(account[:80]) if isinstance(account, str) else f"a JSON {_kind(account)}"
+        raise InvalidEvent(f'"account" must be 1-64 characters of A-Z a-z 0-9 . _ -, got {shown}')
+
+    # The body's id wins: common AMQP clients stamp a random message_id on every publish.
+    if "id" in doc:
         event_id = _check_id(doc["id"], '"id"')
+    elif message_id:
+        event_id = _check_id(message_id, "message_id property")
     else:
         event_id = derive_event_id(body)
-    return Event(id=event_id, type=event_type, body=body, recipient=recipient)
+    return Event(
+        id=event_id, type=event_type, body=body, recipient=recipient, account=account, doc=doc
+    )
 
 
 def _kind(doc: object) -> str:
+    if isinstance(doc, dict):
+        return "object"
     if isinstance(doc, list):
         return "array"
     if isinstance(doc, str):

@@ -13,16 +13,25 @@ merges across workers is its ``multiprocess_mode``:
     dispatcher_ready             livesum          workers connected and consuming
     dispatcher_breaker_state     livemax          the worst breaker of any live worker
     dispatcher_queue_depth       livemostrecent   the newest sample of any live worker
+    dispatcher_cluster_members   livemax          processes on the queue, the largest view
+    dispatcher_cluster_holding   livesum          workers holding their shares of the limits
 
 ``live*`` modes drop a worker's values once the supervisor calls `mark_process_dead` for it.
 Counters and histograms of a dead worker stay in the sum, so totals never go backwards when a
 worker is restarted.
+
+A provider runs tens of thousands of subscribers, so per-subscriber series exist only where they
+carry information: a subscriber's series appear with its first delivery attempt (or its first
+breaker change) and are removed once it has been idle for ``IDLE_SERIES`` with a closed breaker,
+or when a reload removes it. Histograms carry no subscriber label. Before any traffic the
+exposition holds no per-subscriber series at all, whatever the subscriber count.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import time
 from collections.abc import Iterable
 
 from prometheus_client import (
@@ -35,7 +44,9 @@ from prometheus_client import (
 )
 from prometheus_client.registry import Collector
 
-__all__ = ["MULTIPROC_ENV", "Metrics", "live_gauge_sum", "render_metrics"]
+__all__ = ["IDLE_SERIES", "MULTIPROC_ENV", "Metrics", "live_gauge_sum", "render_metrics"]
+
+IDLE_SERIES = 900.0  # seconds without an attempt before a subscriber's series are removed
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -120,15 +131,13 @@ class Metrics:
         # --- histograms -----------------------------------------------------------------------
         self.end_to_end = Histogram(
             "dispatcher_delivery_latency_seconds",
-            "From the event's publish time (when known) to the subscriber's 2xx.",
-            ["subscriber"],
+            "From the event's publish time (when known) to the subscriber's 2xx, all subscribers.",
             buckets=_LATENCY_BUCKETS,
             registry=reg,
         )
         self.request_time = Histogram(
             "dispatcher_request_duration_seconds",
-            "HTTP request time of one attempt, whatever its outcome.",
-            ["subscriber"],
+            "HTTP request time of one attempt, whatever its outcome, all subscribers.",
             buckets=_LATENCY_BUCKETS,
             registry=reg,
         )
@@ -187,6 +196,33 @@ class Metrics:
             registry=reg,
             multiprocess_mode="livesum",
         )
+        # --- cluster-wide limits (dispatcher/cluster.py) ---------------------------------------
+        self.cluster_members = Gauge(
+            "dispatcher_cluster_members",
+            "Dispatcher processes (workers of every instance) on this queue, as this one sees "
+            "them; the subscribers' limits are split between them.",
+            registry=reg,
+            multiprocess_mode="livemax",
+        )
+        self.cluster_holding = Gauge(
+            "dispatcher_cluster_holding",
+            "1 while this process holds its shares of the subscribers' limits; 0 while it joins "
+            "or is cut off from the others (summed over workers).",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.cluster_view_changes = Counter(
+            "dispatcher_cluster_view_changes_total",
+            "Times this process's view of the cluster changed (a process joined or left).",
+            registry=reg,
+        )
+        self.cluster_messages = Counter(
+            "dispatcher_cluster_messages_total",
+            "Control messages sent, by kind (heartbeat, bye, state, and the breaker's failed, "
+            "recovered, opened, closed).",
+            ["kind"],
+            registry=reg,
+        )
 
     def observe_confirm(self, kind: str, seconds: float) -> None:
         self.confirm_time.labels(kind).observe(seconds)
@@ -198,13 +234,41 @@ class Metrics:
             found = self._per_subscriber[sub_id] = SubscriberMetrics(self, sub_id)
         return found
 
-    def init_subscribers(self, ids: Iterable[str]) -> None:
-        """Create each subscriber's series at zero, so rates and alerts see them from the start."""
-        for sub in ids:
-            for outcome in ("delivered", "dead_lettered"):
-                self.deliveries.labels(sub, outcome)
-            self.in_flight.labels(sub).set(0)
-            self.breaker_state.labels(sub).set(0)
+    def breaker_changed(self, sub_id: str, state: int) -> None:
+        m = self.for_subscriber(sub_id)
+        m.breaker_now = state
+        m.breaker.set(state)
+
+    def retain_subscribers(self, ids: Iterable[str]) -> None:
+        """A reload: remove the series of subscribers that are gone."""
+        keep = set(ids)
+        for sub_id in [s for s in self._per_subscriber if s not in keep]:
+            self._remove(sub_id)
+
+    def prune_idle(self, now: float | None = None, idle: float = IDLE_SERIES) -> int:
+        """Remove the series of subscribers idle for ``idle`` seconds with a closed breaker."""
+        now = time.monotonic() if now is None else now
+        gone = [
+            sub_id
+            for sub_id, m in self._per_subscriber.items()
+            if now - m.last_used >= idle and m.in_flight_now == 0 and m.breaker_now == 0
+        ]
+        for sub_id in gone:
+            self._remove(sub_id)
+        return len(gone)
+
+    def _remove(self, sub_id: str) -> None:
+        self._per_subscriber.pop(sub_id, None)
+        for metric in (
+            self.attempts,
+            self.deliveries,
+            self.retries,
+            self.parked,
+            self.in_flight,
+            self.breaker_state,
+        ):
+            for labels in [k for k in metric._metrics if k[0] == sub_id]:
+                metric.remove(*labels)
 
 
 class SubscriberMetrics:
@@ -212,21 +276,44 @@ class SubscriberMetrics:
 
     __slots__ = (
         "_attempts",
+        "_breaker",
         "_metrics",
         "_sub",
+        "breaker_now",
         "delivered",
         "end_to_end",
         "in_flight",
+        "in_flight_now",
+        "last_used",
         "request_time",
     )
 
     def __init__(self, metrics: Metrics, sub_id: str) -> None:
         self._metrics, self._sub = metrics, sub_id
         self.in_flight = metrics.in_flight.labels(sub_id)
-        self.request_time = metrics.request_time.labels(sub_id)
-        self.end_to_end = metrics.end_to_end.labels(sub_id)
+        self.request_time = metrics.request_time
+        self.end_to_end = metrics.end_to_end
         self.delivered = metrics.deliveries.labels(sub_id, "delivered")
         self._attempts: dict[str, Counter] = {}
+        self._breaker: Gauge | None = None
+        self.last_used = time.monotonic()
+        self.in_flight_now = 0
+        self.breaker_now = 0
+
+    @property
+    def breaker(self) -> Gauge:
+        if self._breaker is None:
+            self._breaker = self._metrics.breaker_state.labels(self._sub)
+        return self._breaker
+
+    def started(self) -> None:
+        self.in_flight_now += 1
+        self.in_flight.inc()
+        self.last_used = time.monotonic()
+
+    def finished(self) -> None:
+        self.in_flight_now -= 1
+        self.in_flight.dec()
 
     def attempt(self, outcome: str) -> Counter:
         child = self._attempts.get(outcome)

@@ -2,20 +2,28 @@
 
 A delivery that is not attempted (the subscriber's breaker is open, its lane is full, its rate
 limit is reached) is published to ``<queue>.parked.<subscriber>`` and its work-queue message is
-acked; nothing waits in memory and the work queue keeps flowing for everyone else. Each parking
-queue is consumed on a channel of its own (its prefetch window, not the work queue's), and only
-while its subscriber can take deliveries:
+acked; nothing waits in memory and the work queue keeps flowing for everyone else.
 
-    breaker     parking consumer   what happens to parked deliveries
-    closed      consuming          they wait in the lane (patient) until a slot is free
-    open        cancelled          they stay in the broker; when the cooldown ends, one is
-                                   fetched (basic.get) and becomes the breaker's probe
-    half_open   as it was          the probe's verdict moves the breaker to closed or open
+Parking queues cost the broker nothing while a subscriber is healthy. A provider has tens of
+thousands of endpoints, so a parking queue exists only while it is needed:
 
-So an outage costs each of the subscriber's deliveries one trip to its parking queue, however
-long it lasts, instead of one trip through the delay tiers per cooldown. Parking queues of
-subscribers removed by a reload are drained (their deliveries are dead-lettered
-``subscriber_removed`` by the pipeline) and then deleted.
+    when                                what happens
+    a delivery is parked                the queue is declared (once; again every park_ttl),
+                                        and consumed here if the breaker is closed
+    the breaker opens                   its consumer is cancelled; parked deliveries stay
+    a cooldown ends                     one parked delivery is fetched (basic.get): the probe
+    the breaker closes                  consumed again; its deliveries wait in the lane
+    nothing came for IDLE seconds       the consumer is let go
+    nobody used the queue for 3 x ttl   the broker deletes it (x-expires)
+    a parked delivery waited park_ttl   it expires back into the work queue (x-message-ttl,
+                                        dead-lettered into the due exchange), so a queue that
+                                        no process knows of (after a restart) is never stranded
+
+A process also looks once, in the background, for an existing parking queue of each
+subscriber it delivers to for the first time (a passive declare), so deliveries parked before
+a restart are consumed as soon as their subscriber is healthy, without start-up paying one
+round trip per configured subscriber. Each parking consumer has a channel and prefetch window
+of its own, so parked deliveries never take from the work queue's window.
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import ChannelNotFoundEntity
@@ -33,7 +42,12 @@ from aiormq.exceptions import ChannelNotFoundEntity
 from dispatcher.circuit_breaker import BreakerState
 from dispatcher.config import BrokerConfig
 from dispatcher.endpoint_limits import LaneSet
-from dispatcher.topology import declare_parking, parking_queue
+from dispatcher.topology import (
+    declare_parking,
+    declare_parking_index,
+    parking_index,
+    parking_queue,
+)
 
 __all__ = ["ParkingLots", "parking_prefetch"]
 
@@ -41,7 +55,8 @@ log = structlog.get_logger("dispatcher.parking")
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
-_REMOVED_CHECK = 1.0  # seconds between checks that a removed subscriber's queue is empty
+IDLE = 30.0  # seconds without a parked delivery before a consumer is let go
+_SWEEP = 5.0
 _TIMER_SLACK = 0.01
 
 
@@ -51,20 +66,46 @@ def parking_prefetch(prefetch: int) -> int:
 
 
 class _Lot:
-    """One subscriber's parking queue and whether it should be consumed."""
+    """One subscriber's parking queue as this process knows it."""
 
-    def __init__(self, sub: str, queue: AbstractQueue) -> None:
+    __slots__ = (
+        "active",
+        "declared_at",
+        "last_active",
+        "lock",
+        "on_message",
+        "probe_timer",
+        "queue",
+        "sub",
+        "tag",
+        "wanted",
+    )
+
+    def __init__(
+        self,
+        sub: str,
+        queue: AbstractQueue,
+        now: float,
+        consume: Callable[[_Lot, AbstractIncomingMessage], Awaitable[None]],
+    ) -> None:
         self.sub = sub
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            await consume(self, message)
+
+        self.on_message = on_message
         self.queue = queue
         self.wanted = True  # consume unless the breaker says stay away
-        self.removed = False
         self.tag: str | None = None
         self.lock = asyncio.Lock()
         self.probe_timer: asyncio.TimerHandle | None = None
+        self.declared_at = now
+        self.last_active = now
+        self.active = 0  # parked deliveries taken from this queue and not yet settled
 
 
 class ParkingLots:
-    """The parking queues of one worker, consumed as the subscribers' breakers allow."""
+    """The parking queues one worker knows of, consumed as the subscribers' breakers allow."""
 
     def __init__(
         self,
@@ -73,54 +114,87 @@ class ParkingLots:
         *,
         handler: Handler,
         lanes: LaneSet,
+        park_ttl: float,
         clock: Callable[[], float] = time.monotonic,
+        idle: float = IDLE,
     ) -> None:
         self._channel = channel
         self._cfg = cfg
         self._handler = handler
         self._lanes = lanes
+        self._ttl = park_ttl
         self._clock = clock
+        self.idle_after = idle
         self._lots: dict[str, _Lot] = {}
+        self._declaring: dict[str, asyncio.Future[_Lot]] = {}
+        self._looked_for: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._lookups: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
 
-    # --- subscribers ---------------------------------------------------------------------------
+    # --- what the pipeline tells -----------------------------------------------------------------
 
-    async def sync(self, subscribers: Iterable[str]) -> None:
-        """Declare and consume the parking queues of these subscribers; drain the others'."""
-        ids = list(subscribers)
-        for sub in ids:
-            lot = self._lots.get(sub)
-            if lot is None:
-                queue = await declare_parking(self._channel, self._cfg, sub)
-                lot = self._lots[sub] = _Lot(sub, queue)
-            lot.removed = False
-            lane = self._lanes.get(sub)
-            if lane is None or lane.breaker.state is BreakerState.CLOSED:
-                lot.wanted = True  # a new or reconfigured subscriber starts with a closed breaker
-            await self._reconcile(lot)
-        for sub, lot in list(self._lots.items()):
-            if sub not in ids and not lot.removed:
-                lot.removed = True
-                lot.wanted = True  # drain it: the pipeline dead-letters what it finds
-                await self._reconcile(lot)
-                task = asyncio.create_task(self._retire(lot))
-                self._retiring.add(task)
-                task.add_done_callback(self._retiring.discard)
+    async def ensure(self, sub: str) -> None:
+        """The subscriber's parking queue exists and is bound: a park may be published.
+
+        Declared once per process, and again every ``park_ttl`` so that the queue's expiry
+        (three times that, counted from its last use) never comes before its newest
+        delivery's return.
+        """
+        lot = self._lots.get(sub)
+        if lot is not None and self._clock() - lot.declared_at < self._ttl:
+            return
+        pending = self._declaring.get(sub)
+        if pending is None:
+            pending = self._declaring[sub] = asyncio.ensure_future(self._declare(sub))
+            pending.add_done_callback(lambda _: self._declaring.pop(sub, None))
+        await asyncio.shield(pending)
+
+    def forget(self, sub: str) -> None:
+        """A park for ``sub`` failed (its queue may be gone): declare it again next time."""
+        lot = self._lots.get(sub)
+        if lot is not None:
+            lot.declared_at = -1e18
+
+    def seen(self, sub: str) -> None:
+        """A delivery for ``sub``: the first time, look (in the background) for a parking
+        queue left from before this process started, and consume it if there is one."""
+        if sub in self._looked_for or sub in self._lots or self._closed:
+            return
+        self._looked_for.add(sub)
+        task = asyncio.ensure_future(self._look_for(sub))
+        self._lookups.add(task)
+        task.add_done_callback(self._lookups.discard)
+
+    def retain(self, subscribers: set[str]) -> None:
+        """After a reload: removed subscribers' lots are drained (the pipeline dead-letters
+        what it finds, ``subscriber_removed``), then let go like any idle lot."""
+        self._looked_for &= subscribers
+        for sub, lot in self._lots.items():
+            if sub not in subscribers:
+                if lot.probe_timer is not None:
+                    lot.probe_timer.cancel()
+                    lot.probe_timer = None
+                if not lot.wanted:
+                    lot.wanted = True
+                    self._spawn(self._reconcile(lot))
 
     @property
     def consuming(self) -> list[str]:
         return sorted(sub for sub, lot in self._lots.items() if lot.tag is not None)
+
+    @property
+    def known(self) -> list[str]:
+        """Subscribers whose parking queue this process knows (declared or found)."""
+        return sorted(self._lots)
 
     # --- breaker -------------------------------------------------------------------------------
 
     def breaker_changed(self, sub: str, new: BreakerState, reopen_in: float) -> None:
         """Follow a subscriber's breaker: consume while closed; probe when a cooldown ends."""
         lot = self._lots.get(sub)
-        if lot is None or lot.removed or self._closed:
-            return
-        if new is BreakerState.HALF_OPEN:
+        if lot is None or self._closed or new is BreakerState.HALF_OPEN:
             return
         lot.wanted = new is BreakerState.CLOSED
         if lot.probe_timer is not None:
@@ -145,7 +219,7 @@ class ParkingLots:
         delivery from the work queue probes instead).
         """
         lot.probe_timer = None
-        while not self._closed and not lot.wanted:
+        while not self._closed and not lot.wanted and self._lots.get(lot.sub) is lot:
             lane = self._lanes.get(lot.sub)
             if lane is None or lane.breaker.state is BreakerState.CLOSED:
                 # A reload replaced the lane: its successor starts closed, so consume again.
@@ -165,17 +239,100 @@ class ParkingLots:
                 return
             if message is None:
                 return
-            await self._handler(message)
+            await self._consume_one(lot, message)
 
-    # --- consumers -----------------------------------------------------------------------------
+    # --- queues and consumers --------------------------------------------------------------------
+
+    async def _declare(self, sub: str) -> _Lot:
+        queue = await declare_parking(self._channel, self._cfg, sub, park_ttl=self._ttl)
+        if sub not in self._lots:
+            # A hint for whoever starts next (not confirmed: losing one costs at most a wait
+            # of park_ttl, when the parked deliveries return to the work queue by themselves).
+            with contextlib.suppress(Exception):
+                await self._channel.default_exchange.publish(
+                    aio_pika.Message(sub.encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    routing_key=parking_index(self._cfg.queue),
+                )
+        return self._adopt(sub, queue)
+
+    async def recover(self, limit: int = 10_000) -> int:
+        """At start: look for the parking queues the index names (subscribers that parked in
+        the last three park_ttl), so deliveries parked before a restart are consumed without
+        waiting for a new park. Returns how many subscribers the index named."""
+        index = await declare_parking_index(self._channel, self._cfg, park_ttl=self._ttl)
+        held: dict[str, AbstractIncomingMessage] = {}
+        extra: list[AbstractIncomingMessage] = []
+        try:
+            while len(held) + len(extra) < limit:
+                message = await index.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                sub = message.body.decode("utf-8", "replace")
+                if sub in held:
+                    extra.append(held[sub])  # keep the newest entry of each subscriber
+                held[sub] = message
+        finally:
+            for message in extra:
+                with contextlib.suppress(Exception):
+                    await message.ack()
+            for message in held.values():
+                with contextlib.suppress(Exception):
+                    await message.nack(requeue=True)
+        for sub in held:
+            self.seen(sub)
+        return len(held)
+
+    def _adopt(self, sub: str, queue: AbstractQueue) -> _Lot:
+        now = self._clock()
+        lot = self._lots.get(sub)
+        if lot is not None:
+            lot.queue, lot.declared_at = queue, now
+            return lot
+        lot = self._lots[sub] = _Lot(sub, queue, now, self._consume_one)
+        lane = self._lanes.get(sub)
+        lot.wanted = lane is None or lane.breaker.state is BreakerState.CLOSED
+        if not lot.wanted and lane is not None:
+            self._arm(lot, lane.breaker.open_until - now)
+        self._start_sweeper()
+        self._spawn(self._reconcile(lot))
+        return lot
+
+    async def _look_for(self, sub: str) -> None:
+        name = parking_queue(self._cfg.queue, sub)
+        try:
+            async with self._throwaway() as channel:
+                declared = await channel.queue_declare(name, passive=True)
+        except ChannelNotFoundEntity:
+            return  # none: the usual case
+        except Exception as exc:
+            self._looked_for.discard(sub)  # the link is down: look again next time
+            log.debug("parking_lookup_failed", subscriber=sub, error=str(exc))
+            return
+        if not declared.message_count or sub in self._lots or self._closed:
+            return
+        log.info("parking_queue_found", subscriber=sub, parked=declared.message_count)
+        try:
+            await self.ensure(sub)
+        except Exception as exc:
+            log.warning("parking_declare_failed", subscriber=sub, error=str(exc))
+
+    async def _consume_one(self, lot: _Lot, message: AbstractIncomingMessage) -> None:
+        lot.active += 1
+        lot.last_active = self._clock()
+        try:
+            await self._handler(message)
+        finally:
+            lot.active -= 1
+            lot.last_active = self._clock()
 
     async def _reconcile(self, lot: _Lot) -> None:
         """Make the consumer match ``lot.wanted`` (the latest wish wins, whatever the order)."""
         async with lot.lock:
-            want = lot.wanted and not self._closed
+            want = lot.wanted and not self._closed and self._lots.get(lot.sub) is lot
             try:
                 if want and lot.tag is None:
-                    lot.tag = await lot.queue.consume(self._handler, no_ack=False)
+                    lot.last_active = self._clock()
+                    lot.tag = await lot.queue.consume(lot.on_message, no_ack=False)
                     log.debug("parking_consuming", subscriber=lot.sub)
                 elif not want and lot.tag is not None:
                     tag, lot.tag = lot.tag, None
@@ -184,49 +341,36 @@ class ParkingLots:
             except Exception as exc:  # a broken link: the robust channel restores consumers
                 log.warning("parking_consumer_failed", subscriber=lot.sub, error=str(exc))
 
-    async def _retire(self, lot: _Lot) -> None:
-        """Delete a removed subscriber's parking queue once it has been drained."""
-        name = parking_queue(self._cfg.queue, lot.sub)
-        while not self._closed and lot.removed:
-            await asyncio.sleep(_REMOVED_CHECK)
-            if await self._depth(name) != 0:
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None and not self._closed:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(min(_SWEEP, self.idle_after / 2))
+            await self.sweep()
+
+    async def sweep(self) -> None:
+        """Let go of consumers that had nothing to do for ``idle`` seconds."""
+        now = self._clock()
+        for lot in list(self._lots.values()):
+            quiet = lot.active == 0 and now - lot.last_active >= self.idle_after
+            if not (quiet and lot.wanted and lot.probe_timer is None):
                 continue
             async with lot.lock:
-                if not lot.removed:
-                    return
+                if lot.active or self._lots.get(lot.sub) is not lot:
+                    continue
                 if lot.tag is not None:
                     with contextlib.suppress(Exception):
                         await lot.queue.cancel(lot.tag)
                     lot.tag = None
-                if await self._delete_if_empty(name):
-                    del self._lots[lot.sub]
-                    log.info("parking_queue_deleted", subscriber=lot.sub, queue=name)
-                    return
-                lot.tag = await lot.queue.consume(self._handler, no_ack=False)
-
-    async def _depth(self, name: str) -> int | None:
-        """Messages ready in a removed subscriber's queue; 0 once it is gone, None if unknown."""
-        try:
-            async with self._throwaway() as channel:
-                declared = await channel.queue_declare(name, passive=True)
-        except ChannelNotFoundEntity:
-            return 0  # already deleted (another worker retired it)
-        except Exception:
-            return None
-        return int(declared.message_count or 0)
-
-    async def _delete_if_empty(self, name: str) -> bool:
-        try:
-            async with self._throwaway() as channel:
-                await channel.queue_delete(name, if_empty=True)
-        except Exception:
-            return False
-        return True
+                del self._lots[lot.sub]
+            log.debug("parking_released", subscriber=lot.sub)
 
     @contextlib.asynccontextmanager
     async def _throwaway(self) -> AsyncIterator[Any]:
-        """A raw channel of its own: a failed passive declare or a refused delete closes the
-        channel it runs on, and must not take the parking consumers' channel with it."""
+        """A raw channel of its own: a failed passive declare closes the channel it runs on,
+        and must not take the parking consumers' channel with it."""
         raw = await self._channel.get_underlay_channel()
         channel = await raw.connection.channel()
         try:
@@ -241,17 +385,21 @@ class ParkingLots:
         """Stop consuming every parking queue (shutdown).
 
         Messages already taken are the pipeline's: its drain settles or hands them back, a
-        probe included. What is left here only waits (timers, removed queues' retirement).
+        probe included. What is left here only waits (timers, lookups).
         """
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(BaseException):
+                await self._sweeper
         for lot in self._lots.values():
             if lot.probe_timer is not None:
                 lot.probe_timer.cancel()
             await self._reconcile(lot)
-        for task in list(self._retiring):
+        for task in list(self._lookups):
             task.cancel()
-        if self._retiring:
-            await asyncio.wait(self._retiring, timeout=5)
+        if self._lookups:
+            await asyncio.wait(self._lookups, timeout=5)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)

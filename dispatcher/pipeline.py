@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
@@ -27,7 +27,11 @@ from dispatcher.delivery import HttpSender
 from dispatcher.endpoint_limits import Admitted, Lane, LaneSet
 from dispatcher.events import Event, InvalidEvent, parse_event
 from dispatcher.metrics import Metrics
-from dispatcher.records import H_PUBLISHED_AT, H_ROUTING_KEY, Delivery, published_at
+
+if TYPE_CHECKING:
+    from dispatcher.parking import ParkingLots
+from dispatcher.config import ALL_ACCOUNTS
+from dispatcher.records import H_ACCOUNT, H_PUBLISHED_AT, H_ROUTING_KEY, Delivery, published_at
 from dispatcher.retry_policy import (
     DeadLetter,
     Decision,
@@ -91,9 +95,9 @@ class Pipeline:
         self._routing = RoutingTable(config.subscribers)
         self._parking_exchange = parking_exchange(config.broker.queue)
         self._internal = {f"{config.broker.queue}.retry.due", self._parking_exchange}
-        # Told of every breaker change of a current lane: (subscriber, new state, seconds until
-        # a probe may go). The daemon points it at the parking lots.
-        self.on_breaker_change: Callable[[str, BreakerState, float], None] | None = None
+        # The parking lots (set by the daemon): told of every breaker change of a current lane,
+        # asked for a subscriber's queue before a park.
+        self.parking: ParkingLots | None = None
 
     # --- configuration -------------------------------------------------------------------------
 
@@ -223,10 +227,12 @@ class Pipeline:
             log.warning("event_invalid", reason=reason, routing_key=message.routing_key)
             return _Verdict.ACK
 
+        if event.account is not None:
+            carry[H_ACCOUNT] = event.account
         patient = False
         if delivery is None:
             self._metrics.events.labels("event").inc()
-            targets = self._routing.targets(event.type)
+            targets = self._routing.targets(event.account, event.type, event.doc)
             work = [(s, Delivery(s.id, 1, now)) for s in targets]
         else:
             # A parked delivery waits for its lane instead of being parked again: its own
@@ -234,7 +240,9 @@ class Pipeline:
             patient = message.exchange == self._parking_exchange
             self._metrics.events.labels("parked" if patient else "retry").inc()
             sub = self.config.subscriber(delivery.subscriber)
-            if sub is None or not any(s is sub for s in self._routing.targets(event.type)):
+            if sub is None or not any(
+                s is sub for s in self._routing.targets(event.account, event.type, event.doc)
+            ):
                 await self._settle(event, None, delivery, DeadLetter("subscriber_removed"), carry)
                 return _Verdict.ACK
             if expired(
@@ -266,6 +274,8 @@ class Pipeline:
         carry: dict[str, Any],
         patient: bool = False,
     ) -> None:
+        if self.parking is not None:
+            self.parking.seen(sub.id)
         lane = self._lanes.lane(sub)
         slot = await lane.acquire(patient=patient)
         if isinstance(slot, Admitted):
@@ -304,8 +314,7 @@ class Pipeline:
         lane, slot = lane_release
         verdict: bool | None = None
         m = self._metrics.for_subscriber(sub.id)
-        in_flight = m.in_flight
-        in_flight.inc()
+        m.started()
         try:
             headers = self._request_headers(event, sub)
             started = time.perf_counter()
@@ -315,7 +324,7 @@ class Pipeline:
             verdict = _breaker_verdict(outcome)
             return outcome
         finally:
-            in_flight.dec()
+            m.finished()
             lane.release(slot, verdict)
 
     def _request_headers(self, event: Event, sub: SubscriberConfig) -> dict[str, str]:
@@ -328,7 +337,12 @@ class Pipeline:
         if sub.uses_jwt and self._minter is not None:
             started = time.perf_counter()
             token = self._minter.mint(
-                audience=sub.url, webhook_id=event.id, body=event.body, now=ts
+                audience=sub.url,
+                webhook_id=event.id,
+                body=event.body,
+                now=ts,
+                account=None if sub.account == ALL_ACCOUNTS else sub.account,
+                algorithm=sub.algorithm,
             )
             self._metrics.mint_time.observe(time.perf_counter() - started)
             headers["Authorization"] = f"Bearer {token}"
@@ -349,13 +363,20 @@ class Pipeline:
         the broker confirmed it."""
         if isinstance(decision, Park):
             why = outcome.error if outcome is not None and outcome.error else "deferred"
-            await self._settlement.park(
-                event.body,
-                event_id=event.id,
-                event_type=event.type,
-                delivery=replace(delivery, deferrals=delivery.deferrals + 1),
-                carry=carry,
-            )
+            if self.parking is not None:
+                await self.parking.ensure(delivery.subscriber)
+            try:
+                await self._settlement.park(
+                    event.body,
+                    event_id=event.id,
+                    event_type=event.type,
+                    delivery=replace(delivery, deferrals=delivery.deferrals + 1),
+                    carry=carry,
+                )
+            except Exception:
+                if self.parking is not None:
+                    self.parking.forget(delivery.subscriber)
+                raise
             self._metrics.parked.labels(delivery.subscriber, why).inc()
             log.debug("delivery_parked", why=why, deferrals=delivery.deferrals + 1)
             return
@@ -405,7 +426,7 @@ class Pipeline:
         sub_id = lane.sub.id
         if self._lanes.get(sub_id) is not lane:
             return  # a straggler of a lane that a reload replaced
-        self._metrics.breaker_state.labels(sub_id).set(new.value)
+        self._metrics.breaker_changed(sub_id, new.value)
         log.warning(
             "breaker_state_changed",
             subscriber=sub_id,
@@ -413,8 +434,8 @@ class Pipeline:
             new=new.name.lower(),
             why=why,
         )
-        if self.on_breaker_change is not None:
-            self.on_breaker_change(sub_id, new, lane.breaker.open_until - time.monotonic())
+        if self.parking is not None:
+            self.parking.breaker_changed(sub_id, new, lane.breaker.open_until - time.monotonic())
 
 
 def _safe_id(value: str | None) -> str | None:

@@ -23,6 +23,7 @@ from pamqp.commands import Basic
 
 from dispatcher.config import BrokerConfig
 from dispatcher.records import (
+    H_ACCOUNT,
     H_DEAD_AT,
     H_DEAD_ID,
     H_EVENT_ID,
@@ -124,7 +125,7 @@ class Settlement:
 
 def _carried(headers: Mapping[str, Any]) -> dict[str, Any]:
     """Headers that stay with the event from hop to hop."""
-    return {k: headers[k] for k in (H_PUBLISHED_AT, H_ROUTING_KEY) if k in headers}
+    return {k: headers[k] for k in (H_PUBLISHED_AT, H_ROUTING_KEY, H_ACCOUNT) if k in headers}
 
 
 def _properties(event_id: str | None, headers: dict[str, Any]) -> Basic.Properties:

@@ -15,35 +15,80 @@ limit is reached) do not go through the tiers: they are *parked* in the subscrib
 ``<queue>.parked.<subscriber>`` (fed by the direct exchange ``<queue>.parked``, routing key = the
 subscriber id), which the dispatcher consumes only while that subscriber can take deliveries.
 A subscriber that is down for an hour costs each of its deliveries one trip, not one per cooldown.
+
+Nothing is left to the broker's defaults, which differ between RabbitMQ 3.x and 4.x:
+
+- Every queue has a dead-letter exchange, so nothing the broker gives up on is dropped: the work
+  queue and the dead-letter queue itself lead to ``<queue>.dead`` (a dead letter some client
+  rejects goes back to the end of the dead-letter queue), the tiers to the next level down.
+- Quorum queues get an explicit ``x-delivery-limit``. RabbitMQ 4 gives a quorum queue without one
+  a limit of 20 deliveries and drops the message at the 21st; every read of a dead letter (get,
+  then hand back) and every hand-back of a parked or in-flight delivery counts as one. The work
+  queue keeps a bound (`WORK_DELIVERY_LIMIT`): a message that kills the dispatcher on every try
+  is dead-lettered (``broker_delivery_limit``) after that many tries. Every other queue gets
+  `NO_DELIVERY_LIMIT`, a limit nothing can reach. ``-1``, which switches the limit off on 4.x,
+  drops a message on its first return on 3.10 (measured), so one number serves both
+  generations, and a queue declared on 3.x keeps its arguments through an upgrade to 4.x.
+- A queue that already exists with other arguments (declared by an older version) is used as
+  it is: the declare is tried on a throwaway channel first (a refused declare closes its
+  channel), the queue is then declared passively, and one warning names the queues and the fix
+  (`migration_policies`, printed by ``dispatcher migrate-queues``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import aio_pika
+import aiormq
+import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
-from aiormq.exceptions import ChannelClosed
+from aiormq.exceptions import ChannelClosed, ChannelPreconditionFailed
 from pamqp.common import FieldTable, FieldValue
 
 from dispatcher.config import BrokerConfig
 
 __all__ = [
     "LEVELS",
+    "NO_DELIVERY_LIMIT",
+    "WORK_DELIVERY_LIMIT",
+    "Policy",
     "Topology",
+    "control_exchange",
+    "dead_arguments",
     "declare",
+    "declare_control",
     "declare_parking",
     "delay_route",
     "delete",
+    "member_queue",
+    "migration_policies",
+    "declare_parking_index",
     "parking_exchange",
+    "parking_index",
     "parking_queue",
+    "presence_queue",
     "queue_depths",
+    "tier_arguments",
     "tier_queue_names",
+    "work_arguments",
 ]
 
+log = structlog.get_logger("dispatcher.topology")
+
 LEVELS = 28  # 2**28 ms, about 74.5 hours: longer than any allowed delay
+
+# Tries of one work-queue message (deliveries not settled: the process died, the channel was
+# lost) before the broker dead-letters it. Quorum queues only: classic queues have no limit.
+WORK_DELIVERY_LIMIT = 20
+# The delivery limit of every other quorum queue: the largest AMQP long, out of reach of any
+# number of reads or hand-backs, accepted alike by RabbitMQ 3.10-3.13 and 4.x.
+NO_DELIVERY_LIMIT = 2**63 - 1
 
 
 def _level_exchange(queue: str, level: int) -> str:
@@ -104,12 +149,92 @@ class Topology:
 
 def _queue_args(cfg: BrokerConfig, **extra: FieldValue) -> FieldTable:
     args: FieldTable = {"x-queue-type": cfg.queue_type}
-    if cfg.queue_type == "quorum" and "x-dead-letter-exchange" in extra:
-        # Dead-letter at least once, so a TTL expiry can never drop a pending retry.
-        args["x-dead-letter-strategy"] = "at-least-once"
-        args["x-overflow"] = "reject-publish"
+    if cfg.queue_type == "quorum":
+        args["x-delivery-limit"] = NO_DELIVERY_LIMIT
+        if "x-dead-letter-exchange" in extra:
+            # Dead-letter at least once, so a TTL expiry can never drop a pending retry.
+            args["x-dead-letter-strategy"] = "at-least-once"
+            args["x-overflow"] = "reject-publish"
     args.update(extra)
     return args
+
+
+def work_arguments(cfg: BrokerConfig) -> FieldTable:
+    """The work queue: whatever the broker gives up on (a reject, the delivery limit) is a dead
+    letter."""
+    args = _queue_args(cfg, **{"x-dead-letter-exchange": _dead_exchange(cfg.queue)})
+    if "x-delivery-limit" in args:
+        args["x-delivery-limit"] = WORK_DELIVERY_LIMIT
+    return args
+
+
+def dead_arguments(cfg: BrokerConfig) -> FieldTable:
+    """The dead-letter queue: read any number of times; a dead letter some client rejects goes
+    back to its end (a cycle through a rejection is not one the broker breaks)."""
+    return _queue_args(cfg, **{"x-dead-letter-exchange": _dead_exchange(cfg.queue)})
+
+
+def tier_arguments(cfg: BrokerConfig, level: int) -> FieldTable:
+    below = _level_exchange(cfg.queue, level - 1) if level else _due_exchange(cfg.queue)
+    return _queue_args(cfg, **{"x-message-ttl": 2**level, "x-dead-letter-exchange": below})
+
+
+_INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)'")
+
+
+@dataclass
+class _Declarer:
+    """Declares queues on ``channel``, trying their arguments on a throwaway channel first.
+
+    A declare the broker refuses (PRECONDITION_FAILED: the queue exists with other arguments)
+    closes the channel it ran on, and the caller's channel may be consuming. A refused queue is
+    declared passively instead (used as it is) and reported by `warn`.
+    """
+
+    channel: AbstractChannel
+    refused: dict[str, str] = field(default_factory=dict)  # queue -> the argument that differs
+    _side: aiormq.abc.AbstractChannel | None = None
+
+    async def queue(self, name: str, arguments: FieldTable) -> AbstractQueue:
+        if await self._accepted(name, arguments):
+            return await self.channel.declare_queue(name, durable=True, arguments=arguments)
+        return await self.channel.declare_queue(name, durable=True, passive=True)
+
+    async def _accepted(self, name: str, arguments: FieldTable) -> bool:
+        if self._side is None or self._side.is_closed:
+            raw = await self.channel.get_underlay_channel()
+            self._side = await raw.connection.channel(publisher_confirms=False)
+        try:
+            await self._side.queue_declare(name, durable=True, arguments=arguments)
+        except ChannelPreconditionFailed as exc:
+            found = _INEQUIVALENT.search(str(exc))
+            self.refused[name] = found.group(1) if found else str(exc)
+            self._side = None  # closed by the refusal
+            return False
+        return True
+
+    async def close(self) -> None:
+        side, self._side = self._side, None
+        if side is not None and not side.is_closed:
+            with contextlib.suppress(Exception):
+                await side.close()
+
+    def warn(self, cfg: BrokerConfig) -> None:
+        if not self.refused:
+            return
+        names = sorted(self.refused)
+        log.warning(
+            "queues_declared_with_other_arguments",
+            queues=names,
+            differ=sorted(set(self.refused.values())),
+            using="as they are (passive declare)",
+            fix=(
+                "apply the policies `dispatcher migrate-queues` prints (or recreate the queues "
+                "once drained); until then RabbitMQ 4 may drop a message after 20 deliveries "
+                f"in {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+            ),
+            queue_type=cfg.queue_type,
+        )
 
 
 async def declare(channel: AbstractChannel, cfg: BrokerConfig) -> Topology:
@@ -120,15 +245,27 @@ async def declare(channel: AbstractChannel, cfg: BrokerConfig) -> Topology:
     dead_exchange = await channel.declare_exchange(
         _dead_exchange(q), ExchangeType.FANOUT, durable=True
     )
-    dead = await channel.declare_queue(
-        cfg.dead_letter_queue, durable=True, arguments={"x-queue-type": cfg.queue_type}
-    )
+    declarer = _Declarer(channel)
+    try:
+        return await _declare(channel, cfg, declarer, events, dead_exchange)
+    finally:
+        await declarer.close()
+        declarer.warn(cfg)
+
+
+async def _declare(
+    channel: AbstractChannel,
+    cfg: BrokerConfig,
+    declarer: _Declarer,
+    events: AbstractExchange,
+    dead_exchange: AbstractExchange,
+) -> Topology:
+    q = cfg.queue
+    dead = await declarer.queue(cfg.dead_letter_queue, dead_arguments(cfg))
     await dead.bind(dead_exchange, routing_key="")
 
     # Anything the broker itself gives up on (a reject, a quorum delivery limit) is a dead letter.
-    work = await channel.declare_queue(
-        q, durable=True, arguments=_queue_args(cfg, **{"x-dead-letter-exchange": _dead_exchange(q)})
-    )
+    work = await declarer.queue(q, work_arguments(cfg))
     for key in cfg.binding_keys:
         await work.bind(events, routing_key=key)
 
@@ -142,13 +279,7 @@ async def declare(channel: AbstractChannel, cfg: BrokerConfig) -> Topology:
             _level_exchange(q, level), ExchangeType.TOPIC, durable=True
         )
         below = _level_exchange(q, level - 1) if level else _due_exchange(q)
-        tier = await channel.declare_queue(
-            _tier_queue(q, level),
-            durable=True,
-            arguments=_queue_args(
-                cfg, **{"x-message-ttl": 2**level, "x-dead-letter-exchange": below}
-            ),
-        )
+        tier = await declarer.queue(_tier_queue(q, level), tier_arguments(cfg, level))
         await tier.bind(exchange, routing_key=_binding(level, "1"))
         if level:
             lower = await channel.get_exchange(below, ensure=False)
@@ -158,17 +289,129 @@ async def declare(channel: AbstractChannel, cfg: BrokerConfig) -> Topology:
     return Topology(events=events, work=work, dead=dead, dead_exchange=dead_exchange)
 
 
+PARK_TTL_DEFAULT = 600.0  # seconds a parked delivery waits before it returns to the work queue
+
+
+def parking_arguments(cfg: BrokerConfig, park_ttl: float = PARK_TTL_DEFAULT) -> FieldTable:
+    """A parking queue's arguments: what nobody consumes returns to the work queue (through the
+    due exchange) after ``park_ttl``; the queue itself goes once unused for three times that."""
+    ttl_ms = max(1000, round(park_ttl * 1000))
+    extra: dict[str, FieldValue] = {
+        "x-message-ttl": ttl_ms,
+        "x-dead-letter-exchange": _due_exchange(cfg.queue),
+        "x-expires": 3 * ttl_ms,
+    }
+    return _queue_args(cfg, **extra)
+
+
 async def declare_parking(
-    channel: AbstractChannel, cfg: BrokerConfig, subscriber: str
+    channel: AbstractChannel,
+    cfg: BrokerConfig,
+    subscriber: str,
+    *,
+    park_ttl: float = PARK_TTL_DEFAULT,
 ) -> AbstractQueue:
     """One subscriber's parking queue, bound to the parking exchange by its id (idempotent)."""
-    queue = await channel.declare_queue(
-        parking_queue(cfg.queue, subscriber),
-        durable=True,
-        arguments={"x-queue-type": cfg.queue_type},
-    )
+    declarer = _Declarer(channel)
+    try:
+        queue = await declarer.queue(
+            parking_queue(cfg.queue, subscriber), parking_arguments(cfg, park_ttl)
+        )
+    finally:
+        await declarer.close()
+        declarer.warn(cfg)
     await queue.bind(parking_exchange(cfg.queue), routing_key=subscriber)
     return queue
+
+
+def parking_index(queue: str) -> str:
+    """The queue that remembers which subscribers parked lately (no subscriber id can end a
+    name this way: ids never follow ``parked-``)."""
+    return f"{queue}.parked-index"
+
+
+async def declare_parking_index(
+    channel: AbstractChannel, cfg: BrokerConfig, *, park_ttl: float = PARK_TTL_DEFAULT
+) -> AbstractQueue:
+    """A hint for restarts: one small message per parking queue created, kept as long as the
+    queue can live (three park_ttl), so a process that starts finds the queues it must consume
+    without asking about every configured subscriber."""
+    ttl_ms = max(1000, round(park_ttl * 1000))
+    extra: dict[str, FieldValue] = {"x-message-ttl": 3 * ttl_ms}
+    declarer = _Declarer(channel)
+    try:
+        return await declarer.queue(parking_index(cfg.queue), _queue_args(cfg, **extra))
+    finally:
+        await declarer.close()
+        declarer.warn(cfg)
+
+
+# --- queues declared by an older version ----------------------------------------------------
+
+# Queue arguments a policy can set in their place; the queue type never changes.
+_POLICY_KEYS = {
+    "x-delivery-limit": "delivery-limit",
+    "x-dead-letter-exchange": "dead-letter-exchange",
+    "x-dead-letter-strategy": "dead-letter-strategy",
+    "x-overflow": "overflow",
+}
+POLICY_PRIORITY = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A RabbitMQ policy for queues declared before their arguments were what they are now."""
+
+    name: str
+    pattern: str
+    definition: dict[str, Any]
+    priority: int = POLICY_PRIORITY
+    apply_to: str = "queues"
+
+    def rabbitmqctl(self, vhost: str = "/") -> list[str]:
+        """The ``rabbitmqctl`` arguments that set this policy."""
+        return [
+            "set_policy",
+            "-p",
+            vhost,
+            "--priority",
+            str(self.priority),
+            "--apply-to",
+            self.apply_to,
+            self.name,
+            self.pattern,
+            json.dumps(self.definition, separators=(",", ":")),
+        ]
+
+
+def _policy(name: str, pattern: str, arguments: FieldTable, *skip: str) -> Policy:
+    definition = {
+        key: arguments[arg]
+        for arg, key in _POLICY_KEYS.items()
+        if arg in arguments and arg not in skip
+    }
+    return Policy(name=name, pattern=pattern, definition=definition)
+
+
+def migration_policies(cfg: BrokerConfig) -> list[Policy]:
+    """Policies that give queues declared by an older version what `declare` gives new ones:
+    the delivery limits and dead-letter exchanges (a queue's own arguments cannot change; a
+    policy fills in those it lacks). One per kind of queue; a queue gets only the policy of
+    highest priority, so these replace a lower one of the operator's on these queues."""
+    q = re.escape(cfg.queue)
+    policies = [
+        _policy(f"{cfg.queue}.work", f"^{q}$", work_arguments(cfg)),
+        _policy(f"{cfg.queue}.dead", f"^{q}\\.dead$", dead_arguments(cfg)),
+        # Each tier dead-letters into its own level: that argument they always had.
+        _policy(
+            f"{cfg.queue}.retry",
+            f"^{q}\\.retry\\.[0-9]+ms$",
+            tier_arguments(cfg, 0),
+            "x-dead-letter-exchange",
+        ),
+        _policy(f"{cfg.queue}.parked", f"^{q}\\.parked\\..+$", parking_arguments(cfg)),
+    ]
+    return [p for p in policies if p.definition]
 
 
 async def delete(
@@ -183,9 +426,11 @@ async def delete(
     q = cfg.queue
     names = [q, cfg.dead_letter_queue, *tier_queue_names(q)]
     names += [parking_queue(q, sub) for sub in subscribers]
+    names.append(presence_queue(q))
+    names.append(parking_index(q))
     for name in names:
         await channel.queue_delete(name)
-    for name in [_dead_exchange(q), _due_exchange(q), parking_exchange(q)] + [
+    for name in [_dead_exchange(q), _due_exchange(q), parking_exchange(q), control_exchange(q)] + [
         _level_exchange(q, k) for k in range(LEVELS)
     ]:
         await channel.exchange_delete(name)
@@ -231,3 +476,56 @@ async def queue_depths(
 
 def persistent_message(body: bytes, **kwargs: object) -> aio_pika.Message:
     return aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **kwargs)  # type: ignore[arg-type]
+
+
+# --- the control plane (dispatcher/cluster.py) -----------------------------------------------
+
+CONTROL_MESSAGE_TTL_MS = 5000  # a control message nobody read for this long is stale
+_PRESENCE_EXPIRES_MS = 3_600_000
+
+
+def control_exchange(queue: str) -> str:
+    return f"{queue}.control"
+
+
+def member_queue(queue: str, member: str) -> str:
+    return f"{queue}.control.{member}"
+
+
+def presence_queue(queue: str) -> str:
+    return f"{queue}.control.members"
+
+
+async def declare_control(
+    channel: AbstractChannel, cfg: BrokerConfig, member: str
+) -> tuple[AbstractExchange, AbstractQueue, AbstractQueue]:
+    """One process's part of the control plane: the fanout exchange every process on the queue
+    publishes to, this process's own queue bound to it, and the shared presence queue whose
+    consumer count says how many processes are registered.
+
+    Classic queues whatever ``queue_type`` says: nothing here outlives its process, and a
+    consumer count must be exact. The member queue is exclusive (it goes with the connection);
+    the presence queue is durable (RabbitMQ 4 deprecates transient shared queues), nothing is
+    ever routed to it, and the broker removes it once no process has used it for an hour.
+    """
+    exchange = await channel.declare_exchange(
+        control_exchange(cfg.queue), ExchangeType.FANOUT, durable=True
+    )
+    own = await channel.declare_queue(
+        member_queue(cfg.queue, member),
+        durable=False,
+        exclusive=True,
+        auto_delete=True,
+        arguments={
+            "x-queue-type": "classic",
+            "x-message-ttl": CONTROL_MESSAGE_TTL_MS,
+            "x-max-length": 10_000,
+        },
+    )
+    await own.bind(exchange, routing_key="")
+    presence = await channel.declare_queue(
+        presence_queue(cfg.queue),
+        durable=True,
+        arguments={"x-queue-type": "classic", "x-expires": _PRESENCE_EXPIRES_MS},
+    )
+    return exchange, own, presence

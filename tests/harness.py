@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import orjson
@@ -25,7 +28,32 @@ from dispatcher.daemon import Dispatcher
 from dispatcher.publisher import event_message
 from dispatcher.topology import delete
 
+# The one broker setting every test takes its broker from (`make test-rabbitmq4` points it at the
+# RabbitMQ 4 node on 5673); the rest is derived from it.
 BROKER_URL = os.environ.get("DISPATCHER_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+_BROKER = urlsplit(BROKER_URL)
+BROKER_HOST = _BROKER.hostname or "127.0.0.1"
+BROKER_PORT = _BROKER.port or 5672
+# The queue type of the tests' configs (tests of quorum behaviour set it themselves).
+QUEUE_TYPE = os.environ.get("DISPATCHER_TEST_QUEUE_TYPE", "classic")
+# How to run rabbitmqctl against that broker: DISPATCHER_TEST_RABBITMQCTL (a command line, e.g.
+# "scripts/ensure-rabbitmq4 ctl" for the node in its chroot), else rabbitmqctl on PATH; None
+# when neither exists.
+RABBITMQCTL: list[str] | None = shlex.split(os.environ.get("DISPATCHER_TEST_RABBITMQCTL", "")) or (
+    [found] if (found := shutil.which("rabbitmqctl")) else None
+)
+RABBITMQCTL_FROM_ENV = bool(os.environ.get("DISPATCHER_TEST_RABBITMQCTL", "").strip())
+
+
+def broker_url(
+    *, port: int | None = None, password: str | None = None, query: str = ""
+) -> str:
+    """`BROKER_URL` through another port (a proxy in front of the broker), with another
+    password, and/or with query options (``"reconnect_interval=0.3"``)."""
+    user = _BROKER.username or "guest"
+    secret = (_BROKER.password or "guest") if password is None else password
+    netloc = f"{user}:{secret}@{BROKER_HOST}:{port or BROKER_PORT}"
+    return urlunsplit((_BROKER.scheme, netloc, _BROKER.path or "/", query.lstrip("?"), ""))
 
 SEED_EVENT = (
     b'{"event": "Message.Bounced", "timestamp": "2026-03-12T09:14:02Z", "data": '
@@ -41,6 +69,8 @@ def event_body(
     event_id: str | None = None,
     recipient: str | None = None,
     bounce_type: str = "HardBounce",
+    account: str | None = None,
+    **data_fields: Any,
 ) -> bytes:
     data: dict[str, Any] = {
         "messageid": f"msg{n}",
@@ -48,9 +78,12 @@ def event_body(
     }
     if event == "Message.Bounced":
         data.update(bounce_type=bounce_type, diagnostic_code="550 5.1.1 User unknown")
+    data.update(data_fields)
     doc: dict[str, Any] = {"event": event, "timestamp": "2026-03-12T09:14:02Z", "data": data}
     if event_id is not None:
         doc["id"] = event_id
+    if account is not None:
+        doc["account"] = account
     return orjson.dumps(doc)
 
 
@@ -211,7 +244,7 @@ def config_doc(
             "url": BROKER_URL,
             "exchange": names.exchange,
             "queue": names.queue,
-            "queue_type": "classic",
+            "queue_type": QUEUE_TYPE,
             "prefetch": 256,
         },
         "http": {"listen": "127.0.0.1:0"},

@@ -42,7 +42,7 @@ BAD_DOCS = [
     ({"broker": {"url": "http://x"}}, "broker.url: bad broker URL"),
     ({"broker": {"exchange": 5}}, "broker.exchange: expected str"),
     ({"http": {"listen": "nowhere"}}, "http.listen: expected host:port"),
-    ({"signing": {"algorithm": "RS256"}}, "signing.algorithm: must be"),
+    ({"signing": {"algorithm": "HS256"}}, "signing.algorithm: must be"),
     ({"signing": {"token_ttl": "2h"}}, "signing.token_ttl: must be between"),
     ({"retry": {"jitter": 1.5}}, "retry.jitter: must be between"),
     ({"retry": {"schedule": ["5s", "x"]}}, r"retry.schedule\[1\]: bad duration"),

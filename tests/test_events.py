@@ -22,8 +22,16 @@ def test_seed_event_parses_and_keeps_its_bytes() -> None:
 def test_id_precedence() -> None:
     body = event_body(event_id="body-id")
     assert parse_event(body).id == "body-id"
-    assert parse_event(body, message_id="prop-id").id == "prop-id"
+    # The body's id wins over message_id: AMQP clients stamp a random message_id on publish.
+    assert parse_event(body, message_id="prop-id").id == "body-id"
+    assert parse_event(event_body(), message_id="prop-id").id == "prop-id"
     assert derive_event_id(b"x") == derive_event_id(b"x") != derive_event_id(b"y")
+
+
+def test_account_is_read_and_optional() -> None:
+    assert parse_event(event_body(account="acme-1.eu_west")).account == "acme-1.eu_west"
+    assert parse_event(event_body(account="a" * 64)).account == "a" * 64
+    assert parse_event(event_body()).account is None
 
 
 @pytest.mark.parametrize(
@@ -54,6 +62,22 @@ def test_id_precedence() -> None:
             '"id" must be',
         ),
         (b'{"event": "Message.Delivered", "x": "\xed\xa0\x80"}', "not valid UTF-8 JSON"),
+        (
+            b'{"event": "Message.Delivered", "timestamp": "2026-03-12T09:14:02Z", "data": {}, '
+            b'"account": "acme corp"}',
+            "\"account\" must be 1-64 characters of A-Z a-z 0-9 . _ -, got 'acme corp'",
+        ),
+        (
+            b'{"event": "Message.Delivered", "timestamp": "2026-03-12T09:14:02Z", "data": {}, '
+            b'"account": ""}',
+            '"account" must be 1-64',
+        ),
+        (
+            b'{"event": "Message.Delivered", "timestamp": "2026-03-12T09:14:02Z", "data": {}, '
+            b'"account": 7}',
+            '"account" must be 1-64 .* got a JSON number',
+        ),
+        (event_body(account="a" * 65), '"account" must be 1-64'),
     ],
 )
 def test_invalid_events_have_a_reason(body: bytes, reason: str) -> None:

@@ -10,10 +10,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from harness import (
+    BROKER_HOST,
+    BROKER_PORT,
     Publisher,
     Receiver,
     ReceiverServer,
     always,
+    broker_url,
     event_body,
     wait_until,
 )
@@ -110,9 +113,9 @@ async def test_metrics_count_a_run_with_successes_retries_and_dead_letters(
     # Deliveries: how each (event, subscriber) ended.
     assert v("dispatcher_deliveries_total", subscriber="ok", outcome="delivered") == 4
     assert v("dispatcher_deliveries_total", subscriber="flaky", outcome="delivered") == 3
-    assert v("dispatcher_deliveries_total", subscriber="flaky", outcome="dead_lettered") == 0
+    assert (v("dispatcher_deliveries_total", subscriber="flaky", outcome="dead_lettered") or 0) == 0
     assert v("dispatcher_deliveries_total", subscriber="broken", outcome="dead_lettered") == 3
-    assert v("dispatcher_deliveries_total", subscriber="broken", outcome="delivered") == 0
+    assert (v("dispatcher_deliveries_total", subscriber="broken", outcome="delivered") or 0) == 0
     assert v("dispatcher_deliveries_total", subscriber="gone", outcome="dead_lettered") == 1
     # Retries and dead letters.
     assert v("dispatcher_retries_scheduled_total", subscriber="flaky", why="failed") == 3
@@ -124,19 +127,16 @@ async def test_metrics_count_a_run_with_successes_retries_and_dead_letters(
     assert v("dispatcher_events_total", kind="event") == 4
     assert v("dispatcher_events_total", kind="retry") == 9
     assert v("dispatcher_events_total", kind="invalid") == 1
-    # Histograms: one request time per attempt, one end-to-end latency per 2xx, one mint per
-    # (JWT) attempt.
-    for sub, attempts, delivered in (("ok", 4, 4), ("flaky", 6, 3), ("broken", 9, 0),
-                                     ("gone", 1, 0)):
-        assert v("dispatcher_request_duration_seconds_count", subscriber=sub) == attempts
-        latency = v("dispatcher_delivery_latency_seconds_count", subscriber=sub)
-        assert (latency or 0) == delivered
+    # Histograms (all subscribers together): one request time per attempt, one end-to-end
+    # latency per 2xx, one mint per (JWT) attempt.
+    assert v("dispatcher_request_duration_seconds_count") == 4 + 6 + 9 + 1
+    assert v("dispatcher_delivery_latency_seconds_count") == 4 + 3
     assert v("dispatcher_token_mint_seconds_count") == 20
-    assert v("dispatcher_request_duration_seconds_bucket", subscriber="ok", le="+Inf") == 4
-    # Gauges back at rest.
+    assert v("dispatcher_request_duration_seconds_bucket", le="+Inf") == 20
+    # Gauges back at rest; a breaker's series exists only once it changed.
     for sub in ("ok", "flaky", "broken", "gone"):
         assert v("dispatcher_in_flight", subscriber=sub) == 0
-        assert v("dispatcher_breaker_state", subscriber=sub) == 0
+        assert (v("dispatcher_breaker_state", subscriber=sub) or 0) == 0
     assert v("dispatcher_prefetch_in_use") == 0
     assert v("dispatcher_prefetch_limit") == 256
     assert v("dispatcher_ready") == 1
@@ -147,7 +147,8 @@ async def test_metrics_count_a_run_with_successes_retries_and_dead_letters(
 
 def test_every_documented_metric_is_exported() -> None:
     m = Metrics()
-    m.init_subscribers(["s"])
+    m.for_subscriber("s").started()
+    m.breaker_changed("s", 0)
     names = {f.name for f in text_string_to_metric_families(render_metrics(m).decode())}
     documented = {
         "dispatcher_events", "dispatcher_attempts", "dispatcher_deliveries",
@@ -168,8 +169,8 @@ def test_every_documented_metric_is_exported() -> None:
 async def test_readyz_follows_the_broker_link(make, receivers: ReceiverServer) -> None:
     rec = receivers.add("r")
     cfg = make([{"id": "r", "url": rec.url}])
-    async with TcpProxy("127.0.0.1", 5672) as proxy:
-        via_proxy = f"amqp://guest:guest@127.0.0.1:{proxy.port}/?reconnect_interval=0.5"
+    async with TcpProxy(BROKER_HOST, BROKER_PORT) as proxy:
+        via_proxy = broker_url(port=proxy.port, query="reconnect_interval=0.5")
         proxied = dataclasses.replace(cfg, broker=dataclasses.replace(cfg.broker, url=via_proxy))
         async with Dispatcher(proxied) as disp, aiohttp.ClientSession() as http:
             assert disp.ops is not None

@@ -90,14 +90,15 @@ async def test_event_type_patterns_route(make, receivers: ReceiverServer) -> Non
     assert sorted(family.ids()) == [f"e{i}" for i in range(5)]
 
 
-async def test_event_id_comes_from_message_id_then_body_id(make, receivers) -> None:
+async def test_event_id_comes_from_body_id_then_message_id(make, receivers) -> None:
     rec = receivers.add("r")
     cfg = make([{"id": "r", "url": rec.url}])
     async with running(cfg), Publisher(cfg) as pub:
         await pub.publish(event_body(n=1, event_id="from-body"))
-        await pub.publish(event_body(n=2, event_id="ignored"), message_id="from-property")
-        assert await wait_until(lambda: rec.count == 2)
-    assert sorted(rec.ids()) == ["from-body", "from-property"]
+        await pub.publish(event_body(n=2, event_id="body-wins"), message_id="random-stamp")
+        await pub.publish(event_body(n=3), message_id="from-property")
+        assert await wait_until(lambda: rec.count == 3)
+    assert sorted(rec.ids()) == ["body-wins", "from-body", "from-property"]
 
 
 async def test_failed_delivery_is_never_lost(make, receivers) -> None:
