@@ -368,6 +368,12 @@ async def ab(run: Run, o: ScenarioOptions) -> ScenarioResult:
 MiB = 1024 * 1024
 
 
+def _parked(p: PhaseResult) -> float:
+    """Deliveries the dispatcher parked (lane full, breaker open) during the phase."""
+    return sum(v for k, v in p.dispatcher_counters.items()
+               if k.startswith("dispatcher_parked_total"))
+
+
 def _most(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return max(present) if present else None
@@ -443,12 +449,15 @@ async def accounts(run: Run, o: ScenarioOptions) -> ScenarioResult:
         biggest is not None and biggest < 2 * MiB,
         "; ".join(f"{n} at {k}: {v}" for n, k, v in sizes if v is not None)))
     ratio = _ratio(statistics.median(big_rate), statistics.median(small_rate))
+    drained = [p for p in res.phases if p.spec.preload]
+    parked = {p.spec.name: int(_parked(p)) for p in drained}
     res.checks.append(Check(
         f"events/s delivered with {big.subscribers} subscribers / with 2 (median of rounds)",
         ">= 0.9", ratio, ratio >= 0.9,
         f"{statistics.median(big_rate):.0f} vs {statistics.median(small_rate):.0f} events/s; "
         "rounds: " + ", ".join(f"{_ratio(b, a):.3f}" for b, a in
-                               zip(big_rate, small_rate, strict=True))))
+                               zip(big_rate, small_rate, strict=True))
+        + "; deliveries parked: " + ", ".join(f"{k} {v}" for k, v in parked.items())))
     cross = sum((p.account_endpoints or {}).get("cross_account", 0) + p.accounting.cross_account
                 for p in res.phases)
     res.checks.append(Check("cross-account deliveries (an event at another account's endpoint)",
@@ -461,7 +470,8 @@ async def accounts(run: Run, o: ScenarioOptions) -> ScenarioResult:
         "subscribers": big.subscribers, "accounts": big.accounts, "files": big.files,
         "active_accounts": big.active, "workers": o.workers,
         "events_per_s_2_subscribers": small_rate, "events_per_s_many": big_rate,
-        "throughput_ratio": round(ratio, 3), "startup_s": [p.startup_s for p in large],
+        "throughput_ratio": round(ratio, 3), "parked": parked,
+        "startup_s": [p.startup_s for p in large],
         "reload": live.reload, "peak_rss_per_worker_mib": rss,
         "broker": {p.spec.name: p.broker for p in large},
         "metrics_bytes": {p.spec.name: p.metrics_bytes for p in res.phases},
