@@ -1,8 +1,15 @@
 """`dispatcher dlq`: list, show, replay, purge and export dead letters.
 
 Reading never removes: every dead letter is fetched unacknowledged and handed back when the
-channel closes, so a crash mid-listing loses nothing. Replay publishes a fresh delivery (attempt
-1, publisher-confirmed) and only then acknowledges the dead letter it came from.
+channel closes, so a crash mid-listing loses nothing, and the queue keeps its order. A hand-back
+counts as a delivery on quorum queues; the dead-letter queue is declared with a delivery limit
+nothing can reach (see `dispatcher.topology`), so any number of reads is safe on RabbitMQ 3.x and
+4.x alike. Dead letters are read one at a time and never gathered: listing, exporting or
+scanning 50,000 takes the memory of one.
+
+Replay publishes a fresh delivery (attempt 1, publisher-confirmed) and only then acknowledges
+the dead letter it came from. A filtered purge acknowledges only the matching dead letters; the
+others go back where they were.
 """
 
 from __future__ import annotations
@@ -22,9 +29,13 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from dispatcher.config import Config
 from dispatcher.events import derive_event_id
-from dispatcher.records import DeadLetterRecord, Delivery
+from dispatcher.records import (
+    CARRIED_HEADERS,
+    DeadLetterRecord,
+    Delivery,
+)
 
-__all__ = ["DeadLetter", "DeadLetterTool"]
+__all__ = ["DeadLetter", "DeadLetterTool", "Filter"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +51,30 @@ class DeadLetter:
         except UnicodeDecodeError:
             out["body_base64"] = base64.b64encode(self.body).decode()
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """Which dead letters a command applies to: every given field must match; ``reason`` is a
+    prefix (``invalid_event`` matches ``invalid_event: not JSON``)."""
+
+    subscriber: str | None = None
+    account: str | None = None
+    reason: str | None = None
+
+    def __call__(self, record: DeadLetterRecord) -> bool:
+        if self.subscriber is not None and record.subscriber != self.subscriber:
+            return False
+        if self.account is not None and record.account != self.account:
+            return False
+        return self.reason is None or record.reason.startswith(self.reason)
+
+    @property
+    def everything(self) -> bool:
+        return self.subscriber is None and self.account is None and self.reason is None
+
+
+EVERYTHING = Filter()
 
 
 def _decode(message: AbstractIncomingMessage) -> DeadLetter:
@@ -79,56 +114,89 @@ class DeadLetterTool:
             yield channel, queue
             # Closing the channel hands back every dead letter fetched and not acked.
 
-    async def count(self) -> int:
-        async with self._channel() as (_, queue):
-            return int(queue.declaration_result.message_count or 0)
+    async def count(self, where: Filter = EVERYTHING) -> int:
+        if where.everything:
+            async with self._channel() as (_, queue):
+                return int(queue.declaration_result.message_count or 0)
+        n = 0
+        async for _ in self.iterate(where=where, what="counted"):
+            n += 1
+        return n
 
     async def _scan(
-        self, queue: AbstractQueue, what: str, limit: int | None = None
+        self, queue: AbstractQueue, what: str
     ) -> AsyncIterator[tuple[AbstractIncomingMessage, DeadLetter]]:
+        """Every dead letter, fetched one at a time and held unacknowledged until the channel
+        closes; the caller keeps none of them, so memory stays flat however many there are."""
         progress = _Progress(what, self._progress)
-        while limit is None or progress.count < limit:
+        while True:
             message = await queue.get(no_ack=False, fail=False, timeout=10)
             if message is None:
                 break
             progress.tick()
             yield message, _decode(message)
 
-    async def list(self, limit: int | None = None) -> list[DeadLetter]:
+    async def iterate(
+        self, limit: int | None = None, where: Filter = EVERYTHING, *, what: str = "read"
+    ) -> AsyncIterator[DeadLetter]:
+        """The dead letters that match, in queue order, as they are read (nothing is removed)."""
+        found = 0
+        if limit is not None and limit < 1:
+            return
         async with self._channel() as (_, queue):
-            return [dl async for _, dl in self._scan(queue, "read", limit)]
+            async for _, dl in self._scan(queue, what):
+                if not where(dl.record):
+                    continue
+                yield dl
+                found += 1
+                if limit is not None and found >= limit:
+                    break
+
+    async def list(self, limit: int | None = None, where: Filter = EVERYTHING) -> list[DeadLetter]:
+        """Gathered in memory: for tests and small queues; the command line streams `iterate`."""
+        return [dl async for dl in self.iterate(limit, where)]
 
     async def show(self, dead_id: str) -> DeadLetter | None:
-        async with self._channel() as (_, queue):
-            async for _, dl in self._scan(queue, "searched"):
-                if dl.record.id == dead_id:
-                    return dl
+        async for dl in self.iterate(what="searched"):
+            if dl.record.id == dead_id:
+                return dl
         return None
 
-    async def export(self, path: str) -> int:
-        """Write every dead letter as a JSON line; the queue keeps them all."""
-        lines: list[bytes] = []
-        async with self._channel() as (_, queue):
-            async for _, dl in self._scan(queue, "exported"):
-                lines.append(orjson.dumps(dl.export()) + b"\n")
-        await asyncio.to_thread(_write_lines, path, lines)
-        return len(lines)
+    async def export(self, path: str, where: Filter = EVERYTHING) -> int:
+        """Write the matching dead letters as JSON lines, as they are read; the queue keeps
+        them all."""
+        n = 0
+        # Buffered: a write is a copy into memory, a flush every MiB.
+        out = await asyncio.to_thread(open, path, "wb", 1 << 20)
+        try:
+            async for dl in self.iterate(where=where, what="exported"):
+                out.write(orjson.dumps(dl.export()) + b"\n")
+                n += 1
+        finally:
+            await asyncio.to_thread(out.close)
+        return n
 
     async def replay(
-        self, ids: Collection[str] | None, *, subscriber: str | None = None
+        self,
+        ids: Collection[str] | None,
+        *,
+        subscriber: str | None = None,
+        where: Filter = EVERYTHING,
     ) -> tuple[int, set[str], set[str]]:
-        """Replay the dead letters named by ``ids`` (all when None), optionally only those of
-        ``subscriber``. Returns (replayed, ids not found, ids kept because their subscriber is
+        """Replay the dead letters named by ``ids`` (all when None) that match ``where`` (and
+        ``subscriber``). Returns (replayed, ids not found, ids kept because their subscriber is
         no longer configured)."""
         wanted = set(ids) if ids is not None else None
         missing = set(wanted) if wanted is not None else set()
         kept: set[str] = set()
         replayed = 0
+        if subscriber is not None:
+            where = Filter(subscriber, where.account, where.reason)
 
         def chosen(dl: DeadLetter) -> bool:
             if wanted is not None and dl.record.id not in wanted:
                 return False
-            return subscriber is None or dl.record.subscriber == subscriber
+            return where(dl.record)
 
         async with self._channel() as (channel, queue):
             due = await channel.get_exchange(f"{self._cfg.broker.queue}.retry.due", ensure=True)
@@ -149,8 +217,7 @@ class DeadLetterTool:
         return replayed, missing, kept
 
     def _replay_message(self, dl: DeadLetter) -> aio_pika.Message:
-        carried = ("x-published-at", "x-dispatch-routing-key")
-        headers: dict[str, Any] = {k: v for k, v in dl.headers.items() if k in carried}
+        headers: dict[str, Any] = {k: v for k, v in dl.headers.items() if k in CARRIED_HEADERS}
         sub = dl.record.subscriber
         if sub:
             headers.update(Delivery(sub, 1, time.time()).headers())
@@ -165,12 +232,16 @@ class DeadLetterTool:
             timestamp=time.time(),
         )
 
-    async def purge(self) -> int:
+    async def purge(self, where: Filter = EVERYTHING) -> int:
+        """Delete the matching dead letters (all of them without a filter); the others stay,
+        in their order."""
         async with self._channel() as (_, queue):
-            result = await queue.purge()
-            return int(getattr(result, "message_count", 0) or 0)
-
-
-def _write_lines(path: str, lines: list[bytes]) -> None:
-    with open(path, "wb") as out:
-        out.writelines(lines)
+            if where.everything:
+                result = await queue.purge()
+                return int(getattr(result, "message_count", 0) or 0)
+            purged = 0
+            async for message, dl in self._scan(queue, "scanned"):
+                if where(dl.record):
+                    await message.ack()
+                    purged += 1
+            return purged

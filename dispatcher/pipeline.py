@@ -21,6 +21,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
+from dispatcher.batching import Batch, Batcher, Member, batch_body, new_batch_id
 from dispatcher.circuit_breaker import BreakerState
 from dispatcher.config import Config, SubscriberConfig
 from dispatcher.delivery import HttpSender
@@ -31,7 +32,15 @@ from dispatcher.metrics import Metrics
 if TYPE_CHECKING:
     from dispatcher.parking import ParkingLots
 from dispatcher.config import ALL_ACCOUNTS
-from dispatcher.records import H_ACCOUNT, H_PUBLISHED_AT, H_ROUTING_KEY, Delivery, published_at
+from dispatcher.records import (
+    H_ACCOUNT,
+    H_BATCH_ID,
+    H_BATCH_SIZE,
+    H_PUBLISHED_AT,
+    H_ROUTING_KEY,
+    Delivery,
+    published_at,
+)
 from dispatcher.retry_policy import (
     DeadLetter,
     Decision,
@@ -89,8 +98,12 @@ class Pipeline:
         self._lanes = LaneSet(
             config.breaker, prefetch=config.broker.prefetch, on_breaker_change=self._breaker_changed
         )
-        self._lanes.retain({s.id for s in config.subscribers})
+        self._lanes.retain(
+            {s.id for s in config.subscribers}, {s.id: s for s in config.subscribers}
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._batches: set[asyncio.Task[None]] = set()
+        self._batcher = Batcher(self._send_batch)
         self.config = config
         self._routing = RoutingTable(config.subscribers)
         self._parking_exchange = parking_exchange(config.broker.queue)
@@ -119,7 +132,10 @@ class Pipeline:
         return self._lanes
 
     async def drain(self, timeout: float) -> int:
-        """Wait for held messages to settle; cancel (and so requeue) what is left. Returns it."""
+        """Wait for held messages to settle; cancel (and so requeue) what is left. Returns it.
+
+        Open batches are sent first: their members' messages wait on them."""
+        self._batcher.flush()
         pending = set(self._tasks)
         if pending:
             _, pending = await asyncio.wait(pending, timeout=timeout)
@@ -205,6 +221,9 @@ class Pipeline:
         routing_key = headers.get(H_ROUTING_KEY) if internal else message.routing_key
         if isinstance(routing_key, str):
             carry[H_ROUTING_KEY] = routing_key[:255]
+        if delivery is not None and H_BATCH_ID in headers:
+            await self._process_batch(message, headers, delivery, carry, now)
+            return _Verdict.ACK
 
         try:
             event = parse_event(
@@ -233,6 +252,9 @@ class Pipeline:
         if delivery is None:
             self._metrics.events.labels("event").inc()
             targets = self._routing.targets(event.account, event.type, event.doc)
+            if any(s.batch is not None for s in targets):
+                await self._fan_out_with_batches(event, targets, carry, now)
+                return _Verdict.ACK
             work = [(s, Delivery(s.id, 1, now)) for s in targets]
         else:
             # A parked delivery waits for its lane instead of being parked again: its own
@@ -258,6 +280,95 @@ class Pipeline:
             await asyncio.gather(*(self._deliver(event, s, d, carry) for s, d in work))
         return _Verdict.ACK
 
+    # --- batches ------------------------------------------------------------------------------
+
+    async def _fan_out_with_batches(
+        self,
+        event: Event,
+        targets: tuple[SubscriberConfig, ...],
+        carry: dict[str, Any],
+        now: float,
+    ) -> None:
+        """A fresh event: batched subscribers get it through their open batch, the others
+        directly; the message is settled when all of them are."""
+        waits: list[Any] = []
+        for sub in targets:
+            if sub.batch is None:
+                waits.append(self._deliver(event, sub, Delivery(sub.id, 1, now), carry))
+            else:
+                member = Member(event, carry)
+                self._batcher.add(sub, member)
+                waits.append(member.done)
+        if self.held >= self.config.broker.prefetch:
+            # No more messages come until something is acked: waiting for a fuller batch
+            # would wait forever.
+            self._batcher.flush()
+        await asyncio.gather(*waits)
+
+    def _send_batch(self, sub: SubscriberConfig, members: list[Member]) -> None:
+        task = asyncio.get_running_loop().create_task(self._run_batch(sub, members))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _run_batch(self, sub: SubscriberConfig, members: list[Member]) -> None:
+        """Send one closed batch as a unit and tell each member how it ended."""
+        accounts = {m.event.account for m in members}
+        account = accounts.pop() if len(accounts) == 1 else None
+        batch = Batch(
+            new_batch_id(),
+            batch_body([m.event.body for m in members]),
+            len(members),
+            account=account,
+        )
+        carry: dict[str, Any] = {H_BATCH_ID: batch.id, H_BATCH_SIZE: batch.size}
+        stamps = [m.carry[H_PUBLISHED_AT] for m in members if H_PUBLISHED_AT in m.carry]
+        if stamps:
+            carry[H_PUBLISHED_AT] = min(stamps)
+        if account is not None:
+            carry[H_ACCOUNT] = account
+        try:
+            await self._deliver(batch, sub, Delivery(sub.id, 1, self._clock()), carry)
+        except BaseException as exc:
+            for m in members:
+                if not m.done.done():
+                    m.done.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            log.error("batch_failed", subscriber=sub.id, batch=batch.id, error=str(exc))
+        else:
+            for m in members:
+                if not m.done.done():
+                    m.done.set_result(None)
+
+    async def _process_batch(
+        self,
+        message: AbstractIncomingMessage,
+        headers: dict[str, Any],
+        delivery: Delivery,
+        carry: dict[str, Any],
+        now: float,
+    ) -> None:
+        """A batch back from the retry tiers, its parking queue or a replay: sent as it was."""
+        patient = message.exchange == self._parking_exchange
+        self._metrics.events.labels("parked" if patient else "retry").inc()
+        account = headers.get(H_ACCOUNT)
+        batch = Batch(
+            str(headers[H_BATCH_ID])[:128],
+            message.body,
+            max(1, _int_header(headers.get(H_BATCH_SIZE))),
+            account=account if isinstance(account, str) else None,
+        )
+        carry.update({H_BATCH_ID: batch.id, H_BATCH_SIZE: batch.size})
+        if batch.account is not None:
+            carry[H_ACCOUNT] = batch.account
+        sub = self.config.subscriber(delivery.subscriber)
+        if sub is None:
+            await self._settle(batch, None, delivery, DeadLetter("subscriber_removed"), carry)
+        elif expired(first_attempt_at=delivery.first_attempt_at, now=now, policy=self.config.retry):
+            await self._settle(batch, sub, delivery, DeadLetter("max_age_exceeded"), carry)
+        else:
+            await self._deliver(batch, sub, delivery, carry, patient)
+
     def _is_internal(self, exchange: str | None) -> bool:
         return bool(exchange) and (
             exchange in self._internal
@@ -268,7 +379,7 @@ class Pipeline:
 
     async def _deliver(
         self,
-        event: Event,
+        event: Event | Batch,
         sub: SubscriberConfig,
         delivery: Delivery,
         carry: dict[str, Any],
@@ -296,7 +407,7 @@ class Pipeline:
             stamp = carry.get(H_PUBLISHED_AT)
             if stamp is not None:
                 m.end_to_end.observe(max(0.0, now - stamp / 1000))
-            m.delivered.inc()
+            m.delivered.inc(event.size if isinstance(event, Batch) else 1)
             return
         # Only the paths that log pay for binding the delivery's context.
         with structlog.contextvars.bound_contextvars(
@@ -306,7 +417,7 @@ class Pipeline:
 
     async def _attempt(
         self,
-        event: Event,
+        event: Event | Batch,
         sub: SubscriberConfig,
         delivery: Delivery,
         lane_release: tuple[Any, Admitted],
@@ -327,13 +438,15 @@ class Pipeline:
             m.finished()
             lane.release(slot, verdict)
 
-    def _request_headers(self, event: Event, sub: SubscriberConfig) -> dict[str, str]:
+    def _request_headers(self, event: Event | Batch, sub: SubscriberConfig) -> dict[str, str]:
         ts = int(self._clock())
         headers = {
             "Content-Type": "application/json",
             "webhook-id": event.id,
             "webhook-timestamp": str(ts),
         }
+        if isinstance(event, Batch):
+            headers["webhook-batch-size"] = str(event.size)
         if sub.uses_jwt and self._minter is not None:
             started = time.perf_counter()
             token = self._minter.mint(
@@ -352,7 +465,7 @@ class Pipeline:
 
     async def _settle(
         self,
-        event: Event,
+        event: Event | Batch,
         sub: SubscriberConfig | None,
         delivery: Delivery,
         decision: Decision,
@@ -412,7 +525,9 @@ class Pipeline:
                 carry=carry,
             )
             self._metrics.dead_letters.labels(decision.reason).inc()
-            self._metrics.deliveries.labels(delivery.subscriber, "dead_lettered").inc()
+            self._metrics.deliveries.labels(delivery.subscriber, "dead_lettered").inc(
+                event.size if isinstance(event, Batch) else 1
+            )
             log.warning(
                 "delivery_dead_lettered",
                 reason=decision.reason,
@@ -436,6 +551,13 @@ class Pipeline:
         )
         if self.parking is not None:
             self.parking.breaker_changed(sub_id, new, lane.breaker.open_until - time.monotonic())
+
+
+def _int_header(value: object) -> int:
+    try:
+        return int(value)  # type: ignore[call-overload, no-any-return]
+    except (TypeError, ValueError):
+        return 0
 
 
 def _safe_id(value: str | None) -> str | None:

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "CARRIED_HEADERS",
     "H_ACCOUNT",
     "H_ATTEMPT",
+    "H_BATCH_ID",
+    "H_BATCH_SIZE",
     "H_DEAD_AT",
     "H_DEAD_ID",
     "H_DEFERRALS",
@@ -48,6 +51,12 @@ H_EVENT_ID = "x-dispatch-event-id"  # the event id, on dead letters (absent when
 H_REASON = "x-dead-reason"
 H_DEAD_ID = "x-dead-id"
 H_DEAD_AT = "x-dead-lettered-at"
+H_BATCH_ID = "x-dispatch-batch"  # on a batch: its id (the webhook-id); the body is the array
+H_BATCH_SIZE = "x-dispatch-batch-size"  # on a batch: how many events it holds
+
+# Headers that stay with an event (or a batch) from hop to hop: retries, parks, dead letters,
+# replays.
+CARRIED_HEADERS = (H_PUBLISHED_AT, H_ROUTING_KEY, H_ACCOUNT, H_BATCH_ID, H_BATCH_SIZE)
 
 
 def iso_now() -> str:
@@ -152,6 +161,7 @@ class DeadLetterRecord:
     event_id: str | None
     event: str | None
     subscriber: str | None
+    account: str | None
     attempts: int
     reason: str
     last_status: int | None
@@ -176,6 +186,7 @@ class DeadLetterRecord:
             event_id=event_id,
             event=_str(headers.get(H_EVENT_TYPE)),
             subscriber=_str(headers.get(H_SUBSCRIBER)),
+            account=_str(headers.get(H_ACCOUNT)),
             attempts=attempt,
             reason=reason,
             last_status=status or None,
@@ -189,6 +200,7 @@ class DeadLetterRecord:
             "event_id": self.event_id,
             "event": self.event,
             "subscriber": self.subscriber,
+            "account": self.account,
             "attempts": self.attempts,
             "reason": self.reason,
             "last_status": self.last_status,
@@ -197,12 +209,30 @@ class DeadLetterRecord:
         }
 
 
+_BROKER_REASONS = {
+    "delivery_limit": "delivered {count} times and never settled: the dispatcher crashed or "
+    "lost its channel on every try",
+    "rejected": "rejected by a consumer without requeue",
+    "expired": "expired (message TTL)",
+    "maxlen": "the queue was full (max-length)",
+}
+
+
 def _broker_reason(headers: Mapping[str, Any]) -> str:
-    """A dead letter the broker wrote (reject, delivery limit): name it from x-death."""
+    """A dead letter the broker wrote (delivery limit, reject): ``broker_<reason>: <what that
+    means>``, from x-first-death-reason or x-death."""
     first = _str(headers.get("x-first-death-reason"))
-    if first:
-        return f"broker_{first}"
     deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
-        return f"broker_{_str(deaths[0].get('reason')) or 'unknown'}"
-    return "unknown"
+    death = deaths[0] if isinstance(deaths, list) and deaths else None
+    if not first and isinstance(death, Mapping):
+        first = _str(death.get("reason"))
+    if not first:
+        return "unknown"
+    queue = _str(headers.get("x-first-death-queue"))
+    if not queue and isinstance(death, Mapping):
+        queue = _str(death.get("queue"))
+    count = _int(headers.get("x-delivery-count"), 0)
+    explained = _BROKER_REASONS.get(first, "")
+    explained = explained.format(count=count or "too many")
+    parts = [p for p in (explained, f"in {queue}" if queue else "") if p]
+    return f"broker_{first}: {', '.join(parts)}" if parts else f"broker_{first}"

@@ -23,14 +23,12 @@ from pamqp.commands import Basic
 
 from dispatcher.config import BrokerConfig
 from dispatcher.records import (
-    H_ACCOUNT,
+    CARRIED_HEADERS,
     H_DEAD_AT,
     H_DEAD_ID,
     H_EVENT_ID,
     H_EVENT_TYPE,
-    H_PUBLISHED_AT,
     H_REASON,
-    H_ROUTING_KEY,
     Delivery,
     iso_now,
 )
@@ -125,7 +123,7 @@ class Settlement:
 
 def _carried(headers: Mapping[str, Any]) -> dict[str, Any]:
     """Headers that stay with the event from hop to hop."""
-    return {k: headers[k] for k in (H_PUBLISHED_AT, H_ROUTING_KEY, H_ACCOUNT) if k in headers}
+    return {k: headers[k] for k in CARRIED_HEADERS if k in headers}
 
 
 def _properties(event_id: str | None, headers: dict[str, Any]) -> Basic.Properties:
