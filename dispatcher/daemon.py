@@ -23,6 +23,7 @@ import structlog
 from aio_pika.abc import AbstractRobustConnection
 
 from dispatcher import __version__
+from dispatcher.cluster import ClusterMember
 from dispatcher.config import Config, ConfigError, load_config
 from dispatcher.delivery import HttpSender
 from dispatcher.metrics import Metrics, render_metrics
@@ -40,6 +41,7 @@ log = structlog.get_logger("dispatcher.daemon")
 _KEY_REFRESH = 1.0
 _DEPTH_SAMPLE = 5.0
 _METRICS_PRUNE = 60.0
+_JOIN_WAIT = 10.0  # at most this long before consuming without shares (deliveries are parked)
 
 
 class Dispatcher:
@@ -58,7 +60,10 @@ class Dispatcher:
         self._serve_ops = serve_ops
         self._config_path = config_path
         self.metrics = Metrics()
-        self.keyring = KeyRing.load(config.signing.keys_dir, config.signing.algorithm)
+        # One key per algorithm any subscriber's tokens use (EdDSA, ES256, RS256).
+        self.keyring = KeyRing.load(
+            config.signing.keys_dir, config.signing.algorithm, algorithms=config.algorithms
+        )
         self._minter = TokenMinter(
             self.keyring,
             issuer=config.signing.issuer,
@@ -74,6 +79,7 @@ class Dispatcher:
         self._link_up = False  # connected with channels and consumer restored (set by callbacks)
         self.pipeline: Pipeline | None = None
         self.parking: ParkingLots | None = None
+        self.cluster: ClusterMember | None = None
         self.ops: OpsServer | None = None
 
     # --- readiness ------------------------------------------------------------------------------
@@ -158,6 +164,15 @@ class Dispatcher:
             park_ttl=cfg.retry.park_ttl,
         )
         self.pipeline.parking = self.parking
+        # Limits and breakers hold for each subscriber as a whole, across every process on the
+        # queue: this one takes its shares from the cluster once it has joined (cluster.py).
+        # Left last (of the stack) on the way out: the goodbye follows the drain.
+        self.pipeline.lanes.on_share_change = self.parking.share_changed
+        self.cluster = await self._stack.enter_async_context(
+            ClusterMember(self._connection, cfg.broker, self.pipeline.lanes, metrics=self.metrics)
+        )
+        if not await self.cluster.joined(_JOIN_WAIT):
+            log.warning("cluster_join_slow", waited=_JOIN_WAIT, hint="deliveries park meanwhile")
         # Parking queues left from before this start: found in the background, not waited for.
         self._recovery = asyncio.create_task(self._recover_parking())
         self.metrics.prefetch_limit.set(cfg.broker.prefetch)
@@ -243,6 +258,8 @@ class Dispatcher:
         merged = replace(
             new, broker=self.config.broker, http=self.config.http, signing=self.config.signing
         )
+        for algorithm in sorted(merged.algorithms - self.config.algorithms):
+            self.keyring.ensure(algorithm)  # a subscriber that asks for a new algorithm
         self.config = merged
         if self.pipeline is not None:
             self.pipeline.apply_config(merged)

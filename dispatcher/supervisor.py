@@ -194,7 +194,7 @@ class _Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self._forward_hup)
         cfg = self._config
         # Load (and on a first start create) the keys before any worker races to do it.
-        ring = KeyRing.load(cfg.signing.keys_dir, cfg.signing.algorithm)
+        ring = KeyRing.load(cfg.signing.keys_dir, cfg.signing.algorithm, algorithms=cfg.algorithms)
         own = _SupervisorMetrics(self)
 
         def jwks() -> dict[str, Any]:
