@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import orjson
 from aiohttp import web
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
 
 Behaviour = Callable[["Endpoint", web.Request, int], Awaitable[web.StreamResponse]]
 _ACCEPTED = web.RequestKey("chaos_accepted", bool)
+_MEMBERS = web.RequestKey("chaos_batch_members", list)
 
 
 @dataclass(slots=True)
@@ -75,7 +77,8 @@ class Endpoint:
         mid-body (and the handler be cancelled) after it has seen the 2xx."""
         if not request.get(_ACCEPTED):
             request[_ACCEPTED] = True
-            self.receipts.append(request.headers.get("webhook-id", ""))
+            # A batch counts as a receipt of each member event (by the event's own id).
+            self.receipts.extend(request.get(_MEMBERS) or [request.headers.get("webhook-id", "")])
 
     def hits_for(self, webhook_id: str) -> list[Hit]:
         return [h for h in self.hits if h.webhook_id == webhook_id]
@@ -89,6 +92,8 @@ class Endpoint:
         self.in_flight += 1
         try:
             body = await request.read()
+            if request.headers.get("webhook-batch-size"):
+                request[_MEMBERS] = [str(e.get("id", "")) for e in orjson.loads(body)]
             if self.keep_headers:
                 self.headers.append(dict(request.headers))
                 self.bodies.append(body)
