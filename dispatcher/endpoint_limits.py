@@ -4,28 +4,49 @@ A lane admits a delivery, or tells the caller to defer it (park it in the subscr
 queue) so that a slow, saturated or failing subscriber never holds more than its share of the
 consumer's prefetch window and never starves the others:
 
-* at most ``max_in_flight`` requests in flight;
+* at most ``budget`` requests in flight: this process's share of ``max_in_flight``;
 * at most ``max_waiting`` work-queue deliveries queued behind them; beyond that, defer;
-* at most ``rate_limit`` requests per second (evenly spaced); a delivery whose turn is further
-  away than ``max_rate_wait`` is deferred instead of held;
+* at most its share of ``rate_limit`` requests per second (evenly spaced); a delivery whose turn
+  is further away than ``max_rate_wait`` is deferred instead of held;
 * the circuit breaker's verdict first: while it is open, everything is deferred.
+
+The limits in the config are the subscriber's as a whole, over every process on the queue;
+`LaneSet.apply` takes this process's shares of them from the cluster's `Standing`
+(dispatcher/cluster_shares.py). A process alone in its cluster has the whole limits. A process
+holding no share of a subscriber (joining, cut off from the others, or ranked beyond an
+in-flight limit smaller than the number of processes) defers its deliveries (``no_share``) and
+does not consume its parking queue.
 
 A *patient* delivery (one taken from the subscriber's own parking queue, whose consumer has a
 prefetch window of its own) is never deferred for a full lane or a distant rate turn: it waits,
-and that window bounds how many wait. Only an open breaker turns it away.
+and that window bounds how many wait. Only an open breaker or a missing share turns it away.
+
+What a lane's breaker sees it announces through the `Announcer` (the cluster member): failures,
+the first success after them, openings and closings; a healthy subscriber announces nothing.
+While other processes share the subscriber, the slot of a failed attempt stays taken until the
+announcement has come back from the broker, so every process has counted the failure (or can)
+before this one starts another request: a dead endpoint gets at most ``failure_threshold +
+max_in_flight`` requests before every breaker is open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
-from dispatcher.circuit_breaker import BreakerState, CircuitBreaker
+from dispatcher.circuit_breaker import BreakerState, CircuitBreaker, Signal
+from dispatcher.cluster_shares import ALONE, Standing
 from dispatcher.config import BreakerConfig, SubscriberConfig
 
-__all__ = ["Admitted", "Deferred", "Lane", "LaneSet"]
+__all__ = ["Admitted", "Announcer", "Deferred", "Fresh", "Lane", "LaneSet"]
+
+_HOLDING = (Signal.FAILED, Signal.OPENED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +64,26 @@ class Admitted:
         self.probe = probe
 
 
+class Announcer(Protocol):
+    def announce(self, lane: Lane, signal: Signal, on_heard: Callable[[], None] | None) -> bool:
+        """Tell the other processes. With ``on_heard``: True means it will be called once the
+        announcement came back (or was given up); False, never (the slot is freed at once)."""
+        ...
+
+
+class Fresh:
+    """Until when (monotonic) this process may start requests. The cluster member moves it on
+    each time it hears its own heartbeat back; on its own, a process never stops."""
+
+    __slots__ = ("until",)
+
+    def __init__(self) -> None:
+        self.until = math.inf
+
+
+_ALWAYS = Fresh()
+
+
 class Lane:
     def __init__(
         self,
@@ -53,43 +94,102 @@ class Lane:
         max_rate_wait: float = 1.0,
         on_breaker_change: Callable[[BreakerState, BreakerState, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        standing: Standing = ALONE,
+        fresh: Fresh = _ALWAYS,
+        announcer: Announcer | None = None,
+        over: set[str] | None = None,
     ) -> None:
         self.sub = sub
         self.max_waiting = max_waiting
         self.max_rate_wait = max_rate_wait
         self.breaker = CircuitBreaker(breaker, on_change=on_breaker_change)
+        self.announcer = announcer
         self._clock = clock
-        self._slots = asyncio.Semaphore(sub.max_in_flight)
-        self._interval = 1.0 / sub.rate_limit if sub.rate_limit > 0 else 0.0
+        self._fresh = fresh
+        self._over_set = over
+        self._waiters: deque[asyncio.Future[bool]] = deque()
         self._next_turn = 0.0
         self._last_sent = -1e9
-        self.in_flight = 0
+        self._interval = 0.0
+        self._alone = True
+        self._over = False
+        self._retired = False
+        self._successor: Lane | None = None
+        self.in_flight = 0  # slots taken: requests, and deliveries waiting for their rate turn
+        self.held = 0  # slots of failed attempts whose announcement is not back yet
+        self.inherited = 0  # slots still taken in the lane this one replaced (a reload)
         self.waiting = 0  # work-queue deliveries waiting for a slot (at most max_waiting)
         self.waiting_parked = 0  # patient ones, bounded by their consumer's prefetch window
+        self.budget = 0
+        self.target = 0
+        self.rate = 0.0
+        self.apply(standing, new=True)
+
+    # --- shares ----------------------------------------------------------------------------------
+
+    def apply(self, standing: Standing, *, new: bool = False) -> bool:
+        """Take this process's shares from the standing. True when the parking lots should
+        look again: the lane started or stopped taking parked deliveries, or this process
+        became the one to probe its open breaker."""
+        before = (self.takes_parked, self.breaker.prober)
+        sub = self.sub
+        self.budget = standing.in_flight(sub.id, sub.max_in_flight, None if new else self.budget)
+        self.target = standing.target(sub.max_in_flight)
+        if sub.rate_limit > 0:
+            self.rate = standing.rate(sub.rate_limit, None if new else self.rate)
+            if self.rate > 0:  # at 0 the budget is 0 too; keep the spacing of the last rate
+                self._interval = 1.0 / self.rate
+        self._alone = standing.alone
+        self.breaker.prober = standing.prober
+        if self.budget <= 0:
+            self._turn_away_waiters()
+        else:
+            self._grant()
+        self._note()
+        became_prober = self.breaker.prober and not before[1]
+        return self.takes_parked != before[0] or (
+            became_prober and self.breaker.state is not BreakerState.CLOSED
+        )
+
+    @property
+    def takes_parked(self) -> bool:
+        """Should this process consume the subscriber's parking queue?"""
+        return self.breaker.state is BreakerState.CLOSED and self.budget > 0 and not self._retired
+
+    @property
+    def probe_again(self) -> float | None:
+        """When an open breaker's probe found the parking queue empty: look again this much
+        later (others park what they get), or None on its own (its next delivery probes)."""
+        return None if self._alone else self.breaker.policy.cooldown
+
+    def used(self) -> int:
+        return self.in_flight + self.held + self.inherited
+
+    # --- admission -------------------------------------------------------------------------------
 
     async def acquire(self, *, patient: bool = False) -> Admitted | Deferred:
-        stay_away = self.breaker.ask(self._clock())
+        now = self._clock()
+        stay_away = self.breaker.ask(now)
         if stay_away is not None:
             return Deferred(stay_away, "breaker_open")
         slot = Admitted(self.breaker.state is BreakerState.HALF_OPEN)
-        if not patient and self._slots.locked() and self.waiting >= self.max_waiting:
+        if self.budget <= 0 or now > self._fresh.until or self._retired:
             self._drop_probe(slot)
-            return Deferred(0.0, "lane_full")
-        if patient:
-            self.waiting_parked += 1
+            return Deferred(0.0, "no_share")
+        if self.used() >= self.budget or self._waiters:
+            if not patient and self.waiting >= self.max_waiting:
+                self._drop_probe(slot)
+                return Deferred(0.0, "lane_full")
+            try:
+                granted = await self._wait(patient)
+            except BaseException:
+                self._drop_probe(slot)
+                raise
+            if not granted:
+                self._drop_probe(slot)
+                return Deferred(0.0, "no_share")
         else:
-            self.waiting += 1
-        try:
-            await self._slots.acquire()
-        except BaseException:
-            self._drop_probe(slot)
-            raise
-        finally:
-            if patient:
-                self.waiting_parked -= 1
-            else:
-                self.waiting -= 1
-        self.in_flight += 1
+            self.in_flight += 1
         if not slot.probe and self.breaker.state is not BreakerState.CLOSED:
             # The breaker opened while this delivery waited: ask again (it may be the probe).
             stay_away = self.breaker.ask(self._clock())
@@ -107,16 +207,60 @@ class Lane:
             return Deferred(turn - now, "rate_limited")
         self._next_turn = turn + self._interval
         try:
-            # Wait for the reserved turn, then also for the spacing since the last real send:
-            # an event loop that stalled must not release a burst when it wakes.
-            # A timed wait, not a poll: each pass sleeps exactly until the next allowed send.
+            # Wait for the reserved turn, then also for the spacing since the last real send
+            # (at the current share's spacing): an event loop that stalled must not release a
+            # burst when it wakes. A timed wait, not a poll: each pass sleeps exactly until the
+            # next allowed send.
             while (wait := max(turn, self._last_sent + self._interval) - self._clock()) > 0:  # noqa: ASYNC110
                 await asyncio.sleep(wait)
         except BaseException:
             self.release(slot, None)
             raise
-        self._last_sent = self._clock()
+        now = self._clock()
+        if now > self._fresh.until:  # cut off from the others while it waited
+            self.release(slot, None)
+            return Deferred(0.0, "no_share")
+        self._last_sent = now
         return slot
+
+    async def _wait(self, patient: bool) -> bool:
+        """Queue for a slot (first come, first served). True: it is ours (counted in_flight)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        if patient:
+            self.waiting_parked += 1
+        else:
+            self.waiting += 1
+        try:
+            return await future
+        except BaseException:
+            if future.done() and not future.cancelled() and future.result():
+                self._free(1)  # granted just as it was cancelled
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(future)
+            raise
+        finally:
+            if patient:
+                self.waiting_parked -= 1
+            else:
+                self.waiting -= 1
+
+    def _grant(self) -> None:
+        if self._fresh.until < self._clock():
+            return
+        while self._waiters and self.used() < self.budget:
+            future = self._waiters.popleft()
+            if future.done():
+                continue
+            self.in_flight += 1
+            future.set_result(True)
+
+    def _turn_away_waiters(self) -> None:
+        while self._waiters:
+            future = self._waiters.popleft()
+            if not future.done():
+                future.set_result(False)
 
     def _drop_probe(self, slot: Admitted) -> None:
         if slot.probe:
@@ -125,13 +269,73 @@ class Lane:
     def release(self, slot: Admitted, ok: bool | None) -> None:
         """Give the slot back; ``ok`` is the breaker verdict (None: no verdict)."""
         self.in_flight -= 1
-        self._slots.release()
         if ok is True:
-            self.breaker.success()
+            signal = self.breaker.success()
         elif ok is False:
-            self.breaker.failure(self._clock())
+            signal = self.breaker.failure(self._clock())
         else:
             self._drop_probe(slot)
+            signal = None
+        if signal is not None and self.announcer is not None:
+            if signal in _HOLDING and not self._alone:
+                self.held += 1  # the slot stays taken until the others can have counted it
+                if self.announcer.announce(self, signal, self._heard):
+                    self._note()
+                    return
+                self.held -= 1
+            else:
+                self.announcer.announce(self, signal, None)
+        self._free(1, counted=True)
+
+    def _heard(self) -> None:
+        """A failure this lane announced came back: every process could count it."""
+        self.held -= 1
+        self._free(1, counted=True)
+
+    def _free(self, n: int, *, counted: bool = False) -> None:
+        """``n`` slots of this lane (or, ``counted``, already taken off) were freed."""
+        if not counted:
+            self.in_flight -= n
+        if self._successor is not None:
+            self._successor._inherited_freed(n)
+        self._note()
+        self._grant()
+
+    def _inherited_freed(self, n: int) -> None:
+        self.inherited -= n
+        self._free(n, counted=True)
+
+    def _note(self) -> None:
+        over = self.used() > self.target
+        if over != self._over and self._over_set is not None:
+            if over:
+                self._over_set.add(self.sub.id)
+            else:
+                self._over_set.discard(self.sub.id)
+        self._over = over
+
+    # --- reload ----------------------------------------------------------------------------------
+
+    def retire(self) -> None:
+        """This lane is no longer used (its subscriber was removed or reconfigured): what
+        waits in it is deferred."""
+        self._retired = True
+        self._turn_away_waiters()
+        if self._over_set is not None and self._over:
+            self._over_set.discard(self.sub.id)
+        self._over = False
+        self._over_set = None
+
+    def succeed(self, successor: Lane) -> None:
+        """A reload replaced this lane: its slots still taken count against the successor
+        until they are given back, the rate keeps its spacing, and what waits is deferred
+        (parked, to come back through the successor)."""
+        self.retire()
+        self._successor = successor
+        successor.inherited = self.used()
+        successor._next_turn = self._next_turn
+        successor._last_sent = self._last_sent
+        successor._note()
 
 
 class LaneSet:
@@ -143,18 +347,42 @@ class LaneSet:
         *,
         prefetch: int,
         on_breaker_change: Callable[[Lane, BreakerState, BreakerState, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._breaker = breaker
         self._prefetch = prefetch
         self._on_change = on_breaker_change
+        self._clock = clock
         self._lanes: dict[str, Lane] = {}
+        self._subs: Mapping[str, SubscriberConfig] = {}
         self._alone = False
+        self._over: set[str] = set()
+        self.standing: Standing = ALONE
+        self.fresh = Fresh()
+        self._announcer: Announcer | None = None
+        # Told when a subscriber's lane starts or stops taking parked deliveries, or becomes
+        # this process's to probe (the daemon points it at the parking lots).
+        self.on_share_change: Callable[[str], None] | None = None
+
+    @property
+    def announcer(self) -> Announcer | None:
+        return self._announcer
+
+    @announcer.setter
+    def announcer(self, announcer: Announcer | None) -> None:
+        self._announcer = announcer
+        for lane in self._lanes.values():
+            lane.announcer = announcer
 
     def lane(self, sub: SubscriberConfig) -> Lane:
         lane = self._lanes.get(sub.id)
         if lane is None or lane.sub != sub:
-            lane = self._make(sub)
+            old, lane = lane, self._make(sub)
+            if old is not None:
+                old.succeed(lane)
             self._lanes[sub.id] = lane
+            if not lane.takes_parked and self.on_share_change is not None:
+                self.on_share_change(sub.id)  # a parking queue found meanwhile: not for us
         return lane
 
     def get(self, sub_id: str) -> Lane | None:
@@ -166,17 +394,86 @@ class LaneSet:
     def retain(self, ids: set[str], current: Mapping[str, SubscriberConfig] | None = None) -> None:
         """Keep the lanes of these subscribers only, and size them for how many there are.
 
-        With ``current``, a lane whose subscriber's settings changed is dropped too (its
-        successor starts with a closed breaker when the next delivery comes).
+        With ``current``, a lane whose subscriber's settings changed is replaced too (its
+        successor starts with a closed breaker, and inherits the slots still taken).
         """
+        if current is not None:
+            self._subs = dict(current)
         for sub_id in list(self._lanes):
-            if sub_id not in ids or (
-                current is not None and current[sub_id] != self._lanes[sub_id].sub
-            ):
+            old = self._lanes[sub_id]
+            if sub_id not in ids:
                 del self._lanes[sub_id]
+                old.retire()
+            elif current is not None and current[sub_id] != old.sub:
+                self._lanes[sub_id] = successor = self._make(current[sub_id])
+                old.succeed(successor)
+        self._over &= set(self._lanes)
         self._alone = len(ids) == 1
         for lane in self._lanes.values():
             lane.max_waiting = self._max_waiting(lane.sub)
+
+    # --- the cluster -----------------------------------------------------------------------------
+
+    def apply(self, standing: Standing) -> None:
+        """A new standing in the cluster: recompute every lane's shares (only those of the
+        subscribers it (un)blocks, when nothing else changed)."""
+        old, self.standing = self.standing, standing
+        same_view = (old.holding, old.members, old.rank, old.agreed, old.settled) == (
+            standing.holding,
+            standing.members,
+            standing.rank,
+            standing.agreed,
+            standing.settled,
+        )
+        if same_view and old.blocked is not None and standing.blocked is not None:
+            touched: Iterable[Lane] = [
+                lane
+                for sub_id in old.blocked ^ standing.blocked
+                if (lane := self._lanes.get(sub_id)) is not None
+            ]
+        elif old == standing:
+            return
+        else:
+            touched = list(self._lanes.values())
+        for lane in touched:
+            if lane.apply(standing) and self.on_share_change is not None:
+                self.on_share_change(lane.sub.id)
+
+    def over(self, cap: int) -> frozenset[str] | None:
+        """Subscribers whose slots taken here exceed this process's share (None: more than
+        ``cap`` of them, i.e. treat all as over)."""
+        return None if len(self._over) > cap else frozenset(self._over)
+
+    def heard(
+        self, sub_id: str, signal: Signal, *, open_for: float = 0.0, cooldown: float = 0.0
+    ) -> None:
+        """Another process's breaker for this subscriber announced ``signal``."""
+        lane = self._known(sub_id, create=signal in _HOLDING)
+        if lane is not None:
+            lane.breaker.heard(signal, self._clock(), open_for=open_for, cooldown=cooldown)
+
+    def restore(self, sub_id: str, failures: int, open_for: float | None, cooldown: float) -> None:
+        """A member's breaker state, sent to this (joining) process."""
+        lane = self._known(sub_id, create=True)
+        if lane is not None:
+            lane.breaker.restore(failures, open_for, cooldown, self._clock())
+
+    def unhealthy(self) -> list[tuple[str, int, float | None, float]]:
+        """(subscriber, failures, seconds still open or None, cooldown) of every breaker that
+        is not closed with no failures: what a joining process is told."""
+        now = self._clock()
+        out = []
+        for sub_id, lane in self._lanes.items():
+            digest = lane.breaker.digest(now)
+            if digest is not None:
+                out.append((sub_id, *digest))
+        return out
+
+    def _known(self, sub_id: str, *, create: bool) -> Lane | None:
+        lane = self._lanes.get(sub_id)
+        if lane is None and create and (sub := self._subs.get(sub_id)) is not None:
+            lane = self.lane(sub)
+        return lane
 
     def _max_waiting(self, sub: SubscriberConfig) -> int:
         if self._alone:
@@ -193,6 +490,14 @@ class LaneSet:
                 callback(lane, old, new, why)
 
         lane = Lane(
-            sub, self._breaker, max_waiting=self._max_waiting(sub), on_breaker_change=changed
+            sub,
+            self._breaker,
+            max_waiting=self._max_waiting(sub),
+            on_breaker_change=changed,
+            clock=self._clock,
+            standing=self.standing,
+            fresh=self.fresh,
+            announcer=self._announcer,
+            over=self._over,
         )
         return lane

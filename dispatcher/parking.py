@@ -194,15 +194,41 @@ class ParkingLots:
     def breaker_changed(self, sub: str, new: BreakerState, reopen_in: float) -> None:
         """Follow a subscriber's breaker: consume while closed; probe when a cooldown ends."""
         lot = self._lots.get(sub)
+        lane = self._lanes.get(sub)
+        if lot is None and new is BreakerState.OPEN and lane is not None and lane.breaker.prober:
+            # This process probes for the cluster (dispatcher/cluster_shares.py): it needs the
+            # queue, even if it never parked a delivery of its own there.
+            self._spawn(self._ensure_quietly(sub))
+            return
         if lot is None or self._closed or new is BreakerState.HALF_OPEN:
             return
-        lot.wanted = new is BreakerState.CLOSED
+        lot.wanted = new is BreakerState.CLOSED and (lane is None or lane.takes_parked)
         if lot.probe_timer is not None:
             lot.probe_timer.cancel()
             lot.probe_timer = None
         if new is BreakerState.OPEN:
             self._arm(lot, reopen_in)
         self._spawn(self._reconcile(lot))
+
+    def share_changed(self, sub: str) -> None:
+        """The subscriber's lane gained or lost this process's share of its limits, or made
+        this process the one to probe its open breaker: consume, or probe, accordingly."""
+        lane = self._lanes.get(sub)
+        if lane is None or self._closed:
+            return
+        if lane.breaker.state is not BreakerState.CLOSED:
+            self.breaker_changed(sub, BreakerState.OPEN, lane.breaker.open_until - self._clock())
+            return
+        lot = self._lots.get(sub)
+        if lot is not None and lot.wanted != lane.takes_parked:
+            lot.wanted = lane.takes_parked
+            self._spawn(self._reconcile(lot))
+
+    async def _ensure_quietly(self, sub: str) -> None:
+        try:
+            await self.ensure(sub)
+        except Exception as exc:  # the link is down: the next change or delivery retries
+            log.warning("parking_declare_failed", subscriber=sub, error=str(exc))
 
     def _arm(self, lot: _Lot, delay: float) -> None:
         # A little late rather than early: the loop may run a timer up to its clock's
@@ -222,8 +248,9 @@ class ParkingLots:
         while not self._closed and not lot.wanted and self._lots.get(lot.sub) is lot:
             lane = self._lanes.get(lot.sub)
             if lane is None or lane.breaker.state is BreakerState.CLOSED:
-                # A reload replaced the lane: its successor starts closed, so consume again.
-                lot.wanted = True
+                # A reload replaced the lane: its successor starts closed, so consume again
+                # (if this process holds a share of the subscriber's limits).
+                lot.wanted = lane is None or lane.takes_parked
                 await self._reconcile(lot)
                 return
             breaker, now = lane.breaker, self._clock()
@@ -238,6 +265,8 @@ class ParkingLots:
                 log.warning("parking_probe_failed", subscriber=lot.sub, error=str(exc))
                 return
             if message is None:
+                if lane.probe_again is not None:  # other processes park what they get
+                    self._arm(lot, lane.probe_again)
                 return
             await self._consume_one(lot, message)
 
@@ -290,8 +319,8 @@ class ParkingLots:
             return lot
         lot = self._lots[sub] = _Lot(sub, queue, now, self._consume_one)
         lane = self._lanes.get(sub)
-        lot.wanted = lane is None or lane.breaker.state is BreakerState.CLOSED
-        if not lot.wanted and lane is not None:
+        lot.wanted = lane is None or lane.takes_parked
+        if lane is not None and lane.breaker.state is not BreakerState.CLOSED:
             self._arm(lot, lane.breaker.open_until - now)
         self._start_sweeper()
         self._spawn(self._reconcile(lot))
