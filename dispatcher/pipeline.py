@@ -21,6 +21,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
+from dispatcher.acks import Acks
 from dispatcher.batching import Batch, Batcher, Member, batch_body, new_batch_id
 from dispatcher.circuit_breaker import BreakerState
 from dispatcher.config import Config, SubscriberConfig
@@ -104,6 +105,7 @@ class Pipeline:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._batches: set[asyncio.Task[None]] = set()
         self._batcher = Batcher(self._send_batch)
+        self.acks = Acks()
         self.config = config
         self._routing = RoutingTable(config.subscribers)
         self._parking_exchange = parking_exchange(config.broker.queue)
@@ -143,6 +145,7 @@ class Pipeline:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=5)
+        await self.acks.close()
         return len(pending)
 
     # --- one message -------------------------------------------------------------------------
@@ -153,6 +156,7 @@ class Pipeline:
         assert task is not None
         self._tasks.add(task)
         self._metrics.prefetch_used.inc()
+        self.acks.received(message.channel, message.delivery_tag)
         verdict = _Verdict.REQUEUE
         try:
             verdict = await self._process(message)
@@ -169,7 +173,7 @@ class Pipeline:
         finally:
             self._tasks.discard(task)
             self._metrics.prefetch_used.dec()
-            await self._finish(message, verdict)
+            self._finish(message, verdict)
 
     async def _poisoned(self, message: AbstractIncomingMessage, exc: Exception) -> _Verdict:
         """A message that breaks the pipeline twice is dead-lettered, not requeued forever.
@@ -194,17 +198,10 @@ class Pipeline:
         self._metrics.dead_letters.labels("dispatch_error").inc()
         return _Verdict.ACK
 
-    async def _finish(self, message: AbstractIncomingMessage, verdict: _Verdict) -> None:
-        try:
-            if verdict is _Verdict.ACK:
-                await message.ack()
-            else:
-                await message.nack(requeue=True)
-        except (ChannelInvalidStateError, AMQPError, ConnectionError, RuntimeError) as exc:
-            # The channel went away (a reconnect): the broker redelivers the message.
-            log.warning(
-                "settle_failed", verdict=verdict.value, error=str(exc) or type(exc).__name__
-            )
+    def _finish(self, message: AbstractIncomingMessage, verdict: _Verdict) -> None:
+        # Frames go out in groups once per loop pass (dispatcher/acks.py); a channel that went
+        # away meanwhile (a reconnect) means the broker redelivers the message.
+        self.acks.settle(message.channel, message.delivery_tag, verdict is _Verdict.ACK)
 
     async def _process(self, message: AbstractIncomingMessage) -> _Verdict:
         now = self._clock()
