@@ -19,11 +19,12 @@ thousands of endpoints, so a parking queue exists only while it is needed:
                                         dead-lettered into the due exchange), so a queue that
                                         no process knows of (after a restart) is never stranded
 
-A process also looks once, in the background, for an existing parking queue of each
-subscriber it delivers to for the first time (a passive declare), so deliveries parked before
-a restart are consumed as soon as their subscriber is healthy, without start-up paying one
-round trip per configured subscriber. Each parking consumer has a channel and prefetch window
-of its own, so parked deliveries never take from the work queue's window.
+A small index queue (``<queue>.parked-index``) gets one message per declare, naming the
+subscriber. A process that starts reads it and looks (passively, in the background) for the
+parking queues it names, so deliveries parked before a restart are consumed as soon as their
+subscriber is healthy, without start-up paying one round trip per configured subscriber.
+Each parking consumer has a channel and prefetch window of its own, so parked deliveries never
+take from the work queue's window.
 """
 
 from __future__ import annotations
@@ -157,9 +158,7 @@ class ParkingLots:
         if lot is not None:
             lot.declared_at = -1e18
 
-    def seen(self, sub: str) -> None:
-        """A delivery for ``sub``: the first time, look (in the background) for a parking
-        queue left from before this process started, and consume it if there is one."""
+    def _look_for_later(self, sub: str) -> None:
         if sub in self._looked_for or sub in self._lots or self._closed:
             return
         self._looked_for.add(sub)
@@ -274,14 +273,14 @@ class ParkingLots:
 
     async def _declare(self, sub: str) -> _Lot:
         queue = await declare_parking(self._channel, self._cfg, sub, park_ttl=self._ttl)
-        if sub not in self._lots:
-            # A hint for whoever starts next (not confirmed: losing one costs at most a wait
-            # of park_ttl, when the parked deliveries return to the work queue by themselves).
-            with contextlib.suppress(Exception):
-                await self._channel.default_exchange.publish(
-                    aio_pika.Message(sub.encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                    routing_key=parking_index(self._cfg.queue),
-                )
+        # A hint for whoever starts next, renewed with every declare so the index outlives
+        # the queue (not confirmed: losing one costs at most a wait of park_ttl, after which
+        # the parked deliveries return to the work queue by themselves).
+        with contextlib.suppress(Exception):
+            await self._channel.default_exchange.publish(
+                aio_pika.Message(sub.encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=parking_index(self._cfg.queue),
+            )
         return self._adopt(sub, queue)
 
     async def recover(self, limit: int = 10_000) -> int:
@@ -308,7 +307,7 @@ class ParkingLots:
                 with contextlib.suppress(Exception):
                     await message.nack(requeue=True)
         for sub in held:
-            self.seen(sub)
+            self._look_for_later(sub)
         return len(held)
 
     def _adopt(self, sub: str, queue: AbstractQueue) -> _Lot:

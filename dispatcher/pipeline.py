@@ -382,8 +382,6 @@ class Pipeline:
         carry: dict[str, Any],
         patient: bool = False,
     ) -> None:
-        if self.parking is not None:
-            self.parking.seen(sub.id)
         lane = self._lanes.lane(sub)
         slot = await lane.acquire(patient=patient)
         if isinstance(slot, Admitted):
