@@ -459,3 +459,38 @@ async def test_example_receiver_account_option(sending: Callable[..., Any], tmp_
             none = await post(h, url, *genuine(s.ring, url, "EdDSA"))
         assert await dead_letters(s.config) == []
     assert theirs == none == (401, {"error": "wrong_account"})
+
+
+def _readme_snippet() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Receiving webhooks") :]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+async def test_readme_snippet_verifies_and_leaves_nothing_open(
+    sending: Callable[..., Any], tmp_path: Path
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/email"
+    async with sending(url, "EdDSA") as s:
+        code = _readme_snippet()
+        # Only the addresses change, and the placeholder gets a line the test can count.
+        for old, new in {
+            '"https://mail.example.com/.well-known/jwks.json"': repr(s.jwks_url),
+            '"https://hooks.acme.example/email"': repr(url),
+            '...  # claims["webhook_id"]; the body is authentic and unmodified': (
+                "print(f\"verified {claims['webhook_id']} {len(body)}\", flush=True)"
+            ),
+            "web.run_app(app)": f'web.run_app(app, host="127.0.0.1", port={port}, print=None)',
+        }.items():
+            assert code.count(old) == 1, f"README snippet changed: {old}"
+            code = code.replace(old, new)
+        script = tmp_path / "readme_receiver.py"
+        script.write_text(code, encoding="utf-8")
+        argv = [sys.executable, "-W", "error", str(script)]
+        server = ServerProcess(argv, port, recipe_env(s.jwks_url, url, port), tmp_path)
+        async with server:
+            await s.deliver(server, 20)
+    # SIGINT, as Ctrl+C: a clean exit with nothing on stderr (no unclosed session, no warning).
+    assert server.returncode == 0
+    assert server.stderr == []
