@@ -29,13 +29,20 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+_CONFIG_HELP = "config file (default: $DISPATCHER_CONFIG or config/dispatcher.toml)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dispatcher", description="Webhook dispatcher for email delivery events.")
     p.add_argument("--version", action="version", version=f"dispatcher {__version__}")
-    p.add_argument(
-        "--config", help="config file (default: $DISPATCHER_CONFIG or config/dispatcher.toml)"
+    p.add_argument("--config", help=_CONFIG_HELP)
+    # `--config` is accepted after the command too (`dispatcher run --config c.toml`): every
+    # subcommand takes it, without a default of its own, so one given earlier stays.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help=_CONFIG_HELP)
+    sub = _Subcommands(
+        p.add_subparsers(dest="command", required=True, parser_class=_Parser), common
     )
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument(
@@ -56,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("file", nargs="?", default="-", help="a file, or - for stdin (default)")
 
     keys = sub.add_parser("keys", help="manage signing keys")
-    ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    ksub = _Subcommands(
+        keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser), common
+    )
     gen = ksub.add_parser("generate", help="create a signing key (active at once)")
     rot = ksub.add_parser(
         "rotate",
@@ -79,21 +88,61 @@ def _parser() -> argparse.ArgumentParser:
     ksub.add_parser("prune", help="remove keys whose retirement time has passed")
 
     dlq = sub.add_parser("dlq", help="inspect and replay dead letters")
-    dsub = dlq.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser)
+    dsub = _Subcommands(
+        dlq.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser), common
+    )
     ls = dsub.add_parser("list", help="list dead letters (nothing is removed)")
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
     ls.add_argument("--limit", type=int, default=None, help="at most N records")
+    _filters(ls)
     show = dsub.add_parser("show", help="one dead letter, with its body")
     show.add_argument("id")
     rep = dsub.add_parser("replay", help="deliver dead letters again")
     rep.add_argument("ids", nargs="*", metavar="ID")
-    rep.add_argument("--all", action="store_true", help="every dead letter")
-    rep.add_argument("--subscriber", help="only dead letters of this subscriber")
-    purge = dsub.add_parser("purge", help="delete every dead letter")
+    rep.add_argument("--all", action="store_true", help="every dead letter (that matches)")
+    _filters(rep)
+    purge = dsub.add_parser("purge", help="delete dead letters (every one, or those that match)")
     purge.add_argument("--yes", action="store_true", help="do not ask")
-    exp = dsub.add_parser("export", help="write every dead letter as JSON lines")
+    _filters(purge)
+    exp = dsub.add_parser("export", help="write dead letters as JSON lines, bodies included")
     exp.add_argument("file")
+    _filters(exp)
+
+    mig = sub.add_parser(
+        "migrate-queues",
+        help="the RabbitMQ policies that give queues declared by an older version today's "
+        "delivery limits and dead-letter exchanges",
+    )
+    mig.add_argument("--apply", action="store_true", help="set them now, with rabbitmqctl")
+    mig.add_argument(
+        "--rabbitmqctl",
+        default="rabbitmqctl",
+        metavar="COMMAND",
+        help="how to run rabbitmqctl for --apply (default: rabbitmqctl)",
+    )
+    mig.add_argument("--json", action="store_true", help="as JSON (definitions / HTTP API)")
     return p
+
+
+class _Subcommands:
+    """``add_subparsers`` whose parsers all take the common options (``--config``)."""
+
+    def __init__(self, action: Any, common: argparse.ArgumentParser) -> None:
+        self._action, self._common = action, common
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self._action.add_parser(
+            name, parents=[self._common], **kwargs
+        )
+        return parser
+
+
+def _filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--subscriber", metavar="S", help="only dead letters of this subscriber")
+    parser.add_argument("--account", metavar="A", help="only dead letters of this account")
+    parser.add_argument(
+        "--reason", metavar="R", help="only dead letters whose reason starts with R"
+    )
 
 
 def _fail(message: str, code: int) -> int:
@@ -157,6 +206,8 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         return _cmd_keys(args, config)
     if cmd == "dlq":
         return _cmd_dlq(args, config)
+    if cmd == "migrate-queues":
+        return _cmd_migrate_queues(args, config)
     return _fail(f"unknown command {cmd}", EXIT_USAGE)  # pragma: no cover
 
 
@@ -234,19 +285,19 @@ def _cmd_keys(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_dlq(args: argparse.Namespace, config: Config) -> int:
-    from dispatcher.dead_letters import DeadLetterTool
+    from dispatcher.dead_letters import DeadLetterTool, Filter
 
     tool = DeadLetterTool(config)
     cmd = args.dlq_command
+    where = Filter(
+        subscriber=getattr(args, "subscriber", None),
+        account=getattr(args, "account", None),
+        reason=getattr(args, "reason", None),
+    )
     if cmd == "list":
         if args.limit is not None and args.limit < 1:
             return _fail("dlq list: --limit must be at least 1", EXIT_USAGE)
-        letters = _run_async(lambda: tool.list(args.limit))
-        if args.json:
-            for dl in letters:
-                sys.stdout.write(orjson.dumps(dl.record.as_dict()).decode() + "\n")
-        else:
-            _print_table([dl.record.as_dict() for dl in letters])
+        _run_async(lambda: _stream_list(tool, args.limit, where, as_json=args.json))
         return EXIT_OK
     if cmd == "show":
         found = _run_async(lambda: tool.show(args.id))
@@ -260,7 +311,7 @@ def _cmd_dlq(args: argparse.Namespace, config: Config) -> int:
         if bool(args.ids) == bool(args.all):
             return _fail("dlq replay: give dead-letter IDs or --all (not both)", EXIT_USAGE)
         ids = None if args.all else args.ids
-        replayed, missing, kept = _run_async(lambda: tool.replay(ids, subscriber=args.subscriber))
+        replayed, missing, kept = _run_async(lambda: tool.replay(ids, where=where))
         print(f"replayed {replayed} dead letters")
         if kept:
             print(
@@ -272,41 +323,129 @@ def _cmd_dlq(args: argparse.Namespace, config: Config) -> int:
             return _fail(f"dlq replay: not found: {', '.join(sorted(missing))}", EXIT_RUNTIME)
         return EXIT_OK
     if cmd == "purge":
-        count = _run_async(tool.count)
         if not args.yes:
+            count = _run_async(lambda: tool.count(where))
+            which = "" if where.everything else " matching the filters"
             if not sys.stdin.isatty():
                 return _fail(
-                    f"dlq purge: refusing to delete {count} dead letters without --yes "
+                    f"dlq purge: refusing to delete {count} dead letters{which} without --yes "
                     "(stdin is not a terminal)",
                     EXIT_USAGE,
                 )
             answer = input(
-                f"Delete {count} dead letters from {config.broker.dead_letter_queue}? [y/N] "
+                f"Delete {count} dead letters{which} from {config.broker.dead_letter_queue}? [y/N] "
             )
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing deleted")
                 return EXIT_OK
-        purged = _run_async(tool.purge)
+        purged = _run_async(lambda: tool.purge(where))
         print(f"purged {purged} dead letters")
         return EXIT_OK
     if cmd == "export":
-        n = _run_async(lambda: tool.export(args.file))
+        try:
+            n = _run_async(lambda: tool.export(args.file, where))
+        except OSError as exc:
+            if exc.filename != args.file:
+                raise
+            return _fail(f"dlq export: cannot write {args.file}: {exc.strerror}", EXIT_RUNTIME)
         print(f"exported {n} dead letters to {args.file}")
         return EXIT_OK
     return _fail(f"unknown dlq command {cmd}", EXIT_USAGE)  # pragma: no cover
 
 
-def _print_table(rows: list[dict[str, Any]]) -> None:
-    cols = ["id", "event", "subscriber", "attempts", "reason", "last_status", "dead_lettered_at"]
-    if not rows:
-        print("no dead letters")
-        return
-    cells = [[str(r.get(c) if r.get(c) is not None else "-") for c in cols] for r in rows]
-    widths = [min(max(len(c), *(len(row[i]) for row in cells)), 60) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
-    for row in cells:
-        print("  ".join(v[:w].ljust(w) for v, w in zip(row, widths, strict=True)))
-    print(f"{len(rows)} dead letters")
+# Text columns and their widths: fixed, so rows are printed as they are read (constant memory,
+# however many dead letters). Ids are never cut; longer values of other columns are.
+_COLUMNS = (
+    ("id", 32),
+    ("event", 20),
+    ("subscriber", 16),
+    ("account", 12),
+    ("attempts", 8),
+    ("reason", 40),
+    ("last_status", 11),
+    ("dead_lettered_at", 24),
+)
+
+
+async def _stream_list(tool: Any, limit: int | None, where: Any, *, as_json: bool) -> None:
+    from contextlib import aclosing
+
+    out = sys.stdout
+    n = 0
+    try:
+        async with aclosing(tool.iterate(limit, where)) as letters:
+            async for dl in letters:
+                record = dl.record.as_dict()
+                if as_json:
+                    out.write(orjson.dumps(record).decode() + "\n")
+                else:
+                    if n == 0:
+                        out.write(_row({c: c for c, _ in _COLUMNS}))
+                    out.write(_row(record))
+                n += 1
+        if not as_json:
+            out.write(f"{n} dead letters\n" if n else "no dead letters\n")
+        out.flush()
+    except BrokenPipeError:
+        # The reader went away (`dispatcher dlq list | head`): the rest is handed back; say
+        # nothing more on a closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _row(record: dict[str, Any]) -> str:
+    cells = []
+    for name, width in _COLUMNS:
+        value = record.get(name)
+        text = "-" if value is None else str(value)
+        cells.append(text.ljust(width) if name == "id" else text[:width].ljust(width))
+    return "  ".join(cells).rstrip() + "\n"
+
+
+def _cmd_migrate_queues(args: argparse.Namespace, config: Config) -> int:
+    import shlex
+    import subprocess
+    from urllib.parse import unquote, urlsplit
+
+    from dispatcher.topology import migration_policies
+
+    vhost = unquote(urlsplit(config.broker.url).path[1:]) or "/"
+    policies = migration_policies(config.broker)
+    if args.json:
+        doc = [
+            {
+                "vhost": vhost,
+                "name": p.name,
+                "pattern": p.pattern,
+                "apply-to": p.apply_to,
+                "priority": p.priority,
+                "definition": p.definition,
+            }
+            for p in policies
+        ]
+        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return EXIT_OK
+    if not args.apply:
+        for p in policies:
+            print(shlex.join(["rabbitmqctl", *p.rabbitmqctl(vhost)]))
+        return EXIT_OK
+    ctl = shlex.split(args.rabbitmqctl)
+    if not ctl:
+        return _fail("migrate-queues: --rabbitmqctl is empty", EXIT_USAGE)
+    for p in policies:
+        try:
+            done = subprocess.run(
+                [*ctl, *p.rabbitmqctl(vhost)],
+                capture_output=True,
+                timeout=120,
+                stdin=subprocess.DEVNULL,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return _fail(f"migrate-queues: cannot run {ctl[0]}: {exc}", EXIT_RUNTIME)
+        if done.returncode != 0:
+            why = " ".join((done.stderr or done.stdout).decode(errors="replace").split())
+            return _fail(f"migrate-queues: policy {p.name}: {why[:300]}", EXIT_RUNTIME)
+        print(f"policy {p.name} set on {p.pattern} (vhost {vhost})")
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

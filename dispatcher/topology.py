@@ -69,6 +69,7 @@ __all__ = [
     "delete",
     "member_queue",
     "migration_policies",
+    "parking_arguments",
     "parking_exchange",
     "parking_index",
     "parking_queue",

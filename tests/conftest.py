@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 from harness import (
+    BROKER_HOST,
+    BROKER_PORT,
     Names,
     ReceiverServer,
     cleanup_topology,
@@ -21,7 +23,7 @@ from dispatcher.config import Config
 
 def _broker_up() -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
+        with socket.create_connection((BROKER_HOST, BROKER_PORT), timeout=2):
             return True
     except OSError:
         return False
@@ -31,7 +33,8 @@ def _broker_up() -> bool:
 def _require_broker() -> None:
     if not _broker_up():
         pytest.fail(
-            "RabbitMQ is not answering on 127.0.0.1:5672 (start it: rabbitmq-server -detached)"
+            f"RabbitMQ is not answering on {BROKER_HOST}:{BROKER_PORT} (DISPATCHER_TEST_BROKER_URL;"
+            " start it: scripts/ensure-broker, or scripts/ensure-rabbitmq4 for 5673)"
         )
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import orjson
-from harness import ReceiverServer, event_body, running, wait_until
+from harness import BROKER_URL, ReceiverServer, broker_url, event_body, running, wait_until
 
 SECRET = "whsec_" + "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
 
@@ -30,12 +30,12 @@ def test_check_config_masks_secrets(make, tmp_path: Path) -> None:
     toml = tmp_path / "c.toml"
     make([{"id": "h", "url": "https://hooks.example.com/x", "auth": "hmac",
            "hmac_secret_env": "H_SECRET"}], toml=toml, env={"H_SECRET": SECRET})
+    url = broker_url(password="topsecret").replace("guest:", "u:", 1)
     result = dispatcher("--config", str(toml), "check-config",
-                        env={"H_SECRET": SECRET,
-                             "DISPATCHER_BROKER_URL": "amqp://u:topsecret@127.0.0.1:5672/"})
+                        env={"H_SECRET": SECRET, "DISPATCHER_BROKER_URL": url})
     assert result.returncode == 0, result.stderr
     shown = orjson.loads(result.stdout)
-    assert shown["broker"]["url"] == "amqp://u:***@127.0.0.1:5672/"
+    assert shown["broker"]["url"] == url.replace("topsecret", "***")
     assert shown["subscribers"][0]["hmac_secrets"] == ["***"]
     assert b"topsecret" not in result.stdout and SECRET.encode() not in result.stdout
 
@@ -107,7 +107,9 @@ def test_keys_generate_rotate_jwks_prune(make, tmp_path: Path) -> None:
 
 def test_demo_runs_the_whole_loop(tmp_path: Path) -> None:
     config = Path(__file__).resolve().parent.parent / "config" / "dispatcher.toml"
-    result = dispatcher("--config", str(config), "demo", cwd=str(tmp_path))
+    # The demo's own config, on the broker the tests use (the daemon honours the env override).
+    result = dispatcher("--config", str(config), "demo", cwd=str(tmp_path),
+                        env={"DISPATCHER_BROKER_URL": BROKER_URL})
     out = result.stdout.decode()
     assert result.returncode == 0, out + result.stderr.decode()
     assert "demo OK" in out and "forged webhook              401 refused" in out

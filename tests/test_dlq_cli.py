@@ -61,6 +61,7 @@ async def test_list_show_export_replay_purge(make, receivers: ReceiverServer, tm
             "event_id",
             "event",
             "subscriber",
+            "account",
             "attempts",
             "reason",
             "last_status",

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 from typing import Any
 
+from harness import BROKER_HOST, BROKER_PORT
 from pamqp import body as amqp_body
 from pamqp import commands, frame, header
 from pamqp.exceptions import UnmarshalingException
@@ -24,8 +25,8 @@ __all__ = ["RawPublisher"]
 
 
 class RawPublisher:
-    def __init__(self, host: str = "127.0.0.1", port: int = 5672, *, user: str = "guest",
-                 password: str = "guest", vhost: str = "/") -> None:
+    def __init__(self, host: str = BROKER_HOST, port: int = BROKER_PORT, *,
+                 user: str = "guest", password: str = "guest", vhost: str = "/") -> None:
         self._addr = (host, port)
         self._auth = f"\0{user}\0{password}"
         self._vhost = vhost

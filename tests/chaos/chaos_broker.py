@@ -4,6 +4,9 @@ back the way it was.
     reason = await broker_not_ours()     # None when every AMQP connection is this test's
     async with broker_stopped():         # rabbitmqctl stop_app ... start_app + await_startup
         ...
+
+rabbitmqctl is the test broker's: ``DISPATCHER_TEST_RABBITMQCTL`` (``make test-rabbitmq4`` sets
+it to the RabbitMQ 4 node's, run inside its chroot), else the one on PATH.
 """
 
 from __future__ import annotations
@@ -12,23 +15,24 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import AsyncIterator
 
 import psutil
+from harness import RABBITMQCTL as CTL_COMMAND
+from harness import RABBITMQCTL_FROM_ENV
 
 __all__ = ["broker_not_ours", "broker_stopped", "rabbitmqctl", "restart_allowed",
            "restore_if_stopped"]
 
-RABBITMQCTL = shutil.which("rabbitmqctl")
+RABBITMQCTL = CTL_COMMAND[0] if CTL_COMMAND else None
 _stopped = False  # set while this process has the broker's app stopped
 
 
 async def rabbitmqctl(*args: str, timeout: float = 60.0) -> str:
-    assert RABBITMQCTL is not None
+    assert CTL_COMMAND is not None
     proc = await asyncio.create_subprocess_exec(
-        RABBITMQCTL, *args, stdin=asyncio.subprocess.DEVNULL,
+        *CTL_COMMAND, *args, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -47,7 +51,9 @@ def restart_allowed() -> str | None:
 
     if RABBITMQCTL is None:
         return "rabbitmqctl is not installed here (the broker is not ours to restart)"
-    if os.geteuid() != 0 and not os.access(os.path.expanduser("~/.erlang.cookie"), os.R_OK):
+    # A command of its own (DISPATCHER_TEST_RABBITMQCTL) is trusted to reach its node.
+    if not RABBITMQCTL_FROM_ENV and os.geteuid() != 0 and not os.access(
+            os.path.expanduser("~/.erlang.cookie"), os.R_OK):
         return "no permission to run rabbitmqctl"
     wanted = os.environ.get("CHAOS_BROKER_RESTART", "")
     if wanted == "0":
@@ -107,8 +113,8 @@ def restore_if_stopped() -> None:
     """The last resort (session end, interpreter exit): start the app if a test stopped it
     and could not start it again (a timeout killed the test mid-restart)."""
     global _stopped
-    if _stopped and RABBITMQCTL is not None:
+    if _stopped and CTL_COMMAND is not None:
         for args in (["start_app"], ["await_startup"]):
-            subprocess.run([RABBITMQCTL, *args], check=False, timeout=120,
+            subprocess.run([*CTL_COMMAND, *args], check=False, timeout=120,
                            stdin=subprocess.DEVNULL, capture_output=True)
         _stopped = False

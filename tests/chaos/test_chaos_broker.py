@@ -21,7 +21,7 @@ from chaos_events import make_events, owed_to
 from chaos_ledger import Ledger, record
 from chaos_process import DispatcherProcess, await_settled, background, depths
 from chaos_scale import pick, rng
-from harness import Publisher, wait_until
+from harness import BROKER_HOST, BROKER_PORT, Publisher, broker_url, wait_until
 from tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.chaos
@@ -97,12 +97,12 @@ async def test_broker_link_cut_and_stalled_repeatedly(chaos_config, tmp_path: Pa
     random = rng("link")
     rate = pick(300.0, 400.0)
     readiness: list[str] = []
-    async with EndpointServer() as server, TcpProxy("127.0.0.1", 5672) as proxy:
+    async with EndpointServer() as server, TcpProxy(BROKER_HOST, BROKER_PORT) as proxy:
         server.add("everything", latency(0.0, 0.01, random))
         server.add("bounces")
         subs = _subscribers(server)
         doc, cfg = chaos_config(
-            subs, broker_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{LINK_OPTIONS}",
+            subs, broker_url=broker_url(port=proxy.port, query=LINK_OPTIONS),
             broker={"prefetch": PREFETCH}, dispatcher={"log_level": "info"})
         events = make_events(n_events, "link", random)
         ledger = Ledger(f"broker link cut/stalled, {n_events} events")
@@ -147,7 +147,7 @@ async def test_broker_restart_loses_nothing(chaos_config, tmp_path: Path) -> Non
         server.add("bounces")
         subs = _subscribers(server)
         doc, cfg = chaos_config(
-            subs, broker_url=f"amqp://guest:guest@127.0.0.1:5672/{LINK_OPTIONS}",
+            subs, broker_url=broker_url(query=LINK_OPTIONS),
             broker={"prefetch": PREFETCH})
         events = make_events(n_events, "restart", random)
         ledger = Ledger(f"broker restart (stop_app/start_app), {n_events} events")

@@ -31,7 +31,7 @@ from chaos_ledger import Ledger, record
 from chaos_process import PROJECT_ROOT, DispatcherProcess, await_settled, to_toml
 from chaos_scale import pick
 from cryptography.hazmat.primitives import serialization
-from harness import Publisher, dead_letters, event_body, running, wait_until
+from harness import Publisher, broker_url, dead_letters, event_body, running, wait_until
 from receiver_helpers import ISSUER, bound_socket, serve, sqlite_snapshot
 
 from example_receiver import ReceiverSettings, create_app
@@ -314,7 +314,7 @@ async def test_secrets_stay_out_of_error_messages(names, keys_dir: str, tmp_path
          {"CHAOS_BAD_SECRET": "whsec_" + base64.b64encode(secret[:8]).decode()},
          ["run", "--workers", "1"], 2),
         ("broker refuses the password", {"broker": {
-            "url": f"amqp://guest:{password}@127.0.0.1:5672/"}}, {}, ["dlq", "list"], 1),
+            "url": broker_url(password=password)}}, {}, ["dlq", "list"], 1),
         ("broker unreachable", {"broker": {"url": f"amqp://guest:{password}@127.0.0.1:9/"}},
          {}, ["run", "--workers", "1"], 1),
     ]
