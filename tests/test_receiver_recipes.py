@@ -277,6 +277,22 @@ def test_signing_alone_installs_none_of_the_daemon(signing_only_venv: Path) -> N
     assert "site-packages" in where and loaded == "[]"
     typed = Path(where).parent / "py.typed"
     assert typed.exists()
+    # The async path says what to install instead of failing obscurely.
+    async_probe = subprocess.run(
+        [
+            str(signing_only_venv),
+            "-c",
+            "import asyncio; from signing import WebhookVerifier; "
+            "v = WebhookVerifier(jwks_url='http://127.0.0.1:9/j', audience='https://a.example/'); "
+            "asyncio.run(v.verify({}, b''))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    assert async_probe.returncode == 1
+    assert "pip install 'bounce-signing[aiohttp]'" in async_probe.stderr
 
 
 async def test_signing_alone_verifies_real_deliveries(
