@@ -111,8 +111,8 @@ async def _passive(broker_url: str, names: Sequence[str]) -> dict[str, tuple[int
 async def delete_prefixed(prefix: str, broker_url: str) -> bool:
     """Delete every queue and exchange whose name starts with ``prefix``; False if they could
     not be listed (the caller then deletes the names it knows)."""
-    queues = await rabbitmqctl("list_queues", "name")
-    exchanges = await rabbitmqctl("list_exchanges", "name")
+    queues, exchanges = await asyncio.gather(rabbitmqctl("list_queues", "name"),
+                                             rabbitmqctl("list_exchanges", "name"))
     if queues is None or exchanges is None:
         return False
     connection = await aio_pika.connect(broker_url)

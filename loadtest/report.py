@@ -127,7 +127,8 @@ def table(doc: dict[str, Any]) -> str:
             _fmt(proc["cpu_percent"], 0), _fmt(proc["cpu_ms_per_1k_deliveries"], 0),
             _fmt(proc["peak_rss_mib"]),
         ])
-    where = doc["checkout"].get("path") or doc["checkout"].get("commit")
+    where = (doc["checkout"].get("path") or doc["checkout"].get("commit")
+             or "a copy that is not a git checkout (commit unknown)")
     dirty = " (with uncommitted changes)" if doc["checkout"].get("uncommitted_changes") else ""
     parts = [f"scenario {doc['scenario']}: {doc['command']}",
              f"machine: {doc['machine'].get('cpus')} CPUs, {doc['machine'].get('cpu_model', '?')}; "

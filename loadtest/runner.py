@@ -267,6 +267,7 @@ class _PhaseRun:
         self.gc_dir: Path | None = None
         self.config_dir = run.tmp / spec.name
         self.census: list[dict[str, Any]] = []
+        self.census_tasks: list[asyncio.Task[None]] = []
         self.metrics_bytes: dict[str, int | None] = {}
         self.reload_task: asyncio.Task[dict[str, Any]] | None = None
 
@@ -340,6 +341,12 @@ class _PhaseRun:
     async def _census(self, when: str) -> None:
         c = await census(f"{self.prefix}.", self.broker.url, self._known_queues())
         self.census.append({"when": when, **c.as_dict()})
+        self.census.sort(key=lambda row: row["at"])
+
+    def _census_soon(self, when: str) -> None:
+        """Read the broker in the background (rabbitmqctl takes most of a second)."""
+        task = asyncio.create_task(self._census(when))
+        self.census_tasks.append(task)
 
     def _known_queues(self) -> list[str]:
         """Where the dispatcher keeps deliveries that wait: retry tiers and parking queues."""
@@ -385,7 +392,7 @@ class _PhaseRun:
                 if spec.census and isinstance(self.consumer, DispatcherProcess):
                     await self.consumer.metrics()
                     self.metrics_bytes["ready"] = self.consumer.metrics_bytes
-                    await self._census("ready")
+                    self._census_soon("ready")
                 if not spec.preload:
                     t0 = time.time()
                 if spec.profile:
@@ -400,8 +407,11 @@ class _PhaseRun:
                 if self.reload_task is not None:
                     reload = await self.reload_task
                 if spec.census:
-                    await self._census("end")
+                    self._census_soon("end")
+                await asyncio.gather(*self.census_tasks)
             finally:
+                for task in self.census_tasks:
+                    task.cancel()
                 if self.reload_task is not None and not self.reload_task.done():
                     self.reload_task.cancel()
                 if profiler is not None:
@@ -476,7 +486,7 @@ class _PhaseRun:
             dispatcher=self.consumer, generator=gen, receivers=self.receivers,
             id_prefix=self.broker.queue)
         if spec.census:
-            await self._census("after reload")
+            self._census_soon("after reload")
         return effect
 
     # --- settling ------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ letters (410s and invalid events) and token verification. Timings are reported, 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,14 +23,31 @@ from loadtest.generator import Published
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _loadtest(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m loadtest <args>`` in its own process group, so that a run that overstays
+    its timeout is stopped together with the dispatcher and receivers it started."""
+    proc = subprocess.Popen([sys.executable, "-m", "loadtest", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        raise AssertionError(
+            f"loadtest overstayed {timeout:g}s: {out[-2000:]}{err[-2000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 @pytest.mark.timeout(90)
 def test_smoke_scenario_accounts_for_every_event(tmp_path: Path) -> None:
     report, png = tmp_path / "smoke.json", tmp_path / "smoke.png"
-    proc = subprocess.run(
-        [sys.executable, "-m", "loadtest", "run", "--scenario", "smoke", "--quiet",
-         "--json", str(report), "--plot", str(png), "--out", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
-    )
+    proc = _loadtest(["run", "--scenario", "smoke", "--quiet", "--json", str(report),
+                      "--plot", str(png), "--out", str(tmp_path)], timeout=60)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(report.read_text())
     assert png.stat().st_size > 10_000
@@ -60,6 +79,43 @@ def test_smoke_scenario_accounts_for_every_event(tmp_path: Path) -> None:
     assert {"invalid_event", "endpoint_gone"} <= reasons
     assert sum(s["verify_failures"] for s in dispatcher["per_subscriber"].values()) == 0
     assert all(c["ok"] is not False for c in doc["checks"]), doc["checks"]
+
+
+@pytest.mark.timeout(120)
+def test_accounts_scenario_small(tmp_path: Path) -> None:
+    """The accounts scenario at 200 subscribers: included files, account routing, the broker
+    census, /metrics sizes and a reload while traffic flows. Timings are reported, not
+    asserted; isolation and accounting are."""
+    report = tmp_path / "accounts.json"
+    proc = _loadtest(["run", "--scenario", "accounts", "--quiet", "--subscribers", "200",
+                      "--active-accounts", "20", "--events", "600", "--rounds", "1",
+                      "--duration", "4", "--json", str(report), "--plot",
+                      str(tmp_path / "a.png"), "--out", str(tmp_path)], timeout=90)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(report.read_text())
+    assert doc["ok"] is True and doc["lost"] == 0
+    assert [p["name"] for p in doc["phases"]] == [
+        "2-subscribers-1", "200-subscribers-1", "200-subscribers-reload"]
+    checks = {c["name"].split(" (")[0]: c for c in doc["checks"]}
+    assert checks["cross-account deliveries"]["ok"] is True
+    assert checks["events that missed one of their account's two endpoints"]["ok"] is True
+    assert checks["dispatcher ran with --workers 1"]["ok"] is True
+    for phase in doc["phases"]:
+        assert phase["settled"] is True
+        assert phase["accounting"]["lost"] == 0
+        assert phase["accounting"]["cross_account"] == 0
+        assert phase["account_endpoints"]["cross_account"] == 0
+        assert phase["startup_s"] > 0
+        assert phase["metrics_bytes"]["end"] > 0
+        assert phase["broker"] and all(c["consumers"] >= 1 for c in phase["broker"])
+        assert sum(s["verify_failures"] for s in phase["per_subscriber"].values()) == 0
+    many = doc["phases"][1]
+    assert set(many["per_subscriber"]) == {"*.0", "*.1"}
+    assert many["per_subscriber"]["*.0"]["subscribers_reached"] == 20
+    reload = doc["phases"][2]["reload"]
+    assert reload["subscribers_added"] == 4 and reload["file"] == "part-51.toml"
+    assert reload["effective_s"] is not None  # the new subscribers got their events
+    assert reload["undelivered_after_first"] == 0  # once it took effect, it stayed
 
 
 def _pub(event_id: str, event_type: str = "Message.Bounced", valid: bool = True,
