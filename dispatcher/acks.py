@@ -7,8 +7,9 @@ its own. So once per event-loop pass, for each channel:
 
     1. hand-backs go out first, one ``basic.nack(requeue=True)`` each (a multiple ack sent
        after them can no longer cover them);
-    2. the longest run of settled tags from the oldest outstanding one goes out as a single
-       ``basic.ack(multiple=True)`` of its highest acked tag;
+    2. the longest run of consecutive settled tags from the oldest outstanding one goes out as
+       a single ``basic.ack(multiple=True)`` of its highest acked tag (consecutive: a gap is a
+       delivery this window never saw, which a multiple ack would settle unseen);
     3. acked tags behind a delivery still in flight wait at most ``max_delay`` (a slow
        delivery must not hold the others' acks, and with them the prefetch window), then go
        out one by one.
@@ -64,6 +65,9 @@ class AckWindow:
         self._state: dict[int, int] = {}
         self._settled_at: dict[int, float] = {}  # acked tags behind one still in flight
         self.frames = 0  # frames sent (metrics and tests)
+        self._next = 1  # the tag a run must start at: a channel's tags count from 1
+        self.single = False  # a gap was found: no multiple acks on this channel any more
+        self._gap_since: float | None = None
 
     def received(self, tag: int) -> None:
         if tag in self._state:
@@ -108,14 +112,36 @@ class AckWindow:
             if state == _NACK:
                 frames.append(("nack", tag, False))
                 self._state[tag] = _SENT
+        # The run must be of consecutive tags from the channel's first: a gap is a delivery
+        # this window never saw (aiormq drops deliveries that arrive for a cancelled
+        # consumer), and a multiple ack would settle it unseen. A gap that outlasts max_delay
+        # is for good: from then on this channel's acks go one by one.
         highest = 0
-        while self._order and self._state.get(self._order[0], _SENT) != _IN_FLIGHT:
-            tag = self._order.popleft()
-            if self._state.pop(tag, _SENT) == _ACK:
-                highest = tag
+        while self._order and (self._order[0] == self._next or self.single):
+            tag = self._order[0]
+            state = self._state.get(tag, _SENT)
+            if state == _IN_FLIGHT:
+                break
+            self._order.popleft()
+            self._state.pop(tag, None)
             self._settled_at.pop(tag, None)
+            if state == _ACK:
+                if self.single:
+                    frames.append(("ack", tag, False))
+                else:
+                    highest = tag
+            self._next = tag + 1
         if highest:
             frames.append(("ack", highest, True))
+        if self._order and self._order[0] != self._next and not self.single:
+            head = self._order[0]
+            since = self._gap_since = self._gap_since if self._gap_since is not None else now
+            if self._state.get(head) != _IN_FLIGHT and now - since >= self.max_delay:
+                self.single = True
+                log.warning("ack_gap", missing_from=self._next, next_seen=head)
+                return frames + self.plan(now)
+        else:
+            self._gap_since = None
         for tag, at in list(self._settled_at.items()):
             if now - at >= self.max_delay and self._state.get(tag) == _ACK:
                 frames.append(("ack", tag, False))
