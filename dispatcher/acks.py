@@ -67,6 +67,8 @@ class AckWindow:
         self.frames = 0  # frames sent (metrics and tests)
         self._next = 1  # the tag a run must start at: a channel's tags count from 1
         self.single = False  # a gap was found: no multiple acks on this channel any more
+        self.outbox: collections.deque[tuple[str, int, bool]] = collections.deque()
+        self.sender: asyncio.Task[None] | None = None
         self._gap_since: float | None = None
 
     def received(self, tag: int) -> None:
@@ -194,9 +196,13 @@ class Acks:
         for key, window in list(self._windows.items()):
             frames = window.plan(now)
             if frames:
-                task = asyncio.ensure_future(self._send(window.channel, frames))
-                self._sending.add(task)
-                task.add_done_callback(self._sending.discard)
+                # One sender per channel, in order: a multiple ack overtaken by a later one
+                # would name a tag the broker no longer knows (and it closes the channel).
+                window.outbox.extend(frames)
+                if window.sender is None or window.sender.done():
+                    window.sender = asyncio.ensure_future(self._send(window))
+                    self._sending.add(window.sender)
+                    window.sender.add_done_callback(self._sending.discard)
             nxt = window.next_deadline()
             if nxt is not None:
                 deadline = nxt if deadline is None else min(deadline, nxt)
@@ -211,14 +217,17 @@ class Acks:
         self._timer = None
         self._flush()
 
-    async def _send(self, channel: AckChannel, frames: list[tuple[str, int, bool]]) -> None:
+    async def _send(self, window: AckWindow) -> None:
+        channel, outbox = window.channel, window.outbox
         try:
-            for kind, tag, multiple in frames:
+            while outbox:
+                kind, tag, multiple = outbox.popleft()
                 if kind == "ack":
                     await channel.basic_ack(tag, multiple=multiple, wait=False)
                 else:
                     await channel.basic_nack(tag, multiple=False, requeue=True, wait=False)
         except Exception as exc:  # the channel went away: the broker redelivers
+            outbox.clear()
             log.warning("settle_failed", error=str(exc) or type(exc).__name__)
 
     async def close(self) -> None:

@@ -10,6 +10,7 @@ a cancellation during shutdown, a bug) requeues the message: at-least-once, neve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import random
 import time
@@ -156,7 +157,8 @@ class Pipeline:
         assert task is not None
         self._tasks.add(task)
         self._metrics.prefetch_used.inc()
-        self.acks.received(message.channel, message.delivery_tag)
+        with contextlib.suppress(ChannelInvalidStateError):
+            self.acks.received(message.channel, message.delivery_tag)
         verdict = _Verdict.REQUEUE
         try:
             verdict = await self._process(message)
@@ -201,7 +203,11 @@ class Pipeline:
     def _finish(self, message: AbstractIncomingMessage, verdict: _Verdict) -> None:
         # Frames go out in groups once per loop pass (dispatcher/acks.py); a channel that went
         # away meanwhile (a reconnect) means the broker redelivers the message.
-        self.acks.settle(message.channel, message.delivery_tag, verdict is _Verdict.ACK)
+        try:
+            channel = message.channel
+        except ChannelInvalidStateError:
+            return  # closed already: the broker hands the message to a consumer again
+        self.acks.settle(channel, message.delivery_tag, verdict is _Verdict.ACK)
 
     async def _process(self, message: AbstractIncomingMessage) -> _Verdict:
         now = self._clock()

@@ -138,3 +138,23 @@ async def test_one_loop_pass_sends_one_frame_for_many_settlements() -> None:
     acks.settle(channel, 101, False)
     await acks.close()
     assert channel.sent[-1] == ("nack", 101, False)
+
+
+class SlowChannel(FakeChannel):
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False, wait: bool = True) -> None:
+        await asyncio.sleep(0.001)  # a write that yields: later flushes must not overtake it
+        self.sent.append(("ack", delivery_tag, multiple))
+
+
+async def test_frames_of_successive_passes_go_out_in_order() -> None:
+    acks = Acks()
+    channel = SlowChannel()
+    for tag in range(1, 7):
+        acks.received(channel, tag)
+    for tag in (1, 2, 3):
+        acks.settle(channel, tag, True)
+    await asyncio.sleep(0)  # the first pass plans ack(3, multiple)
+    for tag in (4, 5, 6):
+        acks.settle(channel, tag, True)
+    await asyncio.sleep(0.02)
+    assert channel.sent == [("ack", 3, True), ("ack", 6, True)]
