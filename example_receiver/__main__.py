@@ -20,7 +20,13 @@ from aiohttp import web
 from signing import parse_secrets
 
 from .app import create_app
-from .settings import ReceiverSettings, SettingsError, parse_duration, parse_listen
+from .settings import (
+    ReceiverSettings,
+    SettingsError,
+    parse_duration,
+    parse_listen,
+    parse_size,
+)
 from .store import StoreUnavailable
 
 PROG = "example_receiver"
@@ -51,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--soft-bounce-limit", type=int, default=3)
     p.add_argument("--soft-bounce-window", default="7d", help="e.g. 7d, 12h (default 7d)")
     p.add_argument("--leeway", default="30s", help="clock skew allowed on tokens")
+    p.add_argument(
+        "--max-body",
+        default="1MiB",
+        help="largest request body; at least the subscriber's batch max_bytes (default 1MiB)",
+    )
     return p
 
 
@@ -86,6 +97,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> ReceiverSettings:
             soft_bounce_limit=args.soft_bounce_limit,
             soft_bounce_window=parse_duration(args.soft_bounce_window),
             db_schema=args.db_schema,
+            max_body=parse_size(args.max_body),
         )
     except SettingsError as exc:
         _fail(str(exc))

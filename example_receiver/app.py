@@ -4,6 +4,15 @@ POST <path>   401 {"error": reason} when verification fails (nothing is written)
               400 {"error": "invalid_event"} when a verified body is not a usable event
               503 {"error": "storage_unavailable"} when the write did not commit (sender retries)
               200 {"status": "processed" | "duplicate", ...} / 204 for event types not handled
+POST <path> with `webhook-batch-size` (a batch: a JSON array of that many events)
+              401 as above: the token and the HMAC cover the whole array
+              400 {"error": "invalid_batch", "detail": ...} when the array is not exactly that
+                  many usable events (nothing of it is written)
+              403 {"error": "account_mismatch", "detail": ...} when a member event belongs to
+                  another account than the verified one (nothing of it is written)
+              503 as above: nothing of the batch was written
+              200 {"status": "processed" | "duplicate", "batch_id", "events", "applied",
+                  "duplicates", "actions"} once every member is applied in one transaction
 GET /healthz  200
 GET /stats    counters since start, plus invalid addresses in the database
 """
@@ -21,7 +30,7 @@ from aiohttp import web
 
 from signing import MemoryReplayCache, VerificationError, WebhookVerifier
 
-from .events import EventError, parse_event
+from .events import BatchError, BatchMember, EventError, parse_batch, parse_event
 from .settings import ReceiverSettings
 from .store import Applied, Store, StoreUnavailable, open_store
 
@@ -39,6 +48,7 @@ class ReceiverStats:
     duplicates: int = 0
     invalidated: int = 0
     storage_errors: int = 0
+    batches: int = 0  # batches applied (their events count in duplicates and actions)
     actions: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
@@ -50,6 +60,7 @@ class ReceiverStats:
             "duplicates": self.duplicates,
             "invalidated": self.invalidated,
             "storage_errors": self.storage_errors,
+            "batches": self.batches,
             "actions": dict(self.actions),
         }
 
@@ -68,7 +79,7 @@ _RESOURCES = web.AppKey("resources", _Resources)
 
 
 def create_app(settings: ReceiverSettings) -> web.Application:
-    app = web.Application()
+    app = web.Application(client_max_size=settings.max_body)
     app[SETTINGS] = settings
     app[STATS] = ReceiverStats()
     app[_RESOURCES] = _Resources()
@@ -140,6 +151,9 @@ async def receive_webhook(request: web.Request) -> web.StreamResponse:
         log.warning("webhook rejected", reason="missing_claim", detail="no webhook_id")
         return web.json_response({"error": "missing_claim"}, status=401)
     counters.verified += 1
+    batch_size = request.headers.get("webhook-batch-size")
+    if batch_size is not None:
+        return await _receive_batch(request, store, webhook_id, verified, batch_size, body)
     try:
         event = parse_event(body)
     except EventError as exc:
@@ -155,6 +169,84 @@ async def receive_webhook(request: web.Request) -> web.StreamResponse:
         )
         return web.json_response({"error": "storage_unavailable"}, status=503)
     return _answer(counters, applied, event.event, event.recipient)
+
+
+def _expected_account(settings: ReceiverSettings, verified: object) -> str | None:
+    """Whose events a batch may hold: --account, else the verified token's account claim."""
+    if settings.account is not None:
+        return settings.account
+    if isinstance(verified, Mapping):
+        claim = verified.get("account")
+        return claim if isinstance(claim, str) and claim else None
+    return None
+
+
+def _foreign_member(members: list[BatchMember], account: str) -> str | None:
+    for index, member in enumerate(members):
+        if member.account != account:
+            found = "no account" if member.account is None else f"account {member.account!r}"
+            return f"element {index} ({member.event_id}) has {found}, not {account!r}"
+    return None
+
+
+async def _receive_batch(
+    request: web.Request,
+    store: Store,
+    batch_id: str,
+    verified: object,
+    batch_size: str,
+    body: bytes,
+) -> web.Response:
+    """A verified batch: check all of it, apply all of it in one transaction, then answer."""
+    counters = request.app[STATS]
+    try:
+        members = parse_batch(body, batch_size)
+    except BatchError as exc:
+        counters.malformed += 1
+        log.warning("batch malformed", batch_id=batch_id, detail=str(exc))
+        return web.json_response({"error": "invalid_batch", "detail": str(exc)}, status=400)
+    account = _expected_account(request.app[SETTINGS], verified)
+    foreign = None if account is None else _foreign_member(members, account)
+    if foreign is not None:
+        counters.rejected["account_mismatch"] += 1
+        log.warning("batch refused", batch_id=batch_id, reason="account_mismatch", detail=foreign)
+        return web.json_response({"error": "account_mismatch", "detail": foreign}, status=403)
+    try:
+        results = await store.apply_batch(members, datetime.now(UTC))
+    except StoreUnavailable as exc:
+        counters.storage_errors += 1
+        log.error("batch not applied", batch_id=batch_id, events=len(members), error=str(exc))
+        return web.json_response({"error": "storage_unavailable"}, status=503)
+    counters.batches += 1
+    actions: Counter[str] = Counter()
+    for member, applied in zip(members, results, strict=True):
+        decided = applied.plan
+        log.info(
+            "webhook",
+            webhook_id=applied.webhook_id,
+            batch_id=batch_id,
+            event_type=member.event.event,
+            recipient=member.event.recipient,
+            action="duplicate" if decided is None else decided.action,
+            reason=None if decided is None else decided.reason,
+        )
+        if decided is None:
+            counters.duplicates += 1
+            continue
+        actions[decided.action] += 1
+        counters.actions[decided.action] += 1
+        counters.invalidated += decided.invalidates
+    applied_count = sum(actions.values())
+    return web.json_response(
+        {
+            "status": "processed" if applied_count else "duplicate",
+            "batch_id": batch_id,
+            "events": len(members),
+            "applied": applied_count,
+            "duplicates": len(members) - applied_count,
+            "actions": dict(actions),
+        }
+    )
 
 
 def _answer(

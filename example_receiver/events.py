@@ -1,13 +1,16 @@
 """What a delivery event means for the subscriber's database, decided without I/O.
 
-`parse_event` turns the verified body into a `DeliveryEvent`; `RULES` says which effect each
-event type has; `plan` combines the effect with the recipient's current row into the `Plan`
-that a store writes. Stores only read state and write plans, so every rule lives here.
+`parse_event` turns the verified body into a `DeliveryEvent` (`parse_batch` a batch into its
+members); `RULES` says which effect each event type has; `plan` combines the effect with the
+recipient's current row into the `Plan` that a store writes. Stores only read state and write
+plans, so every rule lives here.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -16,6 +19,8 @@ import orjson
 
 __all__ = [
     "RULES",
+    "BatchError",
+    "BatchMember",
     "BouncePolicy",
     "DeliveryEvent",
     "Effect",
@@ -23,11 +28,14 @@ __all__ = [
     "Plan",
     "Rule",
     "UserState",
+    "derived_event_id",
     "event_time",
+    "parse_batch",
     "parse_event",
     "plan",
     "rule_for",
     "soft_bounce_limit_reached",
+    "split_array",
 ]
 
 
@@ -82,6 +90,10 @@ def parse_event(body: bytes) -> DeliveryEvent:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise EventError(f"body is not JSON: {exc}") from None
+    return _event_from(doc)
+
+
+def _event_from(doc: object) -> DeliveryEvent:
     if not isinstance(doc, dict):
         raise EventError("body is not a JSON object")
     event = doc.get("event")
@@ -103,6 +115,100 @@ def parse_event(body: bytes) -> DeliveryEvent:
         bounce_type=bounce_type if event == "Message.Bounced" else None,
         occurred_at=_parse_timestamp(doc.get("timestamp")),
     )
+
+
+# --- batches -------------------------------------------------------------------------------
+
+
+class BatchError(EventError):
+    """A verified batch that cannot be applied as a whole (answered with 400, nothing written)."""
+
+
+@dataclass(frozen=True)
+class BatchMember:
+    event_id: str  # the element's "id", or the id derived from its exact bytes
+    event: DeliveryEvent
+    account: str | None  # the element's top-level "account"
+
+
+_MAX_BATCH = 10_000  # the dispatcher's largest max_events
+_MAX_EVENT_ID = 128
+# A JSON string (escapes included) or one structural character: enough to find the elements of
+# an array that is already known to be valid JSON, without decoding it.
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]', re.DOTALL)
+
+
+def derived_event_id(event_bytes: bytes) -> str:
+    """The id an event whose body has no "id" is delivered under: the hash of its exact bytes
+    that the dispatcher's publisher stamps as the message_id (dispatcher.events.derive_event_id,
+    not imported: this package needs nothing of the dispatcher)."""
+    return "evt_" + hashlib.blake2b(event_bytes, digest_size=16).hexdigest()
+
+
+def split_array(body: bytes) -> list[bytes]:
+    """The exact bytes of each element of `body`, a valid JSON array (whitespace included)."""
+    elements: list[bytes] = []
+    depth, start = 0, 0
+    for token in _JSON_TOKEN.finditer(body):
+        char = token.group()
+        if char in (b"[", b"{"):
+            depth += 1
+            if depth == 1:
+                start = token.end()
+        elif char in (b"]", b"}"):
+            depth -= 1
+            if depth == 0:
+                last = body[start : token.start()]
+                if elements or last.strip():
+                    elements.append(last)
+                break
+        elif char == b"," and depth == 1:
+            elements.append(body[start : token.start()])
+            start = token.end()
+    return elements
+
+
+def parse_batch(body: bytes, size_header: str) -> list[BatchMember]:
+    """Parse a verified batch: a JSON array of exactly `webhook-batch-size` event objects.
+
+    Every element must be a usable event (the rules of `parse_event`); one that is not refuses
+    the whole batch with a `BatchError` naming it. Each member's id is its top-level "id", or
+    for an element without one the id the dispatcher derives from the element's exact bytes.
+    """
+    size_text = size_header.strip()
+    if not size_text.isdigit() or not 1 <= int(size_text) <= _MAX_BATCH:
+        raise BatchError(f"webhook-batch-size must be 1 to {_MAX_BATCH}, got {size_header!r}")
+    size = int(size_text)
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BatchError(f"body is not JSON: {exc}") from None
+    if not isinstance(doc, list):
+        raise BatchError("a batch body must be a JSON array")
+    if len(doc) != size:
+        raise BatchError(f"webhook-batch-size is {size} but the array holds {len(doc)} elements")
+    raw: list[bytes] | None = None
+    members = []
+    for index, element in enumerate(doc):
+        try:
+            event = _event_from(element)
+        except EventError as exc:
+            raise BatchError(f"element {index}: {exc}") from None
+        assert isinstance(element, dict)  # _event_from refuses anything else
+        event_id = element.get("id")
+        if "id" not in element:
+            if raw is None:
+                raw = split_array(body)
+                if len(raw) != size:  # not the dispatcher's "[e1,e2,...]" after all
+                    raise BatchError("cannot find the exact bytes of the array's elements")
+            event_id = derived_event_id(raw[index])
+        elif not isinstance(event_id, str) or not 1 <= len(event_id) <= _MAX_EVENT_ID:
+            raise BatchError(f"element {index}: id must be a string of 1-{_MAX_EVENT_ID} chars")
+        account = element.get("account")
+        if account is not None and not isinstance(account, str):
+            raise BatchError(f"element {index}: account is not a string")
+        members.append(BatchMember(event_id, event, account))
+    return members
 
 
 def _parse_timestamp(value: object) -> datetime | None:

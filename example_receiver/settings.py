@@ -16,6 +16,7 @@ __all__ = [
     "SettingsError",
     "parse_duration",
     "parse_listen",
+    "parse_size",
 ]
 
 
@@ -26,6 +27,9 @@ class SettingsError(ValueError):
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB)?\s*$")
+_UNIT_BYTES = {"B": 1, "KiB": 1024, "MiB": 1024 * 1024}
+_MAX_BODY = 64 * 1024 * 1024  # the dispatcher's largest batch max_bytes
 
 
 def parse_duration(text: str) -> timedelta:
@@ -35,6 +39,15 @@ def parse_duration(text: str) -> timedelta:
         raise SettingsError(f"bad duration {text!r} (use e.g. 30s, 10m, 12h, 7d)")
     value, unit = match.groups()
     return timedelta(seconds=float(value) * _UNIT_SECONDS[unit or "s"])
+
+
+def parse_size(text: str) -> int:
+    """`1MiB`, `512KiB`, `4096` (bytes) -> bytes."""
+    match = _SIZE.match(text)
+    if match is None:
+        raise SettingsError(f"bad size {text!r} (use e.g. 1MiB, 512KiB, 65536)")
+    value, unit = match.groups()
+    return int(value) * _UNIT_BYTES[unit or "B"]
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -96,6 +109,8 @@ class ReceiverSettings:
     soft_bounce_limit: int = 3
     soft_bounce_window: timedelta = timedelta(days=7)
     db_schema: str | None = None  # PostgreSQL schema for the tables (created if missing)
+    # The largest request body taken: at least the subscriber's batch max_bytes (default 1 MiB).
+    max_body: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         database = DatabaseUrl.parse(self.db_url)
@@ -128,6 +143,8 @@ class ReceiverSettings:
             raise SettingsError("soft bounce window must be positive")
         if self.leeway < 0:
             raise SettingsError(f"leeway must be >= 0: {self.leeway}")
+        if not 1024 <= self.max_body <= _MAX_BODY:
+            raise SettingsError(f"max body must be 1KiB to 64MiB: {self.max_body}")
         if self.db_schema is not None:
             if database.kind != "postgresql":
                 raise SettingsError("a database schema only applies to postgresql")

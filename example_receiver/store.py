@@ -3,7 +3,9 @@
 Each webhook is applied in one transaction: claim its id in processed_webhooks (a second
 delivery of the same id finds it claimed and changes nothing), read the recipient's row,
 ask `events.plan` what to do, write the plan, commit. Only then does the handler answer 2xx.
-Backend errors are translated here into `StoreUnavailable`.
+A batch is applied the same way, every member in one transaction: each member claims its event
+id, so a member seen before (alone or in another batch) is skipped, and a batch that fails
+anywhere leaves nothing behind. Backend errors are translated here into `StoreUnavailable`.
 """
 
 from __future__ import annotations
@@ -11,14 +13,23 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from .events import BouncePolicy, DeliveryEvent, Plan, UserState, event_time, plan, rule_for
+from .events import (
+    BatchMember,
+    BouncePolicy,
+    DeliveryEvent,
+    Plan,
+    UserState,
+    event_time,
+    plan,
+    rule_for,
+)
 from .settings import ReceiverSettings
 
 __all__ = ["Applied", "PostgresStore", "SqliteStore", "Store", "StoreUnavailable", "open_store"]
@@ -39,6 +50,8 @@ class Applied:
 
 class Store(Protocol):
     async def apply(self, webhook_id: str, event: DeliveryEvent, now: datetime) -> Applied: ...
+
+    async def apply_batch(self, members: Sequence[BatchMember], now: datetime) -> list[Applied]: ...
 
     async def invalid_user_count(self) -> int: ...
 
@@ -123,6 +136,9 @@ class SqliteStore:
     async def apply(self, webhook_id: str, event: DeliveryEvent, now: datetime) -> Applied:
         return await self._call(self._apply, webhook_id, event, now)
 
+    async def apply_batch(self, members: Sequence[BatchMember], now: datetime) -> list[Applied]:
+        return await self._call(self._apply_batch, members, now)
+
     async def invalid_user_count(self) -> int:
         return await self._call(self._invalid_user_count)
 
@@ -155,6 +171,20 @@ class SqliteStore:
                 raise
             conn.execute("COMMIT")
             return result
+
+    def _apply_batch(self, members: Sequence[BatchMember], now: datetime) -> list[Applied]:
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                results = [
+                    self._apply_in_transaction(conn, m.event_id, m.event, now) for m in members
+                ]
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return results
 
     def _apply_in_transaction(
         self, conn: sqlite3.Connection, webhook_id: str, event: DeliveryEvent, now: datetime
@@ -271,6 +301,15 @@ class PostgresStore:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreUnavailable(f"postgresql: {exc}") from exc
 
+    async def apply_batch(self, members: Sequence[BatchMember], now: datetime) -> list[Applied]:
+        import asyncpg
+
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                return await self._apply_batch_in_transaction(conn, members, now)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreUnavailable(f"postgresql: {exc}") from exc
+
     async def invalid_user_count(self) -> int:
         import asyncpg
 
@@ -286,6 +325,50 @@ class PostgresStore:
     async def _apply_in_transaction(
         self, conn: Any, webhook_id: str, event: DeliveryEvent, now: datetime
     ) -> Applied:
+        if not await self._claim(conn, webhook_id, event, now):
+            return Applied(webhook_id, duplicate=True, plan=None)
+        return await self._write(conn, webhook_id, event, now)
+
+    async def _apply_batch_in_transaction(
+        self, conn: Any, members: Sequence[BatchMember], now: datetime
+    ) -> list[Applied]:
+        """Lock every recipient and claim every id in sorted order first, so two batches that
+        share recipients or events wait for each other instead of deadlocking; then apply the
+        claimed members in the batch's order."""
+        emails = sorted(
+            {
+                m.event.recipient
+                for m in members
+                if m.event.recipient is not None and rule_for(m.event).effect.touches_user
+            }
+        )
+        if emails:
+            await conn.execute(
+                "INSERT INTO users (email) SELECT e FROM unnest($1::text[]) AS e ORDER BY e"
+                " ON CONFLICT (email) DO NOTHING",
+                emails,
+            )
+            await conn.execute(
+                "SELECT 1 FROM users WHERE email = ANY($1::text[]) ORDER BY email FOR UPDATE",
+                emails,
+            )
+        first: dict[str, BatchMember] = {}
+        for m in members:
+            first.setdefault(m.event_id, m)
+        claimed = set()
+        for event_id in sorted(first):
+            if await self._claim(conn, event_id, first[event_id].event, now):
+                claimed.add(event_id)
+        results = []
+        for m in members:
+            if m.event_id in claimed:
+                claimed.discard(m.event_id)  # a repeated id inside the batch applies once
+                results.append(await self._write(conn, m.event_id, m.event, now))
+            else:
+                results.append(Applied(m.event_id, duplicate=True, plan=None))
+        return results
+
+    async def _claim(self, conn: Any, webhook_id: str, event: DeliveryEvent, now: datetime) -> bool:
         claimed = await conn.fetchval(
             "INSERT INTO processed_webhooks (webhook_id, event, recipient, processed_at)"
             " VALUES ($1, $2, $3, $4) ON CONFLICT (webhook_id) DO NOTHING RETURNING true",
@@ -294,8 +377,12 @@ class PostgresStore:
             event.recipient,
             now,
         )
-        if not claimed:
-            return Applied(webhook_id, duplicate=True, plan=None)
+        return bool(claimed)
+
+    async def _write(
+        self, conn: Any, webhook_id: str, event: DeliveryEvent, now: datetime
+    ) -> Applied:
+        """Apply one claimed event: read the recipient's row (locked), plan, write."""
         state = UserState()
         email = event.recipient
         if rule_for(event).effect.touches_user and email is not None:

@@ -725,6 +725,8 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         (["--listen", "nowhere"], None, "listen"),
         (["--jwks-url", "http://127.0.0.1:1/j", "--db", "mysql://x"], None, "database url"),
         (["--jwks-url", "http://127.0.0.1:1/j", "--soft-bounce-window", "soon"], None, "duration"),
+        (["--jwks-url", "http://127.0.0.1:1/j", "--max-body", "huge"], None, "bad size"),
+        (["--jwks-url", "http://127.0.0.1:1/j", "--max-body", "512"], None, "max body"),
         (["--hmac-secret-env", "RECEIVER_TEST_UNSET"], None, "RECEIVER_TEST_UNSET"),
         (["--hmac-secret-env", "RECEIVER_TEST_BAD"], {"RECEIVER_TEST_BAD": "whsec_!!"}, "base64"),
         ([], None, "JWKS url or an HMAC secret"),
