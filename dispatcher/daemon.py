@@ -75,6 +75,8 @@ class Dispatcher:
         self._consumer: tuple[Any, str] | None = None
         self._background: list[asyncio.Task[None]] = []
         self._recovery: asyncio.Task[None] | None = None
+        self._reloading: asyncio.Task[None] | None = None
+        self._reload_again = False
         self._stopping = False
         self._link_up = False  # connected with channels and consumer restored (set by callbacks)
         self.pipeline: Pipeline | None = None
@@ -168,6 +170,7 @@ class Dispatcher:
         # queue: this one takes its shares from the cluster once it has joined (cluster.py).
         # Left last (of the stack) on the way out: the goodbye follows the drain.
         self.pipeline.lanes.on_share_change = self.parking.share_changed
+        self.pipeline.lanes.on_parked_elsewhere = self.parking.join_parked
         self.cluster = await self._stack.enter_async_context(
             ClusterMember(self._connection, cfg.broker, self.pipeline.lanes, metrics=self.metrics)
         )
@@ -226,11 +229,10 @@ class Dispatcher:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-        for task in [*self._background, *([self._recovery] if self._recovery else [])]:
+        extra = [t for t in (self._recovery, self._reloading) if t is not None]
+        for task in [*self._background, *extra]:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
-        if self._recovery is not None:
-            await asyncio.gather(self._recovery, return_exceptions=True)
+        await asyncio.gather(*self._background, *extra, return_exceptions=True)
         await self._stack.aclose()
         log.info("dispatcher_stopped")
 
@@ -269,6 +271,29 @@ class Dispatcher:
         self.metrics.retain_subscribers(ids)
         log.info("reloaded", subscribers=len(merged.subscribers))
         return True
+
+    def reload_soon(self) -> None:
+        """SIGHUP: read the config file in a thread (tens of thousands of subscribers take a
+        second or more to parse, and deliveries must not stall meanwhile), then apply it.
+        A SIGHUP during a reload runs one more after it, so the newest file wins."""
+        if self._reloading is not None and not self._reloading.done():
+            self._reload_again = True
+            return
+        self._reloading = asyncio.get_running_loop().create_task(self._reload_from_file())
+
+    async def _reload_from_file(self) -> None:
+        while True:
+            self._reload_again = False
+            started = time.monotonic()
+            try:
+                new = await asyncio.to_thread(load_config, self._config_path)
+            except ConfigError as exc:
+                log.error("reload_refused", error=str(exc))
+            else:
+                if self.reload(new):
+                    log.info("reload_took", seconds=round(time.monotonic() - started, 3))
+            if not self._reload_again or self._stopping:
+                return
 
     # --- background -----------------------------------------------------------------------------
 
@@ -330,7 +355,7 @@ async def serve(config: Config, *, config_path: str | None = None, serve_ops: bo
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     async with Dispatcher(config, config_path=config_path, serve_ops=serve_ops) as disp:
-        loop.add_signal_handler(signal.SIGHUP, disp.reload)
+        loop.add_signal_handler(signal.SIGHUP, disp.reload_soon)
         started = time.monotonic()
         await stop.wait()
         log.info("shutdown_requested", uptime=round(time.monotonic() - started, 1))

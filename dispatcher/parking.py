@@ -128,9 +128,7 @@ class ParkingLots:
         self.idle_after = idle
         self._lots: dict[str, _Lot] = {}
         self._declaring: dict[str, asyncio.Future[_Lot]] = {}
-        self._looked_for: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._lookups: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -158,18 +156,9 @@ class ParkingLots:
         if lot is not None:
             lot.declared_at = -1e18
 
-    def _look_for_later(self, sub: str) -> None:
-        if sub in self._looked_for or sub in self._lots or self._closed:
-            return
-        self._looked_for.add(sub)
-        task = asyncio.ensure_future(self._look_for(sub))
-        self._lookups.add(task)
-        task.add_done_callback(self._lookups.discard)
-
     def retain(self, subscribers: set[str]) -> None:
         """After a reload: removed subscribers' lots are drained (the pipeline dead-letters
         what it finds, ``subscriber_removed``), then let go like any idle lot."""
-        self._looked_for &= subscribers
         for sub, lot in self._lots.items():
             if sub not in subscribers:
                 if lot.probe_timer is not None:
@@ -222,6 +211,12 @@ class ParkingLots:
         if lot is not None and lot.wanted != lane.takes_parked:
             lot.wanted = lane.takes_parked
             self._spawn(self._reconcile(lot))
+
+    def join_parked(self, sub: str) -> None:
+        """Another process parks deliveries of ``sub`` it has no room for, and this one holds a
+        share of the subscriber's limits: consume its parking queue here too."""
+        if sub not in self._lots and not self._closed:
+            self._spawn(self._ensure_quietly(sub))
 
     async def _ensure_quietly(self, sub: str) -> None:
         try:
@@ -306,8 +301,10 @@ class ParkingLots:
             for message in held.values():
                 with contextlib.suppress(Exception):
                     await message.nack(requeue=True)
+        # One at a time, on one throwaway channel each: a burst of channel opens is what a
+        # broker connection is worst at, and nothing waits for this.
         for sub in held:
-            self._look_for_later(sub)
+            await self._look_for(sub)
         return len(held)
 
     def _adopt(self, sub: str, queue: AbstractQueue) -> _Lot:
@@ -332,8 +329,7 @@ class ParkingLots:
                 declared = await channel.queue_declare(name, passive=True)
         except ChannelNotFoundEntity:
             return  # none: the usual case
-        except Exception as exc:
-            self._looked_for.discard(sub)  # the link is down: look again next time
+        except Exception as exc:  # the link is down: the deliveries return by park_ttl anyway
             log.debug("parking_lookup_failed", subscriber=sub, error=str(exc))
             return
         if not declared.message_count or sub in self._lots or self._closed:
@@ -424,10 +420,6 @@ class ParkingLots:
             if lot.probe_timer is not None:
                 lot.probe_timer.cancel()
             await self._reconcile(lot)
-        for task in list(self._lookups):
-            task.cancel()
-        if self._lookups:
-            await asyncio.wait(self._lookups, timeout=5)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
