@@ -408,7 +408,11 @@ def _signing(t: _Table) -> SigningConfig:
     _algorithm(t, t.key("algorithm"), cfg.algorithm)
     _check(bool(cfg.issuer), t.key("issuer"), "must not be empty")
     _check(bool(cfg.keys_dir), t.key("keys_dir"), "must not be empty")
-    _check(10 <= cfg.token_ttl <= 3600, t.key("token_ttl"), "must be between 10s and 1h")
+    _check(
+        10 <= cfg.token_ttl <= 900,
+        t.key("token_ttl"),
+        "must be between 10s and 15m (verifiers refuse tokens that live longer)",
+    )
     return cfg
 
 

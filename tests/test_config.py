@@ -44,6 +44,7 @@ BAD_DOCS = [
     ({"http": {"listen": "nowhere"}}, "http.listen: expected host:port"),
     ({"signing": {"algorithm": "HS256"}}, "signing.algorithm: must be"),
     ({"signing": {"token_ttl": "2h"}}, "signing.token_ttl: must be between"),
+    ({"signing": {"token_ttl": "16m"}}, "signing.token_ttl: must be between 10s and 15m"),
     ({"retry": {"jitter": 1.5}}, "retry.jitter: must be between"),
     ({"retry": {"schedule": ["5s", "x"]}}, r"retry.schedule\[1\]: bad duration"),
     ({"subscribers": [{"id": "a"}]}, r"subscribers\[0\].url: bad URL"),
