@@ -42,10 +42,6 @@ class Census:
     def messages(self) -> int:
         return sum(m for m, _ in self.queues.values())
 
-    def waiting(self, exclude: Sequence[str] = ()) -> int:
-        """Messages in every queue but ``exclude`` (the dead letters, say)."""
-        return sum(m for name, (m, _) in self.queues.items() if name not in exclude)
-
     def as_dict(self) -> dict[str, Any]:
         busiest = sorted(self.queues.items(), key=lambda kv: -kv[1][1])[:5]
         return {"at": round(self.at, 3), "method": self.method, "queues": len(self.queues),
@@ -82,11 +78,15 @@ async def census(prefix: str, broker_url: str, known: Sequence[str] = ()) -> Cen
     rows = await rabbitmqctl("list_queues", "name", "messages", "consumers")
     if rows is not None:
         queues = {}
+        unread = 0
         for row in rows:
-            if len(row) >= 3 and row[0].startswith(prefix):
-                with contextlib.suppress(ValueError):
+            if row and row[0].startswith(prefix):
+                try:
                     queues[row[0]] = (int(row[1]), int(row[2]))
-        return Census(time.time(), queues)
+                except (IndexError, ValueError):  # a queue that did not answer in time
+                    unread += 1
+        method = "rabbitmqctl" if not unread else f"rabbitmqctl ({unread} queues unread)"
+        return Census(time.time(), queues, method)
     return Census(time.time(), await _passive(broker_url, known),
                   method="passive declare (known queues only)")
 

@@ -268,6 +268,7 @@ class _PhaseRun:
         self.config_dir = run.tmp / spec.name
         self.census: list[dict[str, Any]] = []
         self.census_tasks: list[asyncio.Task[None]] = []
+        self._tiers = frozenset(tier_queue_names(broker.queue))
         self.metrics_bytes: dict[str, int | None] = {}
         self.reload_task: asyncio.Task[dict[str, Any]] | None = None
 
@@ -356,6 +357,12 @@ class _PhaseRun:
             names += [parking_queue(q, s.id) for s in self.subs]
         return names
 
+    def _holds_deliveries(self, name: str) -> bool:
+        """The work queue, a retry tier or a parking queue (not dead letters, not the
+        dispatcher's own control queues)."""
+        q = self.broker.queue
+        return name == q or name in self._tiers or name.startswith(parking_queue(q, ""))
+
     async def _consumer_idle(self, channel: aio_pika.abc.AbstractChannel) -> bool:
         if self.spec.consumer == DISPATCHER:
             assert isinstance(self.consumer, DispatcherProcess)
@@ -364,7 +371,12 @@ class _PhaseRun:
                 return False
         if self.by_account:
             c = await census(f"{self.prefix}.", self.broker.url, self._known_queues())
-            return c.waiting(exclude=[self.broker.dead_letter_queue]) == 0
+            if c.method != "rabbitmqctl":
+                # Parking queues made by the dispatcher cannot be seen: never call it idle.
+                if "rabbitmqctl failed" not in " ".join(self.notes):
+                    self.notes.append("rabbitmqctl failed: cannot tell the phase is idle")
+                return False
+            return sum(m for name, (m, _) in c.queues.items() if self._holds_deliveries(name)) == 0
         for name in self._known_queues():
             q = await channel.declare_queue(name, passive=True)
             if q.declaration_result.message_count:
@@ -591,8 +603,7 @@ class _PhaseRun:
 
         if self.by_account:
             c = await census(f"{self.prefix}.", self.broker.url, self._known_queues())
-            names = [n for n, (m, _) in c.queues.items()
-                     if m and n != self.broker.dead_letter_queue]
+            names = [n for n, (m, _) in c.queues.items() if m and self._holds_deliveries(n)]
         else:
             names = self._known_queues()
         found: list[DeadRecord] = []
