@@ -16,12 +16,15 @@ of subscribers:
                                                                subscribers it is over its share
                                                                on, whether it is joining
     bye         on a clean stop, after the drain               -
-    state       when a member joins, by each holding member    its breakers that are not healthy
+    state       when a member joins, by each holding member    its breakers that are not healthy,
+                                                               subscribers it parks for
     failed      a failed attempt, breaker still closed         subscriber, echo token
     recovered   the first success after failures               subscriber
     opened      the breaker opened (threshold, failed probe)   subscriber, open for, cooldown,
                                                                echo token
     closed      the probe succeeded                            subscriber
+    parked      deliveries parked for want of room (once, then  subscriber
+                at most every DEMAND_EVERY s while it goes on)
 
 Every process hears its own messages too: its own heartbeat coming back is how it knows it is
 still connected to the others (not heard for ISOLATED seconds: it is cut off and holds nothing
@@ -70,6 +73,7 @@ _OVER_CAP = 256  # more subscribers over their share than this: "all of them"
 _STATE_CHUNK = 200
 _OUTBOX_CAP = 1000  # heartbeats are dropped (not queued) beyond this backlog
 _UNSETTLED_WARN = 10.0
+_DEMAND_EVERY = 30.0  # seconds between two "parked" messages for one subscriber
 _SIGNALS = {s.value: s for s in Signal}
 
 
@@ -115,6 +119,9 @@ class ClusterMember:
         self._began = 0.0
         self._count_again = float("inf")
         self._changes_seen = 0
+        self._over_sent: frozenset[str] | None = frozenset()
+        self._demand_sent: dict[str, float] = {}
+        self._parking: dict[str, float] = {}  # subscriber -> last deferral for want of room
         self._unsettled_since: float | None = None
         self._stopped = False
 
@@ -171,6 +178,22 @@ class ClusterMember:
 
     # --- what the lanes tell ---------------------------------------------------------------------
 
+    def parking_here(self, lane: Lane) -> None:
+        """This process's share of the subscriber is used up and it parks the rest: the others
+        holding a share consume the parking queue too (parking queues are consumed only where
+        they are known), so the subscriber gets its whole limit however the load falls."""
+        now, sub = self._clock(), lane.sub.id
+        self._parking[sub] = now
+        if self._stopped or now - self._demand_sent.get(sub, -1e9) < _DEMAND_EVERY:
+            return
+        self._demand_sent[sub] = now
+        if len(self._demand_sent) > 10_000:
+            self._demand_sent = {
+                s: t for s, t in self._demand_sent.items() if now - t < _DEMAND_EVERY
+            }
+            self._parking = {s: t for s, t in self._parking.items() if now - t < _DEMAND_EVERY}
+        self._send("parked", {"k": "parked", "m": self.id, "s": sub})
+
     def announce(self, lane: Lane, signal: Signal, on_heard: Callable[[], None] | None) -> bool:
         """Tell every process what this lane's breaker saw (see `Announcer`)."""
         if self._stopped:
@@ -216,6 +239,13 @@ class ClusterMember:
         elif kind == "state":
             if not self._view.standing.holding:
                 self._restore(doc.get("b"))
+                for sub in doc.get("p") or ():
+                    if isinstance(sub, str):
+                        self._lanes.parked_elsewhere(sub)
+            return
+        elif kind == "parked":
+            if isinstance(sub := doc.get("s"), str):
+                self._lanes.parked_elsewhere(sub)
             return
         else:
             self._heard_breaker(kind, doc)
@@ -340,7 +370,7 @@ class ClusterMember:
         self._outbox.put_nowait((kind, orjson.dumps(doc), token))
 
     def _send_heartbeat(self) -> None:
-        over = self._lanes.over(_OVER_CAP)
+        over = self._over_sent = self._lanes.over(_OVER_CAP)
         beat = self._view.heartbeat(over)
         doc = {
             "k": "hb",
@@ -353,8 +383,16 @@ class ClusterMember:
 
     def _send_states(self) -> None:
         entries = [list(e) for e in self._lanes.unhealthy()]
-        for i in range(0, len(entries), _STATE_CHUNK):
-            self._send("state", {"k": "state", "m": self.id, "b": entries[i : i + _STATE_CHUNK]})
+        now = self._clock()
+        parking = [s for s, t in self._parking.items() if now - t < _DEMAND_EVERY]
+        for i in range(0, max(len(entries), len(parking)), _STATE_CHUNK):
+            doc = {
+                "k": "state",
+                "m": self.id,
+                "b": entries[i : i + _STATE_CHUNK],
+                "p": parking[i : i + _STATE_CHUNK],
+            }
+            self._send("state", doc)
 
     async def _send_forever(self) -> None:
         """The one publisher on the control channel: messages leave in the order queued."""
@@ -385,6 +423,8 @@ class ClusterMember:
             now = self._clock()
             self._view.tick(now)
             self._release_stale(now)
+            if self._lanes.over(_OVER_CAP) != self._over_sent:
+                self._soon.set()  # the others may be waiting for this to grow their shares
             if self._view.joining and self._count_again <= now:
                 self._count_members()  # the last count failed (the link was down): ask again
             self._after_change()

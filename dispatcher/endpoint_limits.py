@@ -6,8 +6,10 @@ consumer's prefetch window and never starves the others:
 
 * at most ``budget`` requests in flight: this process's share of ``max_in_flight``;
 * at most ``max_waiting`` work-queue deliveries queued behind them; beyond that, defer;
-* at most its share of ``rate_limit`` requests per second (evenly spaced); a delivery whose turn
-  is further away than ``max_rate_wait`` is deferred instead of held;
+* at most its share of ``rate_limit`` requests per second: turns evenly spaced, never two sends
+  closer than half a turn, and never more sends in any one second than the share rounded up
+  (so a late wake-up is made up for, but a stalled loop releases no burst); a delivery whose
+  turn is further away than ``max_rate_wait`` is deferred instead of held;
 * the circuit breaker's verdict first: while it is open, everything is deferred.
 
 The limits in the config are the subscriber's as a whole, over every process on the queue;
@@ -47,6 +49,7 @@ from dispatcher.config import BreakerConfig, SubscriberConfig
 __all__ = ["Admitted", "Announcer", "Deferred", "Fresh", "Lane", "LaneSet"]
 
 _HOLDING = (Signal.FAILED, Signal.OPENED)
+_NO_ROOM = ("no_share", "lane_full", "rate_limited")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +67,49 @@ class Admitted:
         self.probe = probe
 
 
+class _TurnWait:
+    """A slot waiting for its rate turn; `give_up` wakes it to let the slot go."""
+
+    __slots__ = ("_future", "_gave_up", "turn")
+
+    def __init__(self, turn: float) -> None:
+        self.turn = turn
+        self._gave_up = False
+        self._future: asyncio.Future[None] | None = None
+
+    async def sleep(self, seconds: float) -> bool:
+        """Sleep; True if it was told to give up (then at once)."""
+        if self._gave_up:
+            return True
+        loop = asyncio.get_running_loop()
+        future = self._future = loop.create_future()
+        timer = loop.call_later(seconds, _wake, future)
+        try:
+            await future
+        finally:
+            timer.cancel()
+            self._future = None
+        return self._gave_up
+
+    def give_up(self) -> None:
+        self._gave_up = True
+        _wake(self._future)
+
+
+def _wake(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
 class Announcer(Protocol):
     def announce(self, lane: Lane, signal: Signal, on_heard: Callable[[], None] | None) -> bool:
         """Tell the other processes. With ``on_heard``: True means it will be called once the
         announcement came back (or was given up); False, never (the slot is freed at once)."""
+        ...
+
+    def parking_here(self, lane: Lane) -> None:
+        """This process parks the lane's deliveries for want of room (its share is used up):
+        the others holding a share should consume the parking queue too."""
         ...
 
 
@@ -111,6 +153,8 @@ class Lane:
         self._next_turn = 0.0
         self._last_sent = -1e9
         self._interval = 0.0
+        self._sent: deque[float] = deque(maxlen=1)  # the last sends, as many as a second allows
+        self._turn_waits: list[_TurnWait] = []  # slots held, waiting for their rate turn
         self._alone = True
         self._over = False
         self._retired = False
@@ -137,13 +181,19 @@ class Lane:
         self.target = standing.target(sub.max_in_flight)
         if sub.rate_limit > 0:
             self.rate = standing.rate(sub.rate_limit, None if new else self.rate)
-            if self.rate > 0:  # at 0 the budget is 0 too; keep the spacing of the last rate
+            if self.rate <= 0:
+                self.budget = self.target = 0  # no part of the rate here: no part at all
+            else:  # (at 0 the spacing of the last rate is kept, for turns already reserved)
                 self._interval = 1.0 / self.rate
+                per_second = max(1, math.ceil(self.rate - 1e-9))
+                if per_second != self._sent.maxlen:
+                    self._sent = deque(self._sent, maxlen=per_second)
         self._alone = standing.alone
         self.breaker.prober = standing.prober
         if self.budget <= 0:
             self._turn_away_waiters()
         else:
+            self._give_back(self.used() - self.budget)
             self._grant()
         self._note()
         became_prober = self.breaker.prober and not before[1]
@@ -168,6 +218,17 @@ class Lane:
     # --- admission -------------------------------------------------------------------------------
 
     async def acquire(self, *, patient: bool = False) -> Admitted | Deferred:
+        got = await self._acquire(patient)
+        if (
+            isinstance(got, Deferred)
+            and got.why in _NO_ROOM
+            and self.announcer is not None
+            and not self._alone
+        ):
+            self.announcer.parking_here(self)
+        return got
+
+    async def _acquire(self, patient: bool) -> Admitted | Deferred:
         now = self._clock()
         stay_away = self.breaker.ask(now)
         if stay_away is not None:
@@ -206,22 +267,36 @@ class Lane:
             self.release(slot, None)
             return Deferred(turn - now, "rate_limited")
         self._next_turn = turn + self._interval
+        waiting = _TurnWait(turn)
+        self._turn_waits.append(waiting)
         try:
-            # Wait for the reserved turn, then also for the spacing since the last real send
-            # (at the current share's spacing): an event loop that stalled must not release a
-            # burst when it wakes. A timed wait, not a poll: each pass sleeps exactly until the
-            # next allowed send.
-            while (wait := max(turn, self._last_sent + self._interval) - self._clock()) > 0:  # noqa: ASYNC110
-                await asyncio.sleep(wait)
+            # Wait for the reserved turn, for half a turn since the last real send, and until
+            # the last second holds room for one more (at the current share): a late wake-up is
+            # made up for, but an event loop that stalled releases no burst when it wakes. A
+            # timed wait, not a poll: each pass sleeps exactly until the next allowed send, or
+            # until the share shrinks and this slot is one too many.
+            while (wait := self._send_at(turn) - self._clock()) > 0:
+                if await waiting.sleep(wait):
+                    self.release(slot, None)
+                    return Deferred(0.0, "lane_full" if self.budget > 0 else "no_share")
         except BaseException:
             self.release(slot, None)
             raise
+        finally:
+            self._turn_waits.remove(waiting)
         now = self._clock()
         if now > self._fresh.until:  # cut off from the others while it waited
             self.release(slot, None)
             return Deferred(0.0, "no_share")
         self._last_sent = now
+        self._sent.append(now)
         return slot
+
+    def _send_at(self, turn: float) -> float:
+        at = max(turn, self._last_sent + self._interval / 2)
+        if len(self._sent) == self._sent.maxlen:
+            at = max(at, self._sent[0] + 1.0)
+        return at
 
     async def _wait(self, patient: bool) -> bool:
         """Queue for a slot (first come, first served). True: it is ours (counted in_flight)."""
@@ -261,6 +336,18 @@ class Lane:
             future = self._waiters.popleft()
             if not future.done():
                 future.set_result(False)
+        self._give_back(len(self._turn_waits))
+
+    def _give_back(self, n: int) -> None:
+        """The share shrank: the ``n`` slots waiting for the latest rate turns let go (they
+        are deferred), and those turns go to whoever comes next."""
+        if n <= 0:
+            return
+        latest = sorted(self._turn_waits, key=lambda w: w.turn, reverse=True)[:n]
+        for waiting in latest:
+            waiting.give_up()
+        if latest:
+            self._next_turn = min(self._next_turn, min(w.turn for w in latest))
 
     def _drop_probe(self, slot: Admitted) -> None:
         if slot.probe:
@@ -335,6 +422,7 @@ class Lane:
         successor.inherited = self.used()
         successor._next_turn = self._next_turn
         successor._last_sent = self._last_sent
+        successor._sent = deque(self._sent, maxlen=successor._sent.maxlen)
         successor._note()
 
 
@@ -357,12 +445,15 @@ class LaneSet:
         self._subs: Mapping[str, SubscriberConfig] = {}
         self._alone = False
         self._over: set[str] = set()
+        self._wanted_here: set[str] = set()  # parked elsewhere, while this one had no share
         self.standing: Standing = ALONE
         self.fresh = Fresh()
         self._announcer: Announcer | None = None
         # Told when a subscriber's lane starts or stops taking parked deliveries, or becomes
-        # this process's to probe (the daemon points it at the parking lots).
+        # this process's to probe; and when another process parks a subscriber's deliveries
+        # for want of room (the daemon points both at the parking lots).
         self.on_share_change: Callable[[str], None] | None = None
+        self.on_parked_elsewhere: Callable[[str], None] | None = None
 
     @property
     def announcer(self) -> Announcer | None:
@@ -436,8 +527,15 @@ class LaneSet:
         else:
             touched = list(self._lanes.values())
         for lane in touched:
-            if lane.apply(standing) and self.on_share_change is not None:
-                self.on_share_change(lane.sub.id)
+            if not lane.apply(standing):
+                continue
+            sub_id = lane.sub.id
+            if self.on_share_change is not None:
+                self.on_share_change(sub_id)
+            if lane.takes_parked and sub_id in self._wanted_here:
+                self._wanted_here.discard(sub_id)
+                if self.on_parked_elsewhere is not None:
+                    self.on_parked_elsewhere(sub_id)
 
     def over(self, cap: int) -> frozenset[str] | None:
         """Subscribers whose slots taken here exceed this process's share (None: more than
@@ -451,6 +549,19 @@ class LaneSet:
         lane = self._known(sub_id, create=signal in _HOLDING)
         if lane is not None:
             lane.breaker.heard(signal, self._clock(), open_for=open_for, cooldown=cooldown)
+
+    def parked_elsewhere(self, sub_id: str) -> None:
+        """Another process parks this subscriber's deliveries for want of room: if this one
+        holds a share of it, it should consume the parking queue too (now, or as soon as it
+        holds one)."""
+        lane = self._known(sub_id, create=True)
+        if lane is None:
+            return
+        if lane.takes_parked:
+            if self.on_parked_elsewhere is not None:
+                self.on_parked_elsewhere(sub_id)
+        elif len(self._wanted_here) < 10_000:
+            self._wanted_here.add(sub_id)
 
     def restore(self, sub_id: str, failures: int, open_for: float | None, cooldown: float) -> None:
         """A member's breaker state, sent to this (joining) process."""

@@ -218,8 +218,8 @@ class Metrics:
         )
         self.cluster_messages = Counter(
             "dispatcher_cluster_messages_total",
-            "Control messages sent, by kind (heartbeat, bye, state, and the breaker's failed, "
-            "recovered, opened, closed).",
+            "Control messages sent, by kind (heartbeat, bye, state, parked, and the breaker's "
+            "failed, recovered, opened, closed).",
             ["kind"],
             registry=reg,
         )

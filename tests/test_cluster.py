@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator
 
 import aio_pika
@@ -62,8 +63,23 @@ def test_shares_only_shrink_when_a_member_joins_and_only_grow_when_one_leaves() 
                     assert in_flight_share(limit, n - 1, rank - 1) >= now
 
 
-def test_rate_shares() -> None:
-    assert rate_share(50, 4) == 12.5 and rate_share(50, 1) == 50 and rate_share(50, 0) == 0
+@pytest.mark.parametrize(
+    ("rate", "members", "shares"),
+    [
+        (50, 1, [50]),
+        (50, 4, [13, 13, 12, 12]),  # whole requests per second: the caps sum to 50, not 52
+        (50.5, 4, [13, 13, 12.5, 12]),
+        (2.5, 4, [1, 1, 0.5, 0]),  # less than one each: some processes get none
+        (0.5, 3, [0.5, 0, 0]),
+    ],
+)
+def test_rate_shares_sum_to_the_rate_and_so_do_their_caps(
+    rate: float, members: int, shares: list[float]
+) -> None:
+    got = [rate_share(rate, members, r) for r in range(members)]
+    assert got == shares and sum(got) == rate
+    assert sum(math.ceil(s) for s in got) == math.ceil(rate)  # per-second caps, rounded up
+    assert rate_share(50, 0, 0) == 0
 
 
 # --- budgets ----------------------------------------------------------------------------------
@@ -100,10 +116,11 @@ def test_in_flight_budget(standing: Standing, held: int | None, budget: int, why
     [
         (ALONE, None, 50.0),
         (Standing(holding=False), 50.0, 0.0),
-        (AGREED_4, 25.0, 12.5),
-        (Standing(members=2, rank=0, agreed=False, settled=(4, 0)), 12.5, 12.5),
-        (Standing(members=2, rank=0, agreed=False, settled=(4, 0)), None, 12.5),
-        (Standing(members=2, rank=0, agreed=True, settled=(2, 0)), 12.5, 25.0),
+        (AGREED_4, 25.0, 13.0),
+        (Standing(members=4, rank=3, agreed=True, settled=(4, 3)), 25.0, 12.0),
+        (Standing(members=2, rank=0, agreed=False, settled=(4, 0)), 13.0, 13.0),
+        (Standing(members=2, rank=0, agreed=False, settled=(4, 0)), None, 13.0),
+        (Standing(members=2, rank=0, agreed=True, settled=(2, 0)), 13.0, 25.0),
     ],
 )
 def test_rate_budget(standing: Standing, held: float | None, budget: float) -> None:

@@ -90,6 +90,9 @@ class Announcements:
             self.heard.append(on_heard)
         return on_heard is not None
 
+    def parking_here(self, lane_: Lane) -> None:
+        self.sent.append((lane_.sub.id, "parking_here"))  # type: ignore[arg-type]
+
 
 def shared(clock: Clock, standing: Standing, **sub: object) -> Lane:
     cfg = SubscriberConfig(id="s", url="https://s.example/h", **sub)  # type: ignore[arg-type]
@@ -106,7 +109,7 @@ async def test_a_lane_takes_its_share_and_defers_without_one() -> None:
     clock = Clock()
     last_of_four = Standing(members=4, rank=3, settled=(4, 3))
     lane_ = shared(clock, last_of_four, max_in_flight=2, rate_limit=40)
-    assert (lane_.budget, lane_.rate) == (0, 10.0)
+    assert (lane_.budget, lane_.rate) == (0, 10.0)  # rank 3 of 4: none of 2 slots
     assert await lane_.acquire() == Deferred(0.0, "no_share")
     assert await lane_.acquire(patient=True) == Deferred(0.0, "no_share")
     assert not lane_.takes_parked
@@ -149,6 +152,8 @@ async def test_a_failed_attempt_keeps_its_slot_until_every_process_could_count_i
     assert said.sent == [("s", Signal.FAILED)]
     assert (lane_.in_flight, lane_.held, lane_.used()) == (0, 1, 1)
     assert await lane_.acquire() == Deferred(0.0, "lane_full")
+    # No room here: the others (holding their shares) are told to take parked deliveries too.
+    assert said.sent[-1] == ("s", "parking_here")
     said.heard.pop()()  # the failure came back from the broker
     assert lane_.used() == 0 and isinstance(await lane_.acquire(), Admitted)
 
