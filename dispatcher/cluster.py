@@ -46,7 +46,13 @@ from typing import Any
 import aio_pika
 import orjson
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 
 from dispatcher.circuit_breaker import Signal
 from dispatcher.cluster_shares import (
@@ -137,6 +143,11 @@ class ClusterMember:
         self._view.begin(self._began)
         self._lanes.announcer = self
         self._after_change()
+        # A lost link loses the control messages sent meanwhile (the member queue goes with
+        # the connection): hold nothing from the moment it is lost, and rejoin once it is back.
+        self._connection.close_callbacks.add(self._link_changed)
+        if isinstance(self._connection, AbstractRobustConnection):
+            self._connection.reconnect_callbacks.add(self._link_changed)
         self._tasks = [
             asyncio.create_task(self._send_forever()),
             asyncio.create_task(self._beat_forever()),
@@ -149,6 +160,15 @@ class ClusterMember:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._joined.wait(), timeout)
         return self._joined.is_set()
+
+    def _link_changed(self, *_: Any) -> None:
+        if self._stopped:
+            return
+        if self._view.standing.holding:
+            self._view.begin(self._clock())
+            self._after_change()
+        elif self._view.joining:
+            self._count_members()  # the count taken before may be stale
 
     @property
     def standing(self) -> Standing:
@@ -163,12 +183,16 @@ class ClusterMember:
         self._stopped = True
         self._lanes.announcer = None
         self._release_all()
-        self._send("bye", {"k": "bye", "m": self.id})
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._outbox.join(), timeout=2.0)
-        for task in [*self._tasks, self._counting]:
+        sender, beats = self._tasks or (None, None)
+        for task in (beats, self._counting):  # nothing may follow the goodbye
             if task is not None:
                 task.cancel()
+        self._send("bye", {"k": "bye", "m": self.id})
+        if sender is not None and not sender.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._outbox.join(), timeout=2.0)
+        for task in self._tasks:
+            task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._metrics is not None:
             self._metrics.cluster_holding.set(0)

@@ -46,7 +46,7 @@ from dispatcher.circuit_breaker import BreakerState, CircuitBreaker, Signal
 from dispatcher.cluster_shares import ALONE, Standing
 from dispatcher.config import BreakerConfig, SubscriberConfig
 
-__all__ = ["Admitted", "Announcer", "Deferred", "Fresh", "Lane", "LaneSet"]
+__all__ = ["Admitted", "Announcer", "Deferred", "Fresh", "Lane", "LaneSet", "send_at"]
 
 _HOLDING = (Signal.FAILED, Signal.OPENED)
 _NO_ROOM = ("no_share", "lane_full", "rate_limited")
@@ -65,6 +65,17 @@ class Admitted:
 
     def __init__(self, probe: bool) -> None:
         self.probe = probe
+
+
+def send_at(turn: float, *, last: float, interval: float, recent: deque[float]) -> float:
+    """When a request whose rate turn is ``turn`` may go: not before its turn, not within half
+    a turn of the last send, and not while the last second already holds as many sends as the
+    share allows (``recent``: the latest sends, at most that many). A turn missed by a late
+    wake-up is made up for at up to twice the rate, never beyond the per-second cap."""
+    at = max(turn, last + interval / 2)
+    if recent.maxlen is not None and len(recent) == recent.maxlen:
+        at = max(at, recent[0] + 1.0)
+    return at
 
 
 class _TurnWait:
@@ -275,7 +286,12 @@ class Lane:
             # made up for, but an event loop that stalled releases no burst when it wakes. A
             # timed wait, not a poll: each pass sleeps exactly until the next allowed send, or
             # until the share shrinks and this slot is one too many.
-            while (wait := self._send_at(turn) - self._clock()) > 0:
+            while (
+                wait := send_at(
+                    turn, last=self._last_sent, interval=self._interval, recent=self._sent
+                )
+                - self._clock()
+            ) > 0:
                 if await waiting.sleep(wait):
                     self.release(slot, None)
                     return Deferred(0.0, "lane_full" if self.budget > 0 else "no_share")
@@ -291,12 +307,6 @@ class Lane:
         self._last_sent = now
         self._sent.append(now)
         return slot
-
-    def _send_at(self, turn: float) -> float:
-        at = max(turn, self._last_sent + self._interval / 2)
-        if len(self._sent) == self._sent.maxlen:
-            at = max(at, self._sent[0] + 1.0)
-        return at
 
     async def _wait(self, patient: bool) -> bool:
         """Queue for a slot (first come, first served). True: it is ours (counted in_flight)."""

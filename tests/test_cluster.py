@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import aio_pika
 import pytest
 from harness import wait_until
+from tcp_proxy import TcpProxy
 
 from dispatcher.circuit_breaker import BreakerState, Signal
 from dispatcher.cluster import ClusterMember
@@ -328,15 +329,16 @@ def test_a_joining_process_takes_on_the_others_breaker_states() -> None:
 class Member:
     """One process's worth of cluster: a connection, a lane set and its `ClusterMember`."""
 
-    def __init__(self, cfg, subs: tuple[SubscriberConfig, ...]) -> None:
+    def __init__(self, cfg, subs: tuple[SubscriberConfig, ...], url: str | None = None) -> None:
         self.cfg = cfg
+        self.url = url or cfg.broker.url
         self.lanes = LaneSet(BreakerConfig(failure_threshold=3, cooldown=1), prefetch=64)
         self.lanes.retain({s.id for s in subs}, {s.id: s for s in subs})
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
         self.cluster: ClusterMember | None = None
 
     async def start(self) -> Member:
-        self.connection = await aio_pika.connect_robust(self.cfg.broker.url)
+        self.connection = await aio_pika.connect_robust(self.url)
         self.cluster = ClusterMember(self.connection, self.cfg.broker, self.lanes)
         await self.cluster.__aenter__()
         return self
@@ -433,3 +435,28 @@ async def test_failures_are_counted_across_members_and_open_every_breaker(make) 
         # Only the first member probes when the cooldown ends.
         probers = [m.lanes.lane(SUB).breaker.prober for m in group]
         assert sorted(probers) == [False, True]
+
+
+async def test_a_member_cut_off_from_the_broker_holds_nothing_then_rejoins(make) -> None:
+    """The link of one member stalls (bytes stop, the TCP connection stays), then is cut: it
+    stops holding within ISOLATED seconds, the other takes over after GONE, and both share
+    again once the link is back."""
+    cfg = make([])
+    async with TcpProxy("127.0.0.1", 5672) as proxy:
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/?reconnect_interval=0.3"
+        async with members(cfg, 1) as group:
+            group.append(await Member(cfg, (SUB,), url=url).start())
+            direct, proxied = group
+            assert await wait_until(lambda: agreed(group, 2), timeout=10)
+            assert (direct.lanes.lane(SUB).budget, proxied.lanes.lane(SUB).budget) == (1, 1)
+            proxy.stall = True
+            assert await wait_until(lambda: not proxied.standing.holding, timeout=ISOLATED + 1)
+            assert proxied.lanes.lane(SUB).budget == 0
+            assert await wait_until(lambda: agreed([direct], 1), timeout=GONE + 2)
+            assert direct.lanes.lane(SUB).budget == 2  # the survivor has the whole limit
+            proxy.stall = False
+            assert await wait_until(lambda: agreed(group, 2), timeout=10)
+            await proxy.cut()  # a reset this time: the robust connection comes back by itself
+            assert await wait_until(lambda: not proxied.standing.holding, timeout=ISOLATED + 1)
+            assert await wait_until(lambda: agreed(group, 2), timeout=15)
+            assert (direct.lanes.lane(SUB).budget, proxied.lanes.lane(SUB).budget) == (1, 1)

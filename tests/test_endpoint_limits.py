@@ -4,12 +4,15 @@ alone, and holding a share of limits split between processes."""
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
+
+import pytest
 
 from dispatcher.circuit_breaker import BreakerState, Signal
 from dispatcher.cluster_shares import ALONE, Standing
 from dispatcher.config import BreakerConfig, SubscriberConfig
-from dispatcher.endpoint_limits import Admitted, Deferred, Lane
+from dispatcher.endpoint_limits import Admitted, Deferred, Lane, send_at
 
 
 class Clock:
@@ -194,3 +197,24 @@ async def test_a_reloaded_lane_counts_the_slots_its_predecessor_still_holds() ->
         old.release(slot, True)  # type: ignore[arg-type]
     assert new.inherited == 1 and lanes.over(10) == frozenset()
     assert isinstance(await new.acquire(), Admitted)
+
+
+def recent(*sends: float, per_second: int) -> deque[float]:
+    return deque(sends, maxlen=per_second)
+
+
+@pytest.mark.parametrize(
+    ("turn", "last", "sends", "at", "why"),
+    [
+        (10.0, 9.9, (), 10.0, "on schedule: at its turn"),
+        (10.0, 9.0, (), 10.0, "a turn already past (a late wake-up): at once"),
+        (10.0, 9.98, (), 10.03, "never within half a turn (0.05 s) of the last send"),
+        (10.0, 9.9, (9.2, 9.3, 9.4), 10.2, "the last second is full (3 a second): wait"),
+        (10.0, 9.9, (8.9, 9.3, 9.4), 10.0, "the third-last send left the second: go"),
+    ],
+)
+def test_when_a_rate_limited_request_may_go(
+    turn: float, last: float, sends: tuple[float, ...], at: float, why: str
+) -> None:
+    got = send_at(turn, last=last, interval=0.1, recent=recent(*sends, per_second=3))
+    assert got == pytest.approx(at), why
