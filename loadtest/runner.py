@@ -442,7 +442,13 @@ class _PhaseRun:
                         self.notes.append(f"{spec.consumer} exited with {code}")
         ended = time.time()
         dead = await self._dead_letters() if spec.consumer == DISPATCHER else []
-        pending = [] if settled else await self._pending()
+        # By account, whatever the broker still holds after the stop is read too: a phase
+        # judged idle from a listing must not count a delivery that was still waiting as lost.
+        pending = [] if settled and not self.by_account else await self._pending()
+        if settled and pending:
+            settled = False
+            self.notes.append("the phase looked settled, but the broker still held deliveries "
+                              "after the stop (counted as pending, not lost)")
         received = await self.receivers.records(paths=self.by_account)
         records: list[dict[str, Any]] = received["endpoints"]
         paths_summary = None
@@ -567,6 +573,11 @@ class _PhaseRun:
                         # Nothing moves and nothing is held: the rest is in the dead letters.
                         await asyncio.sleep(0.5)
                         if await self._consumer_idle(channel):
+                            if self.by_account:
+                                self.notes.append(
+                                    f"settled idle with {sum(unique)} of {sum(owed)} owed "
+                                    "deliveries received: nothing moved, nothing held, no "
+                                    "delivery queue holds a message")
                             return True
                     if deadline is not None and now > deadline:
                         self.notes.append(f"gave up waiting after {spec.settle_timeout:g}s")

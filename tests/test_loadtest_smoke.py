@@ -1,8 +1,11 @@
-"""The load test's smoke scenario end to end, and its accounting rules as a table.
+"""The load test's smoke scenario end to end, small accounts and batch runs, the receivers'
+batch and account checks, and the accounting rules as tables.
 
 The smoke run starts the real receivers, the bare baseline and the dispatcher as processes
 against the real broker: a few hundred events, with retries (a receiver failing 10%), dead
-letters (410s and invalid events) and token verification. Timings are reported, never asserted.
+letters (410s and invalid events) and token verification. The accounts run puts 200
+subscribers in included files and reloads one more file while traffic flows; the batch run
+compares a batched subscriber with the same one unbatched. Timings are reported, never asserted.
 """
 
 from __future__ import annotations
@@ -116,6 +119,29 @@ def test_accounts_scenario_small(tmp_path: Path) -> None:
     assert reload["subscribers_added"] == 4 and reload["file"] == "part-51.toml"
     assert reload["effective_s"] is not None  # the new subscribers got their events
     assert reload["undelivered_after_first"] == 0  # once it took effect, it stayed
+
+
+@pytest.mark.timeout(90)
+def test_batch_scenario_small(tmp_path: Path) -> None:
+    """The batch scenario at 1,000 events: every event to the batched subscriber arrives in a
+    batch (verified once over the array, counted per member), none to the unbatched one."""
+    report = tmp_path / "batch.json"
+    proc = _loadtest(["run", "--scenario", "batch", "--quiet", "--events", "1000",
+                      "--rounds", "1", "--json", str(report), "--plot",
+                      str(tmp_path / "b.png"), "--out", str(tmp_path)], timeout=60)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(report.read_text())
+    assert doc["ok"] is True and doc["lost"] == 0 and doc["duplicates"] == 0
+    unbatched, batched = doc["phases"]
+    assert (unbatched["name"], batched["name"]) == ("unbatched-1", "batched-1")
+    one = unbatched["per_subscriber"]["sub0"]
+    many = batched["per_subscriber"]["sub0"]
+    assert one["unique"] == many["unique"] == 1000
+    assert one["batched"] == 0 and one["requests"] == 1000
+    assert many["batched"] == 1000 and many["requests"] < 1000
+    assert one["verify_failures"] == many["verify_failures"] == 0
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert checks["batched phases got every event in a batch, unbatched none"]["ok"] is True
 
 
 def _pub(event_id: str, event_type: str = "Message.Bounced", valid: bool = True,
