@@ -424,7 +424,9 @@ async def accounts(run: Run, o: ScenarioOptions) -> ScenarioResult:
         f"SIGHUP adding {rl.get('subscribers_added', '?')} subscribers (one more file) takes "
         "effect while traffic flows, nothing lost", "<= 3 s, lost == 0", effective,
         effective is not None and effective <= 3 and lost == 0,
-        f"first probe received after {rl.get('first_delivered_s')} s; "
+        f"first probe received after {rl.get('first_delivered_s')} s; every probe published "
+        f"from {rl.get('effective_probe_published_s')} s after the SIGHUP on was received "
+        "(the difference is the wait behind the traffic); "
         f"{rl.get('delivered')}/{rl.get('probes')} probes received; traffic at "
         f"{live.spec.rate:g}/s: {live.accounting.published} events, lost {lost}"))
     rss = _most([p.process["peak_rss_per_worker_mib"] for p in large])
