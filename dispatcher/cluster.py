@@ -303,7 +303,7 @@ class ClusterMember:
 
     def _after_change(self) -> None:
         view, now = self._view, self._clock()
-        self._lanes.fresh.until = view.fresh_until()
+        self._lanes.cluster.until = view.fresh_until()
         standing = view.standing
         old, self._standing = self._standing, standing
         if standing != old:

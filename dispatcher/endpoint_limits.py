@@ -46,7 +46,7 @@ from dispatcher.circuit_breaker import BreakerState, CircuitBreaker, Signal
 from dispatcher.cluster_shares import ALONE, Standing
 from dispatcher.config import BreakerConfig, SubscriberConfig
 
-__all__ = ["Admitted", "Announcer", "Deferred", "Fresh", "Lane", "LaneSet", "send_at"]
+__all__ = ["Admitted", "Announcer", "ClusterState", "Deferred", "Lane", "LaneSet", "send_at"]
 
 _HOLDING = (Signal.FAILED, Signal.OPENED)
 _NO_ROOM = ("no_share", "lane_full", "rate_limited")
@@ -124,17 +124,19 @@ class Announcer(Protocol):
         ...
 
 
-class Fresh:
-    """Until when (monotonic) this process may start requests. The cluster member moves it on
-    each time it hears its own heartbeat back; on its own, a process never stops."""
+class ClusterState:
+    """What the cluster says now, shared by a process's lanes: until when (monotonic) this
+    process may start requests (the cluster member moves it on each time it hears its own
+    heartbeat back; on its own, a process never stops), and its standing."""
 
-    __slots__ = ("until",)
+    __slots__ = ("standing", "until")
 
     def __init__(self) -> None:
         self.until = math.inf
+        self.standing = ALONE
 
 
-_ALWAYS = Fresh()
+_ALWAYS = ClusterState()
 
 
 class Lane:
@@ -148,7 +150,8 @@ class Lane:
         on_breaker_change: Callable[[BreakerState, BreakerState, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         standing: Standing = ALONE,
-        fresh: Fresh = _ALWAYS,
+        cluster: ClusterState = _ALWAYS,
+        on_refresh: Callable[[Lane], None] | None = None,
         announcer: Announcer | None = None,
         over: set[str] | None = None,
     ) -> None:
@@ -158,7 +161,9 @@ class Lane:
         self.breaker = CircuitBreaker(breaker, on_change=on_breaker_change)
         self.announcer = announcer
         self._clock = clock
-        self._fresh = fresh
+        self._fresh = cluster
+        self._on_refresh = on_refresh
+        self.stale = False  # the standing changed while the lane was idle: apply it when used
         self._over_set = over
         self._waiters: deque[asyncio.Future[bool]] = deque()
         self._next_turn = 0.0
@@ -175,9 +180,9 @@ class Lane:
         self.inherited = 0  # slots still taken in the lane this one replaced (a reload)
         self.waiting = 0  # work-queue deliveries waiting for a slot (at most max_waiting)
         self.waiting_parked = 0  # patient ones, bounded by their consumer's prefetch window
-        self.budget = 0
+        self._budget = 0
         self.target = 0
-        self.rate = 0.0
+        self._rate = 0.0
         self.apply(standing, new=True)
 
     # --- shares ----------------------------------------------------------------------------------
@@ -188,23 +193,23 @@ class Lane:
         became the one to probe its open breaker."""
         before = (self.takes_parked, self.breaker.prober)
         sub = self.sub
-        self.budget = standing.in_flight(sub.id, sub.max_in_flight, None if new else self.budget)
+        self._budget = standing.in_flight(sub.id, sub.max_in_flight, None if new else self._budget)
         self.target = standing.target(sub.max_in_flight)
         if sub.rate_limit > 0:
-            self.rate = standing.rate(sub.rate_limit, None if new else self.rate)
-            if self.rate <= 0:
-                self.budget = self.target = 0  # no part of the rate here: no part at all
+            self._rate = standing.rate(sub.rate_limit, None if new else self._rate)
+            if self._rate <= 0:
+                self._budget = self.target = 0  # no part of the rate here: no part at all
             else:  # (at 0 the spacing of the last rate is kept, for turns already reserved)
-                self._interval = 1.0 / self.rate
-                per_second = max(1, math.ceil(self.rate - 1e-9))
+                self._interval = 1.0 / self._rate
+                per_second = max(1, math.ceil(self._rate - 1e-9))
                 if per_second != self._sent.maxlen:
                     self._sent = deque(self._sent, maxlen=per_second)
         self._alone = standing.alone
         self.breaker.prober = standing.prober
-        if self.budget <= 0:
+        if self._budget <= 0:
             self._turn_away_waiters()
         else:
-            self._give_back(self.used() - self.budget)
+            self._give_back(self.used() - self._budget)
             self._grant()
         self._note()
         became_prober = self.breaker.prober and not before[1]
@@ -213,9 +218,26 @@ class Lane:
         )
 
     @property
+    def budget(self) -> int:
+        """Requests this process may have in flight to the subscriber (its share)."""
+        if self.stale:
+            self.refresh()
+        return self._budget
+
+    @property
+    def rate(self) -> float:
+        """Requests per second this process may send the subscriber (its share; 0 when the
+        subscriber has no rate limit or this process has no part of it)."""
+        if self.stale:
+            self.refresh()
+        return self._rate
+
+    @property
     def takes_parked(self) -> bool:
         """Should this process consume the subscriber's parking queue?"""
-        return self.breaker.state is BreakerState.CLOSED and self.budget > 0 and not self._retired
+        if self.stale:
+            self.refresh()
+        return self.breaker.state is BreakerState.CLOSED and self._budget > 0 and not self._retired
 
     @property
     def probe_again(self) -> float | None:
@@ -228,7 +250,25 @@ class Lane:
 
     # --- admission -------------------------------------------------------------------------------
 
+    @property
+    def busy(self) -> bool:
+        """Slots taken or waited for, or a breaker not closed: standing changes apply at once."""
+        return bool(
+            self.used()
+            or self._waiters
+            or self._turn_waits
+            or self.breaker.state is not BreakerState.CLOSED
+        )
+
+    def refresh(self) -> None:
+        """Apply a standing that changed while this lane was idle (as to a new lane)."""
+        self.stale = False
+        if self.apply(self._fresh.standing, new=not self.busy) and self._on_refresh is not None:
+            self._on_refresh(self)
+
     async def acquire(self, *, patient: bool = False) -> Admitted | Deferred:
+        if self.stale:
+            self.refresh()
         got = await self._acquire(patient)
         if (
             isinstance(got, Deferred)
@@ -245,10 +285,10 @@ class Lane:
         if stay_away is not None:
             return Deferred(stay_away, "breaker_open")
         slot = Admitted(self.breaker.state is BreakerState.HALF_OPEN)
-        if self.budget <= 0 or now > self._fresh.until or self._retired:
+        if self._budget <= 0 or now > self._fresh.until or self._retired:
             self._drop_probe(slot)
             return Deferred(0.0, "no_share")
-        if self.used() >= self.budget or self._waiters:
+        if self.used() >= self._budget or self._waiters:
             if not patient and self.waiting >= self.max_waiting:
                 self._drop_probe(slot)
                 return Deferred(0.0, "lane_full")
@@ -294,7 +334,7 @@ class Lane:
             ) > 0:
                 if await waiting.sleep(wait):
                     self.release(slot, None)
-                    return Deferred(0.0, "lane_full" if self.budget > 0 else "no_share")
+                    return Deferred(0.0, "lane_full" if self._budget > 0 else "no_share")
         except BaseException:
             self.release(slot, None)
             raise
@@ -334,7 +374,7 @@ class Lane:
     def _grant(self) -> None:
         if self._fresh.until < self._clock():
             return
-        while self._waiters and self.used() < self.budget:
+        while self._waiters and self.used() < self._budget:
             future = self._waiters.popleft()
             if future.done():
                 continue
@@ -457,7 +497,7 @@ class LaneSet:
         self._over: set[str] = set()
         self._wanted_here: set[str] = set()  # parked elsewhere, while this one had no share
         self.standing: Standing = ALONE
-        self.fresh = Fresh()
+        self.cluster = ClusterState()
         self._announcer: Announcer | None = None
         # Told when a subscriber's lane starts or stops taking parked deliveries, or becomes
         # this process's to probe; and when another process parks a subscriber's deliveries
@@ -519,6 +559,7 @@ class LaneSet:
         """A new standing in the cluster: recompute every lane's shares (only those of the
         subscribers it (un)blocks, when nothing else changed)."""
         old, self.standing = self.standing, standing
+        self.cluster.standing = standing
         same_view = (old.holding, old.members, old.rank, old.agreed, old.settled) == (
             standing.holding,
             standing.members,
@@ -535,17 +576,24 @@ class LaneSet:
         elif old == standing:
             return
         else:
-            touched = list(self._lanes.values())
-        for lane in touched:
-            if not lane.apply(standing):
-                continue
-            sub_id = lane.sub.id
-            if self.on_share_change is not None:
-                self.on_share_change(sub_id)
-            if lane.takes_parked and sub_id in self._wanted_here:
-                self._wanted_here.discard(sub_id)
-                if self.on_parked_elsewhere is not None:
-                    self.on_parked_elsewhere(sub_id)
+            touched = self._lanes.values()
+        for lane in list(touched):
+            # Idle lanes (most of them, with tens of thousands of subscribers) catch up when
+            # they are next used: a view change costs a pass over the busy ones only.
+            if not lane.busy:
+                lane.stale = True
+            elif lane.apply(standing):
+                self._refreshed(lane)
+
+    def _refreshed(self, lane: Lane) -> None:
+        """A lane's shares changed what the parking lots should do for it."""
+        sub_id = lane.sub.id
+        if self.on_share_change is not None:
+            self.on_share_change(sub_id)
+        if lane.takes_parked and sub_id in self._wanted_here:
+            self._wanted_here.discard(sub_id)
+            if self.on_parked_elsewhere is not None:
+                self.on_parked_elsewhere(sub_id)
 
     def over(self, cap: int) -> frozenset[str] | None:
         """Subscribers whose slots taken here exceed this process's share (None: more than
@@ -594,6 +642,8 @@ class LaneSet:
         lane = self._lanes.get(sub_id)
         if lane is None and create and (sub := self._subs.get(sub_id)) is not None:
             lane = self.lane(sub)
+        if lane is not None and lane.stale:
+            lane.refresh()
         return lane
 
     def _max_waiting(self, sub: SubscriberConfig) -> int:
@@ -617,7 +667,8 @@ class LaneSet:
             on_breaker_change=changed,
             clock=self._clock,
             standing=self.standing,
-            fresh=self.fresh,
+            cluster=self.cluster,
+            on_refresh=self._refreshed,
             announcer=self._announcer,
             over=self._over,
         )

@@ -323,6 +323,22 @@ def test_a_joining_process_takes_on_the_others_breaker_states() -> None:
     assert not lane.takes_parked
 
 
+async def test_a_view_change_recomputes_busy_lanes_now_and_idle_ones_when_next_used() -> None:
+    other = SubscriberConfig(id="t", url="https://t.example/h", max_in_flight=2)
+    lanes = lanes_for(SUB, other)
+    busy, idle = lanes.lane(SUB), lanes.lane(other)
+    slot = await busy.acquire()
+    lanes.apply(Standing(members=2, rank=1, settled=(2, 1)))
+    assert not busy.stale and busy.target == 1 and lanes.over(10) == frozenset()
+    assert idle.stale  # nothing to do for it until it is used (50,000 lanes, one pass)
+    assert idle.budget == 1 and not idle.stale
+    busy.release(slot, True)  # type: ignore[arg-type]
+    # An idle lane that catches up while the view is not agreed gets a new lane's budget: the
+    # smaller of its share in the last agreed view and its share now.
+    lanes.apply(Standing(members=3, rank=2, agreed=False, settled=(2, 1)))
+    assert idle.stale and idle.budget == 0  # 2 over 3: ranks 0 and 1 only
+
+
 # --- membership on the real broker --------------------------------------------------------------
 
 

@@ -102,12 +102,14 @@ class Spans:
         )
 
     def reaches(self, level: int, *, after: float) -> float | None:
-        """Seconds after ``after`` until ``level`` requests were in progress at once again."""
-        edges = sorted([(s, 1) for s, _ in self.spans] + [(e, -1) for _, e in self.spans])
+        """Seconds after ``after`` until ``level`` requests started since were in progress at
+        once (those of a killed process, still ending, do not count)."""
+        spans = [(s, e) for s, e in self.spans if s > after]
+        edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
         now = 0
         for at, step in edges:
             now += step
-            if at > after and now >= level:
+            if now >= level:
                 return at - after
         return None
 
