@@ -182,6 +182,10 @@ class ClusterMember:
         """Goodbye: the others take over this process's shares at once (its requests ended)."""
         self._stopped = True
         self._lanes.announcer = None
+        with contextlib.suppress(Exception):
+            self._connection.close_callbacks.discard(self._link_changed)
+            if isinstance(self._connection, AbstractRobustConnection):
+                self._connection.reconnect_callbacks.discard(self._link_changed)
         self._release_all()
         sender, beats = self._tasks or (None, None)
         for task in (beats, self._counting):  # nothing may follow the goodbye
@@ -336,7 +340,8 @@ class ClusterMember:
             log.warning(
                 "cluster_cut_off",
                 **fields,
-                why=f"own heartbeat not heard back for {self._isolated:g}s; holding no share",
+                why=f"broker link lost, or own heartbeat not heard back for {self._isolated:g}s",
+                hint="holding no share of any limit until rejoined",
             )
         elif old is not None and old.members != new.members:
             log.info("cluster_view_changed", **fields, was=old.members)
@@ -445,18 +450,23 @@ class ClusterMember:
         next_beat = last = 0.0
         while True:
             now = self._clock()
-            self._view.tick(now)
-            self._release_stale(now)
-            if self._lanes.over(_OVER_CAP) != self._over_sent:
-                self._soon.set()  # the others may be waiting for this to grow their shares
-            if self._view.joining and self._count_again <= now:
-                self._count_members()  # the last count failed (the link was down): ask again
-            self._after_change()
-            early = self._soon.is_set() and now - last >= _REPLY_SPACING
-            if now >= next_beat or early:
-                self._soon.clear()
-                self._view.reply_wanted = False
-                self._send_heartbeat()
+            try:
+                self._view.tick(now)
+                self._release_stale(now)
+                if self._lanes.over(_OVER_CAP) != self._over_sent:
+                    self._soon.set()  # the others may wait for this to grow their shares
+                if self._view.joining and self._count_again <= now:
+                    self._count_members()  # the last count failed (link down): ask again
+                self._after_change()
+                early = self._soon.is_set() and now - last >= _REPLY_SPACING
+                if now >= next_beat or early:
+                    self._soon.clear()
+                    self._view.reply_wanted = False
+                    self._send_heartbeat()
+                    last, next_beat = now, now + self._interval
+            except Exception as exc:  # a bug: without heartbeats this process would be cut off
+                error = f"{type(exc).__name__}: {exc}"
+                log.error("cluster_beat_failed", error=error, exc_info=True)
                 last, next_beat = now, now + self._interval
             wait = max(0.0, min(next_beat - self._clock(), _TICK))
             if self._soon.is_set():

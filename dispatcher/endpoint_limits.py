@@ -191,7 +191,8 @@ class Lane:
         """Take this process's shares from the standing. True when the parking lots should
         look again: the lane started or stopped taking parked deliveries, or this process
         became the one to probe its open breaker."""
-        before = (self.takes_parked, self.breaker.prober)
+        self.stale = False
+        before = (self._takes_parked(), self.breaker.prober)
         sub = self.sub
         self._budget = standing.in_flight(sub.id, sub.max_in_flight, None if new else self._budget)
         self.target = standing.target(sub.max_in_flight)
@@ -213,7 +214,7 @@ class Lane:
             self._grant()
         self._note()
         became_prober = self.breaker.prober and not before[1]
-        return self.takes_parked != before[0] or (
+        return self._takes_parked() != before[0] or (
             became_prober and self.breaker.state is not BreakerState.CLOSED
         )
 
@@ -237,6 +238,9 @@ class Lane:
         """Should this process consume the subscriber's parking queue?"""
         if self.stale:
             self.refresh()
+        return self._takes_parked()
+
+    def _takes_parked(self) -> bool:
         return self.breaker.state is BreakerState.CLOSED and self._budget > 0 and not self._retired
 
     @property
