@@ -14,6 +14,9 @@ thousands of endpoints, so a parking queue exists only while it is needed:
     a cooldown ends                     one parked delivery is fetched (basic.get): the probe
     the breaker closes                  consumed again; its deliveries wait in the lane
     nothing came for IDLE seconds       the consumer is let go
+    MAX_CONSUMERS queues are consumed   the next one waits for a free slot (oldest first); a
+                                        consumer that held its slot a TURN while others wait
+                                        goes to the back of the line
     nobody used the queue for 3 x ttl   the broker deletes it (x-expires)
     a parked delivery waited park_ttl   it expires back into the work queue (x-message-ttl,
                                         dead-lettered into the due exchange), so a queue that
@@ -56,7 +59,9 @@ log = structlog.get_logger("dispatcher.parking")
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
-IDLE = 30.0  # seconds without a parked delivery before a consumer is let go
+IDLE = 5.0  # seconds without a parked delivery before a consumer is let go
+MAX_CONSUMERS = 16  # parking queues one process consumes at once; the others wait their turn
+TURN = 60.0  # seconds a consumer may keep its slot while other parking queues wait
 _SWEEP = 5.0
 _TIMER_SLACK = 0.01
 
@@ -71,6 +76,7 @@ class _Lot:
 
     __slots__ = (
         "active",
+        "consuming_since",
         "declared_at",
         "last_active",
         "lock",
@@ -103,6 +109,7 @@ class _Lot:
         self.declared_at = now
         self.last_active = now
         self.active = 0  # parked deliveries taken from this queue and not yet settled
+        self.consuming_since = 0.0
 
 
 class ParkingLots:
@@ -118,6 +125,7 @@ class ParkingLots:
         park_ttl: float,
         clock: Callable[[], float] = time.monotonic,
         idle: float = IDLE,
+        max_consumers: int = MAX_CONSUMERS,
     ) -> None:
         self._channel = channel
         self._cfg = cfg
@@ -126,6 +134,9 @@ class ParkingLots:
         self._ttl = park_ttl
         self._clock = clock
         self.idle_after = idle
+        self.max_consumers = max_consumers
+        self._waiting: dict[str, _Lot] = {}  # lots that want a consumer slot, oldest first
+        self._slots: set[str] = set()  # lots consuming (or starting to)
         self._lots: dict[str, _Lot] = {}
         self._declaring: dict[str, asyncio.Future[_Lot]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -350,20 +361,53 @@ class ParkingLots:
             lot.last_active = self._clock()
 
     async def _reconcile(self, lot: _Lot) -> None:
-        """Make the consumer match ``lot.wanted`` (the latest wish wins, whatever the order)."""
+        """Make the consumer match ``lot.wanted`` (the latest wish wins, whatever the order).
+
+        At most ``max_consumers`` parking queues are consumed at once (broker consumers must
+        not grow with the number of subscribers that parked): a lot that finds no free slot
+        waits for one, oldest first.
+        """
+        freed = False
         async with lot.lock:
             want = lot.wanted and not self._closed and self._lots.get(lot.sub) is lot
             try:
                 if want and lot.tag is None:
-                    lot.last_active = self._clock()
-                    lot.tag = await lot.queue.consume(lot.on_message, no_ack=False)
+                    if self._consumers() >= self.max_consumers:
+                        self._waiting.setdefault(lot.sub, lot)
+                        return
+                    self._waiting.pop(lot.sub, None)
+                    lot.last_active = lot.consuming_since = self._clock()
+                    self._slots.add(lot.sub)  # taken before the await: no two take the last
+                    try:
+                        lot.tag = await lot.queue.consume(lot.on_message, no_ack=False)
+                    finally:
+                        if lot.tag is None:
+                            self._slots.discard(lot.sub)
                     log.debug("parking_consuming", subscriber=lot.sub)
                 elif not want and lot.tag is not None:
                     tag, lot.tag = lot.tag, None
+                    self._slots.discard(lot.sub)
+                    freed = True
                     await lot.queue.cancel(tag)
                     log.debug("parking_paused", subscriber=lot.sub)
+                elif not want:
+                    self._waiting.pop(lot.sub, None)
             except Exception as exc:  # a broken link: the robust channel restores consumers
                 log.warning("parking_consumer_failed", subscriber=lot.sub, error=str(exc))
+        if freed:
+            self._next_turn()
+
+    def _consumers(self) -> int:
+        return len(self._slots)
+
+    def _next_turn(self) -> None:
+        """A slot came free: the lot that waited longest gets it."""
+        while self._waiting and self._consumers() < self.max_consumers:
+            sub, lot = next(iter(self._waiting.items()))
+            del self._waiting[sub]
+            if self._lots.get(sub) is lot and lot.wanted:
+                self._spawn(self._reconcile(lot))
+                return
 
     def _start_sweeper(self) -> None:
         if self._sweeper is None and not self._closed:
@@ -375,21 +419,41 @@ class ParkingLots:
             await self.sweep()
 
     async def sweep(self) -> None:
-        """Let go of consumers that had nothing to do for ``idle`` seconds."""
+        """Let go of consumers that had nothing to do for ``idle`` seconds, and of those that
+        held their slot for a whole turn while other parking queues wait."""
         now = self._clock()
         for lot in list(self._lots.values()):
             quiet = lot.active == 0 and now - lot.last_active >= self.idle_after
-            if not (quiet and lot.wanted and lot.probe_timer is None):
-                continue
-            async with lot.lock:
-                if lot.active or self._lots.get(lot.sub) is not lot:
-                    continue
-                if lot.tag is not None:
-                    with contextlib.suppress(Exception):
-                        await lot.queue.cancel(lot.tag)
-                    lot.tag = None
-                del self._lots[lot.sub]
-            log.debug("parking_released", subscriber=lot.sub)
+            waiting = lot.sub in self._waiting  # quiet because it has had no turn yet
+            if quiet and lot.wanted and lot.probe_timer is None and not waiting:
+                await self._release(lot)
+            elif self._waiting and lot.tag is not None and now - lot.consuming_since >= TURN:
+                await self._yield_turn(lot)
+        self._next_turn()
+
+    async def _release(self, lot: _Lot) -> None:
+        async with lot.lock:
+            if lot.active or self._lots.get(lot.sub) is not lot:
+                return
+            if lot.tag is not None:
+                tag, lot.tag = lot.tag, None
+                self._slots.discard(lot.sub)
+                with contextlib.suppress(Exception):
+                    await lot.queue.cancel(tag)
+            del self._lots[lot.sub]
+            self._waiting.pop(lot.sub, None)
+        log.debug("parking_released", subscriber=lot.sub)
+
+    async def _yield_turn(self, lot: _Lot) -> None:
+        async with lot.lock:
+            if lot.tag is None:
+                return
+            tag, lot.tag = lot.tag, None
+            self._slots.discard(lot.sub)
+            with contextlib.suppress(Exception):
+                await lot.queue.cancel(tag)
+            self._waiting[lot.sub] = lot  # to the back of the line
+        log.debug("parking_turn_over", subscriber=lot.sub)
 
     @contextlib.asynccontextmanager
     async def _throwaway(self) -> AsyncIterator[Any]:

@@ -161,6 +161,46 @@ async def test_a_full_lane_parks_and_parked_deliveries_wait_their_turn(make, rec
     assert retries == 0
 
 
+async def test_parking_consumers_are_capped_and_take_turns(make, receivers) -> None:
+    """Broker consumers must not grow with the subscribers that parked: one slot here, four
+    subscribers parking at once, and every parked delivery still arrives."""
+    names = [f"s{i}" for i in range(4)]
+    recs = {name: receivers.add(name, slow(0.01)) for name in names}
+    cfg = make(
+        [{"id": name, "url": recs[name].url, "max_in_flight": 1} for name in names],
+        broker={"prefetch": 16},
+    )
+    n = 60
+    most = 0
+    async with running(cfg) as disp, Publisher(cfg) as pub:
+        assert disp.parking is not None
+        disp.parking.max_consumers = 1
+        disp.parking.idle_after = 0.2
+
+        async def watch() -> None:
+            nonlocal most
+            while True:
+                most = max(most, len(disp.parking.consuming))  # type: ignore[union-attr]
+                await asyncio.sleep(0.005)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await pub.publish_many([event_body(n=i, event_id=f"c{i}") for i in range(n)])
+            assert await wait_until(
+                lambda: all(r.count == n for r in recs.values()), timeout=60
+            ), {k: r.count for k, r in recs.items()}
+        finally:
+            watcher.cancel()
+        parked = sum(
+            sample(disp, "dispatcher_parked_total", subscriber=name, why="lane_full")
+            for name in names
+        )
+    assert parked > 0
+    assert most == 1
+    for rec in recs.values():
+        assert sorted(rec.ids()) == sorted(f"c{i}" for i in range(n))
+
+
 async def test_a_removed_subscribers_parked_deliveries_are_dead_lettered(
     make, receivers: ReceiverServer
 ) -> None:
