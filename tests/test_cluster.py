@@ -339,6 +339,17 @@ async def test_a_view_change_recomputes_busy_lanes_now_and_idle_ones_when_next_u
     assert idle.stale and idle.budget == 0  # 2 over 3: ranks 0 and 1 only
 
 
+def test_a_process_asked_to_take_parked_deliveries_while_it_had_no_share_does_once_it_has() -> None:
+    lanes = lanes_for(SUB)
+    asked: list[str] = []
+    lanes.on_parked_elsewhere = asked.append
+    lanes.apply(Standing(holding=False))  # joining
+    lanes.parked_elsewhere("s")  # another process parks s for want of room
+    assert asked == []
+    lanes.apply(Standing(members=2, rank=1, settled=(2, 1)))  # joined: the lane is idle
+    assert asked == ["s"]
+
+
 # --- membership on the real broker --------------------------------------------------------------
 
 

@@ -208,7 +208,7 @@ def recent(*sends: float, per_second: int) -> deque[float]:
     [
         (10.0, 9.9, (), 10.0, "on schedule: at its turn"),
         (10.0, 9.0, (), 10.0, "a turn already past (a late wake-up): at once"),
-        (10.0, 9.98, (), 10.03, "never within half a turn (0.05 s) of the last send"),
+        (10.0, 9.98, (), 10.055, "never within 3/4 of a turn (0.075 s) of the last send"),
         (10.0, 9.9, (9.2, 9.3, 9.4), 10.2, "the last second is full (3 a second): wait"),
         (10.0, 9.9, (8.9, 9.3, 9.4), 10.0, "the third-last send left the second: go"),
     ],
