@@ -111,6 +111,11 @@ class _TurnWait:
         self._gave_up = True
         _wake(self._future)
 
+    def move_to(self, turn: float) -> None:
+        """An earlier turn (the share of the rate grew): wake up to wait for that one."""
+        self.turn = turn
+        _wake(self._future)
+
 
 def _wake(future: asyncio.Future[None] | None) -> None:
     if future is not None and not future.done():
@@ -206,7 +211,10 @@ class Lane:
             if self._rate <= 0:
                 self._budget = self.target = 0  # no part of the rate here: no part at all
             else:  # (at 0 the spacing of the last rate is kept, for turns already reserved)
+                faster = self._interval and 1.0 / self._rate < self._interval
                 self._interval = 1.0 / self._rate
+                if faster:
+                    self._respace()
                 per_second = max(1, math.ceil(self._rate - 1e-9))
                 if per_second != self._sent.maxlen:
                     self._sent = deque(self._sent, maxlen=per_second)
@@ -256,6 +264,11 @@ class Lane:
 
     def used(self) -> int:
         return self.in_flight + self.held + self.inherited
+
+    @property
+    def turns(self) -> list[float]:
+        """The rate turns handed out to deliveries that wait for them."""
+        return sorted(w.turn for w in self._turn_waits)
 
     # --- admission -------------------------------------------------------------------------------
 
@@ -337,7 +350,7 @@ class Lane:
             # until the share shrinks and this slot is one too many.
             while (
                 wait := send_at(
-                    turn, last=self._last_sent, interval=self._interval, recent=self._sent
+                    waiting.turn, last=self._last_sent, interval=self._interval, recent=self._sent
                 )
                 - self._clock()
             ) > 0:
@@ -396,6 +409,19 @@ class Lane:
             if not future.done():
                 future.set_result(False)
         self._give_back(len(self._turn_waits))
+
+    def _respace(self) -> None:
+        """The share of the rate grew: turns already handed out move up to the new spacing
+        (never later than they were), so the larger share is used at once."""
+        if not self._turn_waits:
+            return
+        waits = sorted(self._turn_waits, key=lambda w: w.turn)
+        at = max(self._clock(), waits[0].turn)
+        for waiting in waits:
+            if at < waiting.turn:
+                waiting.move_to(at)
+            at = waiting.turn + self._interval
+        self._next_turn = min(self._next_turn, at)
 
     def _give_back(self, n: int) -> None:
         """The share shrank: the ``n`` slots waiting for the latest rate turns let go (they

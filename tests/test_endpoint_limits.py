@@ -218,3 +218,22 @@ def test_when_a_rate_limited_request_may_go(
 ) -> None:
     got = send_at(turn, last=last, interval=0.1, recent=recent(*sends, per_second=3))
     assert got == pytest.approx(at), why
+
+
+async def test_a_growing_rate_share_moves_waiting_turns_up() -> None:
+    clock = Clock()
+    lane_ = shared(clock, Standing(members=2, rank=0, settled=(2, 0)), rate_limit=20)
+    assert lane_.rate == 10
+    first = await lane_.acquire()
+    assert isinstance(first, Admitted)
+    waiting = [asyncio.create_task(lane_.acquire(patient=True)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    assert lane_.turns == pytest.approx([100.1, 100.2, 100.3])
+    lane_.apply(ALONE)  # the other process is gone: 20/s here
+    assert lane_.turns == pytest.approx([100.1, 100.15, 100.2])  # never later than before
+    lane_.apply(Standing(members=2, rank=0, settled=(2, 0)))  # back to 10/s: turns stay,
+    assert lane_.turns == pytest.approx([100.1, 100.15, 100.2])  # the per-second cap holds
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert lane_.turns == [] and lane_.in_flight == 1
