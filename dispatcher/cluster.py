@@ -23,8 +23,8 @@ of subscribers:
     opened      the breaker opened (threshold, failed probe)   subscriber, open for, cooldown,
                                                                echo token
     closed      the probe succeeded                            subscriber
-    parked      deliveries parked for want of room (once, then  subscriber
-                at most every DEMAND_EVERY s while it goes on)
+    parked      deliveries parked for want of room (when it     subscriber
+                starts, then at most every 10 s while it goes on)
 
 Every process hears its own messages too: its own heartbeat coming back is how it knows it is
 still connected to the others (not heard for ISOLATED seconds: it is cut off and holds nothing
@@ -79,7 +79,11 @@ _OVER_CAP = 256  # more subscribers over their share than this: "all of them"
 _STATE_CHUNK = 200
 _OUTBOX_CAP = 1000  # heartbeats are dropped (not queued) beyond this backlog
 _UNSETTLED_WARN = 10.0
-_DEMAND_EVERY = 30.0  # seconds between two "parked" messages for one subscriber
+# "parked" for one subscriber: when it starts parking after DEMAND_QUIET seconds without (the
+# others let an idle parking consumer go after 5 s), and at most every DEMAND_EVERY seconds while
+# it goes on.
+_DEMAND_QUIET = 5.0
+_DEMAND_EVERY = 10.0
 _SIGNALS = {s.value: s for s in Signal}
 
 
@@ -211,8 +215,11 @@ class ClusterMember:
         holding a share consume the parking queue too (parking queues are consumed only where
         they are known), so the subscriber gets its whole limit however the load falls."""
         now, sub = self._clock(), lane.sub.id
+        resumed = now - self._parking.get(sub, -1e9) >= _DEMAND_QUIET
         self._parking[sub] = now
-        if self._stopped or now - self._demand_sent.get(sub, -1e9) < _DEMAND_EVERY:
+        if self._stopped or not (
+            resumed or now - self._demand_sent.get(sub, -1e9) >= _DEMAND_EVERY
+        ):
             return
         self._demand_sent[sub] = now
         if len(self._demand_sent) > 10_000:
