@@ -1,4 +1,6 @@
-# The dispatcher (and the example receiver, which ships in the same package).
+# The dispatcher (and the example receiver, which ships in the same package). It needs a RabbitMQ
+# broker: 4.x (docker-compose.yml runs rabbitmq:4-management) or 3.10-3.13, see README "Broker
+# versions".
 #   docker build -t bounce-dispatcher .
 #   docker run -v $PWD/config/docker.toml:/etc/dispatcher/dispatcher.toml:ro \
 #              -e DISPATCHER_BROKER_URL=amqp://user:pass@rabbitmq:5672/ -p 8088:8088 bounce-dispatcher

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup broker postgres receiver-kit demo run receiver test check lint typecheck chaos chaos-smoke loadtest loadtest-smoke bench clean
+.PHONY: setup broker broker-rabbitmq4 postgres receiver-kit demo run receiver test test-rabbitmq4 check lint typecheck chaos chaos-smoke loadtest loadtest-smoke bench clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml signing/pyproject.toml
 
 broker:
 	scripts/ensure-broker
+
+## A RabbitMQ 4 node on 127.0.0.1:5673, beside the broker on 5672 (built once per machine, as root).
+broker-rabbitmq4:
+	scripts/ensure-rabbitmq4
 
 postgres:
 	scripts/ensure-postgres
@@ -41,6 +45,14 @@ receiver: setup
 ## Unit, integration and smoke-chaos/load tests against the real broker (what CI runs).
 test: setup broker postgres receiver-kit
 	$(BIN)/pytest -q
+
+## The tests that talk to the broker (integration, chaos smoke) again, against RabbitMQ 4 on
+## 5673 with quorum queues, the production default (what CI runs after `make test`).
+RABBITMQ4_URL := amqp://guest:guest@127.0.0.1:5673/
+test-rabbitmq4: setup broker-rabbitmq4 postgres receiver-kit
+	DISPATCHER_TEST_BROKER_URL=$(RABBITMQ4_URL) DISPATCHER_TEST_QUEUE_TYPE=quorum \
+	  DISPATCHER_TEST_RABBITMQCTL="$(CURDIR)/scripts/ensure-rabbitmq4 ctl" \
+	  $(BIN)/pytest -q -m broker
 
 lint: setup
 	$(BIN)/ruff check .

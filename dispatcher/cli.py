@@ -285,6 +285,19 @@ def _cmd_keys(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_dlq(args: argparse.Namespace, config: Config) -> int:
+    from aiormq.exceptions import ChannelNotFoundEntity
+
+    try:
+        return _dlq(args, config)
+    except ChannelNotFoundEntity:
+        return _fail(
+            f"dlq: there is no queue {config.broker.dead_letter_queue} on the broker "
+            "(the dispatcher declares it when it first starts with this config)",
+            EXIT_RUNTIME,
+        )
+
+
+def _dlq(args: argparse.Namespace, config: Config) -> int:
     from dispatcher.dead_letters import DeadLetterTool, Filter
 
     tool = DeadLetterTool(config)

@@ -7,13 +7,14 @@ queues; the dead-letter queue is declared with a delivery limit nothing can reac
 letters are read one at a time and never gathered: listing, exporting or scanning 50,000 takes
 the memory of one.
 
-Order: a classic queue puts handed-back messages back where they were. A quorum queue appends
-them at its tail in the order its returns are applied, and a batch of more than 32 (a closed
-channel hands back everything at once; a queue member batches returns once 32 are outstanding)
-comes back shuffled (measured on 3.10 and 4.0). So the reader hands back explicitly, oldest
-first, at most `_HAND_BACK_CHUNK` at a time, each chunk once the queue shows the previous one
-back; and on a quorum queue it reads to the end before handing back (after ``--limit`` or a
-``show`` that found its dead letter too), or the ones it left would end up first.
+Order: a classic queue puts handed-back messages back where they were; the reader closes its
+channel (a basic.nack of many is far slower on classic queues: 20,000 took 170 s, a close
+0.13 s, on 4.0). A quorum queue appends them at its tail in the order its returns are applied, and
+a batch of more than 32 (a closed channel hands back everything at once; a queue member batches
+returns once 32 are outstanding) comes back shuffled (measured on 3.10 and 4.0). So on a quorum
+queue the reader reads to the end (after ``--limit`` or a ``show`` that found its dead letter
+too, or the ones it left would end up first), then hands back oldest first, at most
+`_HAND_BACK_CHUNK` at a time, each chunk once the queue shows the previous one back.
 
 Replay publishes a fresh delivery (attempt 1, publisher-confirmed) and only then acknowledges
 the dead letter it came from. A filtered purge acknowledges only the matching dead letters; the
@@ -106,10 +107,10 @@ class _Reader:
     hands back whatever was not acked, in the order it was fetched."""
 
     def __init__(
-        self, channel: AbstractChannel, raw: RawChannel, queue: AbstractQueue, *, to_end: bool
+        self, channel: AbstractChannel, raw: RawChannel, queue: AbstractQueue, *, quorum: bool
     ) -> None:
         self.channel, self._raw, self.queue = channel, raw, queue
-        self._to_end = to_end  # read everything before handing back (quorum queues)
+        self._quorum = quorum  # read to the end, hand back in chunks
         self._last_tag = 0
         self._acked: dict[int, int] = {}  # chunk -> messages acked in it
 
@@ -130,9 +131,12 @@ class _Reader:
         channel run 1, 2, 3, ...; a chunk is a range of them (multiple=True skips acked ones)."""
         if self._last_tag == 0:
             return
-        if self._to_end:
-            while await self.get() is not None:
-                pass
+        if not self._quorum:
+            await self.channel.close()
+            self._last_tag = 0
+            return
+        while await self.get() is not None:
+            pass
         ready = await self._ready()
         for chunk, start in enumerate(range(1, self._last_tag + 1, _HAND_BACK_CHUNK)):
             end = min(start + _HAND_BACK_CHUNK - 1, self._last_tag)
@@ -186,7 +190,7 @@ class DeadLetterTool:
             channel = await connection.channel(publisher_confirms=True)
             queue = await channel.declare_queue(self._cfg.broker.dead_letter_queue, passive=True)
             raw = await channel.get_underlay_channel()
-            reader = _Reader(channel, raw, queue, to_end=self._cfg.broker.queue_type == "quorum")
+            reader = _Reader(channel, raw, queue, quorum=self._cfg.broker.queue_type == "quorum")
             try:
                 yield reader
             finally:

@@ -210,8 +210,9 @@ class DeadLetterRecord:
 
 
 _BROKER_REASONS = {
-    "delivery_limit": "delivered {count} times and never settled: the dispatcher crashed or "
-    "lost its channel on every try",
+    # No count: x-delivery-count on a dead letter changes with every read of it.
+    "delivery_limit": "delivered until the queue's delivery limit, never settled: the "
+    "dispatcher crashed or lost its channel on every try",
     "rejected": "rejected by a consumer without requeue",
     "expired": "expired (message TTL)",
     "maxlen": "the queue was full (max-length)",
@@ -231,8 +232,6 @@ def _broker_reason(headers: Mapping[str, Any]) -> str:
     queue = _str(headers.get("x-first-death-queue"))
     if not queue and isinstance(death, Mapping):
         queue = _str(death.get("queue"))
-    count = _int(headers.get("x-delivery-count"), 0)
     explained = _BROKER_REASONS.get(first, "")
-    explained = explained.format(count=count or "too many")
     parts = [p for p in (explained, f"in {queue}" if queue else "") if p]
     return f"broker_{first}: {', '.join(parts)}" if parts else f"broker_{first}"

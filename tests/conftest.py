@@ -20,6 +20,28 @@ from harness import (
 
 from dispatcher.config import Config
 
+# What marks a test as one that talks to the broker (`-m broker`, which `make test-rabbitmq4`
+# runs): a broker fixture, or a module that uses the harness's broker side.
+_BROKER_FIXTURES = {"make", "names", "chaos_config"}
+_BROKER_NAMES = ("BROKER_URL", "broker_url", "Publisher", "running", "Dispatcher",
+                 "DispatcherProcess", "dead_letters", "cleanup_topology", "aio_pika")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "broker: talks to RabbitMQ (DISPATCHER_TEST_BROKER_URL); set automatically"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(item, "module", None)
+        names = vars(module) if module is not None else {}
+        if _BROKER_FIXTURES & set(getattr(item, "fixturenames", ())) or any(
+            n in names for n in _BROKER_NAMES
+        ):
+            item.add_marker(pytest.mark.broker)
+
 
 def _broker_up() -> bool:
     try:

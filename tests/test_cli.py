@@ -114,3 +114,24 @@ def test_demo_runs_the_whole_loop(tmp_path: Path) -> None:
     assert result.returncode == 0, out + result.stderr.decode()
     assert "demo OK" in out and "forged webhook              401 refused" in out
     assert "dead letters                0" in out
+
+
+def test_config_is_accepted_before_or_after_the_command(make, names, tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    make([], toml=toml)
+    before = dispatcher("--config", str(toml), "check-config")
+    after = dispatcher("check-config", "--config", str(toml))
+    assert before.returncode == after.returncode == 0, after.stderr
+    assert before.stdout == after.stdout
+    nested = dispatcher("keys", "generate", "--config", str(toml))
+    assert nested.returncode == 0, nested.stderr
+    assert dispatcher("keys", "--config", str(toml), "jwks").returncode == 0
+    # Given after the command it is the one used, not the default file.
+    missing = dispatcher("run", "--config", str(tmp_path / "none.toml"))
+    assert missing.returncode == 2 and "config file not found" in one_line(missing.stderr)
+    listed = dispatcher("dlq", "list", "--config", str(toml))
+    assert listed.returncode == 1 and one_line(listed.stderr) == (  # not declared yet
+        f"dispatcher: dlq: there is no queue {names.queue}.dead on the broker (the dispatcher "
+        "declares it when it first starts with this config)")
+    policies = dispatcher("migrate-queues", "--config", str(toml))
+    assert policies.returncode == 0 and policies.stdout.startswith(b"rabbitmqctl set_policy")

@@ -1,22 +1,44 @@
-"""`dispatcher dlq ...` through the real command line, on a real dead-letter queue."""
+"""`dispatcher dlq ...` through the real command line, on a real dead-letter queue: filters,
+accounts, ``--config`` after the command, streaming."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
+import time
 
+import aio_pika
 import orjson
+import psutil
+import pytest
 from aiohttp import web
 from harness import (
+    Names,
     Publisher,
     ReceiverServer,
+    cleanup_topology,
+    config_doc,
     dead_letters,
     event_body,
+    make_config,
     running,
     wait_for_dead_letters,
     wait_until,
+    write_toml,
 )
+
+from dispatcher.records import (
+    H_ACCOUNT,
+    H_DEAD_AT,
+    H_DEAD_ID,
+    H_EVENT_ID,
+    H_EVENT_TYPE,
+    H_REASON,
+    Delivery,
+)
+from dispatcher.topology import declare
 
 
 def dlq(toml, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -133,3 +155,159 @@ async def test_replay_of_unknown_ids_and_bad_usage(make, receivers, tmp_path) ->
     assert both.returncode == 2
     empty = await cli(toml, "list")
     assert empty.returncode == 0 and b"no dead letters" in empty.stdout
+
+
+# --- filters, accounts, --config after the command, streaming -------------------------------
+
+# (id, subscriber, account, reason): what the pipeline writes on its dead letters.
+LETTERS = [
+    ("d0", "acme", "a1", "attempts_exhausted"),
+    ("d1", "acme", "a2", "endpoint_gone"),
+    ("d2", None, "a1", "invalid_event: not JSON"),
+    ("d3", "beta", None, "attempts_exhausted"),
+    ("d4", "acme", "a1", "invalid_event: missing data.recipient"),
+]
+
+
+async def put_dead_letters(cfg, letters, *, body: bytes | None = None) -> None:
+    """Dead letters as the pipeline writes them, straight into the dead-letter exchange; the
+    body is the event, unless given."""
+    connection = await aio_pika.connect(cfg.broker.url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await declare(channel, cfg.broker)
+        exchange = await channel.get_exchange(f"{cfg.broker.queue}.dead", ensure=False)
+        pending = []
+        for dead_id, sub, account, reason in letters:
+            headers = {H_DEAD_ID: dead_id, H_REASON: reason, H_EVENT_ID: f"ev-{dead_id}",
+                       H_EVENT_TYPE: "Message.Bounced", H_DEAD_AT: "2026-12-01T08:00:00.000Z"}
+            if sub:
+                headers.update(Delivery(sub, 3, time.time(), last_status=500).headers())
+            if account:
+                headers[H_ACCOUNT] = account
+            message = aio_pika.Message(body or event_body(event_id=f"ev-{dead_id}"),
+                                       headers=headers, message_id=f"ev-{dead_id}",
+                                       delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            pending.append(exchange.publish(message, routing_key=""))
+            if len(pending) >= 500:
+                await asyncio.gather(*pending)
+                pending = []
+        await asyncio.gather(*pending)
+
+
+def ids(result: subprocess.CompletedProcess[bytes]) -> list[str]:
+    assert result.returncode == 0, result.stderr
+    return [orjson.loads(line)["id"] for line in result.stdout.splitlines()]
+
+
+def after(toml, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """``dispatcher dlq ARGS --config TOML``: the config given after the command."""
+    return subprocess.run([sys.executable, "-m", "dispatcher", "dlq", *args, "--config", str(toml)],
+                          capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+async def test_filters_pick_dead_letters_and_a_filtered_purge_keeps_the_rest_in_order(
+    make, receivers: ReceiverServer, tmp_path, queue_type: str
+) -> None:
+    rec = receivers.add("acme")
+    toml = tmp_path / "d.toml"
+    cfg = make([{"id": "acme", "url": rec.url}], toml=toml, broker={"queue_type": queue_type})
+    await put_dead_letters(cfg, LETTERS)
+
+    async def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return await asyncio.to_thread(after, toml, *args)
+
+    listed = await run("list", "--json")
+    records = [orjson.loads(line) for line in listed.stdout.splitlines()]
+    assert [r["id"] for r in records] == ["d0", "d1", "d2", "d3", "d4"]
+    assert list(records[0]) == ["id", "event_id", "event", "subscriber", "account", "attempts",
+                                "reason", "last_status", "last_error", "dead_lettered_at"]
+    assert [(r["subscriber"], r["account"]) for r in records] == [
+        ("acme", "a1"), ("acme", "a2"), (None, "a1"), ("beta", None), ("acme", "a1")]
+    assert ids(await run("list", "--json", "--subscriber", "acme")) == ["d0", "d1", "d4"]
+    assert ids(await run("list", "--json", "--account", "a1")) == ["d0", "d2", "d4"]
+    assert ids(await run("list", "--json", "--reason", "invalid_event")) == ["d2", "d4"]
+    assert ids(await run("list", "--json", "--subscriber", "acme", "--account", "a1",
+                         "--reason", "attempts")) == ["d0"]
+    assert ids(await run("list", "--json", "--account", "a1", "--limit", "2")) == ["d0", "d2"]
+    text = await run("list", "--account", "a2")
+    assert text.returncode == 0
+    header, row, total = text.stdout.decode().splitlines()
+    assert header.split() == ["id", "event", "subscriber", "account", "attempts", "reason",
+                              "last_status", "dead_lettered_at"]
+    assert row.split()[:4] == ["d1", "Message.Bounced", "acme", "a2"]
+    assert total == "1 dead letters"
+
+    exported = tmp_path / "a1.jsonl"
+    result = await run("export", str(exported), "--account", "a1")
+    assert result.returncode == 0 and b"exported 3" in result.stdout
+    lines = [orjson.loads(x) for x in exported.read_bytes().splitlines()]
+    assert [(x["id"], x["account"], x["body"]) for x in lines] == [
+        (i, "a1", event_body(event_id=f"ev-{i}").decode()) for i in ("d0", "d2", "d4")]
+
+    refused = await run("purge", "--reason", "invalid_event")
+    assert refused.returncode == 2
+    assert b"refusing to delete 2 dead letters matching the filters" in refused.stderr
+    purged = await run("purge", "--yes", "--reason", "invalid_event")
+    assert purged.returncode == 0 and b"purged 2 dead letters" in purged.stdout
+    assert ids(await run("list", "--json")) == ["d0", "d1", "d3"]
+
+    async with running(cfg):
+        # beta is not configured: kept; d1 is a2's, the only one replayed.
+        replayed = await run("replay", "--all", "--account", "a2")
+        assert replayed.returncode == 0 and b"replayed 1 dead letters" in replayed.stdout
+        assert await wait_until(lambda: rec.count == 1)
+        assert rec.ids() == ["ev-d1"]
+        kept = await run("replay", "--all", "--subscriber", "beta")
+        assert b"replayed 0" in kept.stdout and b"kept 1" in kept.stderr
+    assert ids(await run("list", "--json")) == ["d0", "d3"]
+    purged = await run("purge", "--yes")
+    assert b"purged 2" in purged.stdout
+
+
+async def _watched_listing(toml) -> tuple[int, int, float, float]:
+    """Run ``dlq list --json``; return (lines, peak RSS, seconds to the first line, seconds
+    to the last)."""
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dispatcher", "dlq", "list", "--json", "--config", str(toml),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, limit=1 << 20)
+    assert proc.stdout is not None
+    watched = psutil.Process(proc.pid)
+    peak, count, first_at = 0, 0, 0.0
+    while await asyncio.wait_for(proc.stdout.readline(), 60):
+        count += 1
+        if count == 1:
+            first_at = time.monotonic() - started
+        if count % 100 == 1:
+            with contextlib.suppress(psutil.Error):
+                peak = max(peak, watched.memory_info().rss)
+    last_at = time.monotonic() - started
+    assert await proc.wait() == 0
+    return count, peak, first_at, last_at
+
+
+async def test_list_streams_its_output_in_constant_memory(make, names, keys_dir, tmp_path) -> None:
+    """Records are written as they are read: the first line comes long before the last, and
+    the process is no bigger for 2500 dead letters than for 10."""
+    small_toml, big_toml = tmp_path / "small.toml", tmp_path / "big.toml"
+    small = make([], toml=small_toml, broker={"queue_type": "classic"})
+    await put_dead_letters(small, [(f"s{i}", "acme", "a1", "attempts_exhausted")
+                                   for i in range(10)], body=b"x" * 8192)
+    other = Names(prefix=names.prefix + "-big")
+    write_toml(big_toml, config_doc(other, keys_dir, [], broker={"queue_type": "classic"}))
+    big = make_config(other, keys_dir, [], broker={"queue_type": "classic"})
+    n = 2500
+    try:
+        await put_dead_letters(big, [(f"m{i:05}", "acme", "a1", "attempts_exhausted")
+                                     for i in range(n)], body=b"x" * 8192)
+        count, small_peak, _, _ = await _watched_listing(small_toml)
+        assert count == 10
+        count, big_peak, first_at, last_at = await _watched_listing(big_toml)
+        assert count == n
+    finally:
+        await cleanup_topology(big)
+    # Gathered, 2500 dead letters with 8 KiB bodies would take over 20 MiB more.
+    assert big_peak - small_peak < 8 * 1024 * 1024, (small_peak, big_peak)
+    assert last_at - first_at > 0.4 * last_at, "the records came all at once, at the end"
