@@ -32,6 +32,7 @@ from dispatcher.parking import ParkingLots, parking_prefetch
 from dispatcher.pipeline import Pipeline
 from dispatcher.settlement import Settlement
 from dispatcher.topology import declare, queue_depths
+from dispatcher.work_consumer import WorkConsumer
 from signing import KeyRing, TokenMinter
 
 __all__ = ["Dispatcher", "serve"]
@@ -72,7 +73,7 @@ class Dispatcher:
         )
         self._stack = contextlib.AsyncExitStack()
         self._connection: AbstractRobustConnection | None = None
-        self._consumer: tuple[Any, str] | None = None
+        self._consumer: WorkConsumer | None = None
         self._background: list[asyncio.Task[None]] = []
         self._recovery: asyncio.Task[None] | None = None
         self._reloading: asyncio.Task[None] | None = None
@@ -92,6 +93,7 @@ class Dispatcher:
             conn is not None
             and not self._stopping
             and self._consumer is not None
+            and self._consumer.consuming
             and self._link_up
             and conn.connected.is_set()
             and not conn.is_closed
@@ -184,8 +186,9 @@ class Dispatcher:
         # deliveries allocate (measured: gen2 pauses of 22-114 ms down to 1-15 ms).
         gc.collect()
         gc.freeze()
-        tag = await topology.work.consume(self.pipeline.handle, no_ack=False)
-        self._consumer = (topology.work, tag)
+        # The work queue is consumed without aio-pika's message objects (work_consumer.py).
+        self._consumer = WorkConsumer(consume_channel, topology.work.name, self.pipeline.handle)
+        await self._consumer.start()
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         self._connection.close_callbacks.add(self._on_close)
         # Its own channel: a failed passive declare closes the channel it runs on.
@@ -213,9 +216,8 @@ class Dispatcher:
         self._stopping = True
         self.metrics.ready.set(0)
         if self._consumer is not None:
-            queue, tag = self._consumer
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(queue.cancel(tag), timeout=5)
+                await asyncio.wait_for(self._consumer.cancel(), timeout=5)
         if self.parking is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.parking.close(), timeout=10)
@@ -333,11 +335,14 @@ class Dispatcher:
         for name, value in depths.items():
             self.metrics.queue_depth.labels(name).set(value)
 
-    def _on_reconnect(self, *_: Any) -> None:
+    def _on_reconnect(self, *_: Any) -> Any:
         # Fired after the channels and the consumer are restored, not merely reconnected.
         self._link_up = True
         self.metrics.ready.set(0 if self._stopping else 1)
         log.info("broker_reconnected")
+        # aio-pika restores only its own consumers: the work queue's is ours (an awaitable
+        # returned here is awaited by the connection's callback collection).
+        return self._consumer.ensure() if self._consumer is not None else None
 
     def _on_close(self, *args: Any) -> None:
         self._link_up = False

@@ -397,6 +397,10 @@ class ParkingLots:
         if freed:
             self._next_turn()
 
+    def _may_consume(self, sub: str) -> bool:
+        lane = self._lanes.get(sub)
+        return lane is None or (lane.breaker.state is BreakerState.CLOSED and lane.takes_parked)
+
     def _consumers(self) -> int:
         return len(self._slots)
 
@@ -423,6 +427,12 @@ class ParkingLots:
         held their slot for a whole turn while other parking queues wait."""
         now = self._clock()
         for lot in list(self._lots.values()):
+            if not lot.wanted and lot.probe_timer is None and self._may_consume(lot.sub):
+                # A share regained while the lane was idle (after a rejoin, say) tells nobody:
+                # look at every paused lot here, so none waits for a delivery to wake it.
+                lot.wanted = True
+                self._spawn(self._reconcile(lot))
+                continue
             quiet = lot.active == 0 and now - lot.last_active >= self.idle_after
             waiting = lot.sub in self._waiting  # quiet because it has had no turn yet
             if quiet and lot.wanted and lot.probe_timer is None and not waiting:

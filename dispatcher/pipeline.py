@@ -13,12 +13,11 @@ import asyncio
 import enum
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
 from dispatcher.acks import Acks
@@ -56,6 +55,7 @@ from dispatcher.retry_policy import (
 from dispatcher.routing import RoutingTable
 from dispatcher.settlement import Settlement
 from dispatcher.topology import parking_exchange
+from dispatcher.work_consumer import InboundMessage
 from signing import TokenMinter, sign_hmac
 
 __all__ = ["Pipeline"]
@@ -151,7 +151,7 @@ class Pipeline:
 
     # --- one message -------------------------------------------------------------------------
 
-    async def handle(self, message: AbstractIncomingMessage) -> None:
+    async def handle(self, message: InboundMessage) -> None:
         """The consumer callback. Owns the ack or requeue of ``message``."""
         task = asyncio.current_task()
         assert task is not None
@@ -180,7 +180,7 @@ class Pipeline:
             self._metrics.prefetch_used.dec()
             self._finish(message, verdict)
 
-    async def _poisoned(self, message: AbstractIncomingMessage, exc: Exception) -> _Verdict:
+    async def _poisoned(self, message: InboundMessage, exc: Exception) -> _Verdict:
         """A message that breaks the pipeline twice is dead-lettered, not requeued forever.
 
         Broker and connection errors are transient: those messages always go back.
@@ -203,7 +203,7 @@ class Pipeline:
         self._metrics.dead_letters.labels("dispatch_error").inc()
         return _Verdict.ACK
 
-    def _finish(self, message: AbstractIncomingMessage, verdict: _Verdict) -> None:
+    def _finish(self, message: InboundMessage, verdict: _Verdict) -> None:
         # Frames go out in groups once per loop pass (dispatcher/acks.py); a channel that went
         # away meanwhile (a reconnect) means the broker redelivers the message.
         try:
@@ -212,7 +212,7 @@ class Pipeline:
             return  # closed already: the broker hands the message to a consumer again
         self.acks.settle(channel, message.delivery_tag, verdict is _Verdict.ACK)
 
-    async def _process(self, message: AbstractIncomingMessage) -> _Verdict:
+    async def _process(self, message: InboundMessage) -> _Verdict:
         now = self._clock()
         headers = message.headers or {}
         # Our own headers are trusted only on messages that came back through our own delay
@@ -348,8 +348,8 @@ class Pipeline:
 
     async def _process_batch(
         self,
-        message: AbstractIncomingMessage,
-        headers: dict[str, Any],
+        message: InboundMessage,
+        headers: Mapping[str, Any],
         delivery: Delivery,
         carry: dict[str, Any],
         now: float,
