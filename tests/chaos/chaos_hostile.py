@@ -272,7 +272,10 @@ def render_good(spec: dict[str, Any], n: int) -> Hostile:
     if mode in ("body_id", "both"):
         doc["id"] = f"body-{n}"
         body = body.rstrip()[:-1].rstrip() + b', "id": "' + doc["id"].encode() + b'"}'
-    if mode in ("message_id", "both"):
+    if mode == "both":  # the body's id wins over message_id (clients stamp random ones)
+        props["message_id"] = f"{spec['_message_id']}-{n}"
+        event_id = doc["id"]
+    elif mode == "message_id":
         props["message_id"] = f"{spec['_message_id']}-{n}"
         event_id = props["message_id"]
     elif mode == "body_id":
