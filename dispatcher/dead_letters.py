@@ -42,6 +42,7 @@ from dispatcher.config import Config
 from dispatcher.events import derive_event_id
 from dispatcher.records import (
     CARRIED_HEADERS,
+    H_BATCH_ID,
     DeadLetterRecord,
     Delivery,
 )
@@ -57,11 +58,38 @@ class DeadLetter:
 
     def export(self) -> dict[str, Any]:
         out = self.record.as_dict()
+        members = self.members
+        if members is not None:
+            out["batch"] = {"id": self.record.event_id, "size": len(members), "members": members}
         try:
             out["body"] = self.body.decode("utf-8")
         except UnicodeDecodeError:
             out["body_base64"] = base64.b64encode(self.body).decode()
         return out
+
+    @property
+    def members(self) -> list[str | None] | None:
+        """For a dead-lettered batch, the event id of each member, in order (None for a
+        member whose id cannot be told); None when this is not a batch."""
+        if H_BATCH_ID not in self.headers:
+            return None
+        try:
+            elements = orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            return []
+        if not isinstance(elements, list):
+            return []
+        return [_member_id(e) for e in elements]
+
+
+def _member_id(element: object) -> str | None:
+    if isinstance(element, dict):
+        value = element.get("id")
+        if isinstance(value, str):
+            return value
+        # An event without an id has the id derived from its exact bytes, which a parsed
+        # array no longer holds: say so rather than guess.
+    return None
 
 
 @dataclass(frozen=True, slots=True)

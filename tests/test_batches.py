@@ -145,6 +145,13 @@ async def test_a_batch_to_a_gone_endpoint_is_one_dead_letter_and_replays(make, r
         assert letters[0].record.reason == "endpoint_gone"
         assert letters[0].record.event_id == rec.failures[0].headers["webhook-id"]
         assert [e["id"] for e in orjson.loads(letters[0].body)] == ["g0", "g1", "g2", "g3"]
+        shown = letters[0].export()  # what dlq show and dlq export print
+        assert shown["batch"] == {
+            "id": letters[0].record.event_id,
+            "size": 4,
+            "members": ["g0", "g1", "g2", "g3"],
+        }
+        assert shown["event"] == "batch"
         state["gone"] = False
         replayed, missing, kept = await DeadLetterTool(cfg, progress=None).replay(None)
         assert (replayed, missing, kept) == (1, set(), set())
