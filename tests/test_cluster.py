@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
-from harness import wait_until
+from harness import BROKER_HOST, BROKER_PORT, broker_url, wait_until
 from tcp_proxy import TcpProxy
 
 from dispatcher.circuit_breaker import BreakerState, Signal
@@ -469,8 +469,8 @@ async def test_a_member_cut_off_from_the_broker_holds_nothing_then_rejoins(make)
     stops holding within ISOLATED seconds, the other takes over after GONE, and both share
     again once the link is back."""
     cfg = make([])
-    async with TcpProxy("127.0.0.1", 5672) as proxy:
-        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/?reconnect_interval=0.3"
+    async with TcpProxy(BROKER_HOST, BROKER_PORT) as proxy:
+        url = broker_url(port=proxy.port, query="reconnect_interval=0.3")
         async with members(cfg, 1) as group:
             group.append(await Member(cfg, (SUB,), url=url).start())
             direct, proxied = group
@@ -483,7 +483,9 @@ async def test_a_member_cut_off_from_the_broker_holds_nothing_then_rejoins(make)
             assert direct.lanes.lane(SUB).budget == 2  # the survivor has the whole limit
             proxy.stall = False
             assert await wait_until(lambda: agreed(group, 2), timeout=10)
-            await proxy.cut()  # a reset this time: the robust connection comes back by itself
-            assert await wait_until(lambda: not proxied.standing.holding, timeout=ISOLATED + 1)
+            # A reset this time: the robust connection comes back by itself, often within a
+            # few hundred ms, so the spell without a share may be too short to observe here;
+            # what must hold is that both share again.
+            await proxy.cut()
             assert await wait_until(lambda: agreed(group, 2), timeout=15)
             assert (direct.lanes.lane(SUB).budget, proxied.lanes.lane(SUB).budget) == (1, 1)
