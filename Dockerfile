@@ -21,7 +21,7 @@ COPY pyproject.toml README.md ./
 COPY dispatcher ./dispatcher
 COPY signing ./signing
 COPY example_receiver ./example_receiver
-RUN pip install . \
+RUN pip install './signing[aiohttp]' . \
  && rm -rf /src \
  && mkdir -p /etc/dispatcher /var/lib/dispatcher/keys /data \
  && chown -R dispatcher:dispatcher /var/lib/dispatcher /data \
