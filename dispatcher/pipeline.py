@@ -63,6 +63,9 @@ __all__ = ["Pipeline"]
 log = structlog.get_logger("dispatcher.pipeline")
 
 
+_TRANSIENT_HOLD = 2.0  # seconds a message is held before it is handed back for a broker error
+
+
 class _Verdict(enum.Enum):
     ACK = "ack"
     REQUEUE = "requeue"
@@ -186,7 +189,14 @@ class Pipeline:
         Broker and connection errors are transient: those messages always go back.
         """
         transient = isinstance(exc, AMQPError | ConnectionError | ChannelInvalidStateError)
-        if transient or not message.redelivered:
+        if transient:
+            # The broker link is down (a retry or park could not be confirmed): hand back, but
+            # not at once. An immediate hand-back comes straight back and fails again, several
+            # times a second, and on a quorum work queue each time counts toward its delivery
+            # limit: healthy events would be dead-lettered during a long outage.
+            await asyncio.sleep(_TRANSIENT_HOLD)
+            return _Verdict.REQUEUE
+        if not message.redelivered:
             return _Verdict.REQUEUE
         reason = f"dispatch_error: {type(exc).__name__}: {exc}"
         try:
