@@ -323,3 +323,23 @@ async def await_settled(ledger: Any, receipts: Any, config: Config, *, timeout: 
         previous = snapshot
         await asyncio.sleep(0.2)
     return ledger.account(receipts(), await dead_letters(config))
+
+
+async def kill_repeatedly(proc: DispatcherProcess, server: Any, ledger: Any, kills: int,
+                          random: Any) -> None:
+    """SIGKILL the dispatcher ``kills`` times, spread over the run (each at a random moment
+    within its stretch of the owed deliveries), restarting it after each."""
+    from chaos_scale import pick
+    from harness import wait_until
+
+    def received() -> int:
+        return sum(len(e.receipts) for e in server.endpoints.values())
+
+    for k in range(1, kills + 1):
+        target = ledger.due * (k - 1 + random.uniform(0.3, 1.0)) / (kills + 1)
+        assert await wait_until(lambda t=target: received() >= t,
+                                timeout=pick(60, 300)), proc.log_tail()
+        await proc.kill()
+        ledger.fault("kill -9")
+        await asyncio.sleep(random.uniform(0, 0.3))
+        await proc.start()

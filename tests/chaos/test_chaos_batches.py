@@ -13,9 +13,15 @@ import pytest
 from chaos_endpoints import EndpointServer
 from chaos_events import make_events
 from chaos_ledger import Ledger, record
-from chaos_process import DispatcherProcess, await_settled, background, depths
+from chaos_process import (
+    DispatcherProcess,
+    await_settled,
+    background,
+    depths,
+    kill_repeatedly,
+)
 from chaos_scale import pick, rng
-from harness import Publisher, wait_until
+from harness import Publisher
 
 pytestmark = pytest.mark.chaos
 
@@ -41,19 +47,10 @@ async def test_kill_9_mid_batch_loses_nothing(chaos_config, tmp_path: Path) -> N
         for event_id, _, _ in events:
             ledger.expect(event_id, ["bulk", "single"])
 
-        def received() -> int:
-            return sum(len(e.receipts) for e in server.endpoints.values())
-
         async with DispatcherProcess(doc, tmp_path) as proc, Publisher(cfg) as pub:
             await proc.start()
             async with background(pub.publish_many([b for *_, b in events])) as publishing:
-                for k in range(1, kills + 1):
-                    target = ledger.due * (k - 1 + random.uniform(0.3, 1.0)) / (kills + 1)
-                    assert await wait_until(lambda t=target: received() >= t,
-                                            timeout=pick(60, 300)), proc.log_tail()
-                    await proc.kill()
-                    ledger.fault("kill -9")
-                    await proc.start()
+                await kill_repeatedly(proc, server, ledger, kills, random)
                 await publishing
             tally = await await_settled(ledger, server.receipts, cfg, timeout=pick(60, 600))
             code = await proc.terminate()

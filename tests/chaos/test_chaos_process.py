@@ -7,16 +7,20 @@ subscriber; at the end each owed delivery must have been received or dead-letter
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
-from random import Random
 
 import pytest
 from chaos_endpoints import EndpointServer, flaky, latency
 from chaos_events import make_events, owed_to
 from chaos_ledger import Ledger, record
-from chaos_process import DispatcherProcess, await_settled, background, depths
+from chaos_process import (
+    DispatcherProcess,
+    await_settled,
+    background,
+    depths,
+    kill_repeatedly,
+)
 from chaos_scale import pick, rng
 from harness import Publisher, wait_until
 
@@ -57,7 +61,7 @@ async def test_kill_9_repeatedly_loses_nothing(chaos_config, tmp_path: Path) -> 
         async with DispatcherProcess(doc, tmp_path) as proc, Publisher(cfg) as pub:
             await proc.start()
             async with background(pub.publish_many([b for *_, b in events])) as publishing:
-                await _kill_repeatedly(proc, server, ledger, kills, random)
+                await kill_repeatedly(proc, server, ledger, kills, random)
                 await publishing
             tally = await await_settled(ledger, server.receipts, cfg, timeout=pick(60, 600))
             code = await proc.terminate()
@@ -69,19 +73,6 @@ async def test_kill_9_repeatedly_loses_nothing(chaos_config, tmp_path: Path) -> 
     # Each kill can repeat at most the messages it held (the prefetch window), each to at
     # most every subscriber.
     tally.holds(max_duplicates=kills * PREFETCH * len(SUBSCRIBERS))
-
-
-async def _kill_repeatedly(proc: DispatcherProcess, server: EndpointServer, ledger: Ledger,
-                           kills: int, random: Random) -> None:
-    for k in range(1, kills + 1):
-        # Spread the kills over the run, each at a random moment within its stretch.
-        target = ledger.due * (k - 1 + random.uniform(0.3, 1.0)) / (kills + 1)
-        assert await wait_until(lambda t=target: _receipt_count(server) >= t,
-                                timeout=pick(60, 300)), proc.log_tail()
-        await proc.kill()
-        ledger.fault("kill -9")
-        await asyncio.sleep(random.uniform(0, 0.3))
-        await proc.start()
 
 
 @pytest.mark.timeout(pick(120, 1800))
