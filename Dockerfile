@@ -1,4 +1,5 @@
-# The dispatcher (and the example receiver, which ships in the same package). It needs a RabbitMQ
+# The dispatcher, with the example receiver beside it (docker-compose.yml runs it from this image as
+# `python -m example_receiver`; it is not part of the dispatcher's wheel). It needs a RabbitMQ
 # broker: 4.x (docker-compose.yml runs rabbitmq:4-management) or 3.10-3.13, see README "Broker
 # versions".
 #   docker build -t bounce-dispatcher .
@@ -20,7 +21,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY dispatcher ./dispatcher
 COPY signing ./signing
-COPY example_receiver ./example_receiver
+# The example receiver is not in the wheel: it stays importable from its own directory.
+COPY example_receiver /opt/bounce/example_receiver
+ENV PYTHONPATH=/opt/bounce
 RUN pip install './signing[aiohttp]' . \
  && rm -rf /src \
  && mkdir -p /etc/dispatcher /var/lib/dispatcher/keys /data \

@@ -56,7 +56,7 @@ test-rabbitmq4: setup broker-rabbitmq4 postgres receiver-kit
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check dispatcher signing
+	$(BIN)/ruff format --check .
 
 typecheck: setup
 	$(BIN)/mypy

@@ -10,12 +10,14 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import orjson
 
 from dispatcher import __version__
 from dispatcher.config import Config, ConfigError, load_config
+from dispatcher.names import dead_queue
 
 __all__ = ["main"]
 
@@ -181,7 +183,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def _dispatch(args: argparse.Namespace, config: Config) -> int:
-    from dispatcher.log import configure_logging
+    from dispatcher.process.log import configure_logging
 
     cmd = args.command
     if cmd not in ("run", "demo"):
@@ -196,10 +198,7 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
         configure_logging(config.dispatcher.log_level, config.dispatcher.log_format)
         return _cmd_run(args, config)
     if cmd == "demo":
-        configure_logging("warning", "console")
-        from dispatcher.demo import run_demo
-
-        return _run_async(lambda: run_demo(config, events=args.events, keep=args.keep))
+        return _cmd_demo(args, config)
     if cmd == "publish":
         return _cmd_publish(args, config)
     if cmd == "keys":
@@ -218,18 +217,44 @@ def _cmd_run(args: argparse.Namespace, config: Config) -> int:
     if workers == 0:
         workers = os.cpu_count() or 1
     if workers > 1 and not args.worker_child:
-        from dispatcher.supervisor import supervise
+        from dispatcher.process.supervisor import supervise
 
         return supervise(config, workers=workers, config_path=args.config)
-    from dispatcher.daemon import serve
+    from dispatcher.process.daemon import serve
 
     return _run_async(
         lambda: serve(config, config_path=args.config, serve_ops=not args.worker_child)
     )
 
 
+def _cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    """Run the demo, which lives beside the package in a source checkout, not in the wheel.
+
+    The demo drives the example receiver and reads its SQLite store, so it is the top-level `demo`
+    package of the checkout rather than part of `dispatcher`. It is found on the import path, or
+    else next to this package when the dispatcher runs from a checkout (an editable install).
+    """
+    from dispatcher.process.log import configure_logging
+
+    try:
+        from demo.loop import run_demo
+    except ImportError:
+        checkout = Path(__file__).resolve().parent.parent
+        if not (checkout / "demo" / "loop.py").is_file():
+            return _fail(
+                "demo: the demo ships with the source checkout, not the installed package "
+                "(run it from a checkout: make demo)",
+                EXIT_RUNTIME,
+            )
+        sys.path.append(str(checkout))
+        from demo.loop import run_demo
+
+    configure_logging("warning", "console")
+    return _run_async(lambda: run_demo(config, events=args.events, keep=args.keep))
+
+
 def _cmd_publish(args: argparse.Namespace, config: Config) -> int:
-    from dispatcher.publisher import PublishError, publish_events, read_events
+    from dispatcher.broker.publisher import PublishError, publish_events, read_events
 
     try:
         if args.file == "-":
@@ -291,14 +316,14 @@ def _cmd_dlq(args: argparse.Namespace, config: Config) -> int:
         return _dlq(args, config)
     except ChannelNotFoundEntity:
         return _fail(
-            f"dlq: there is no queue {config.broker.dead_letter_queue} on the broker "
+            f"dlq: there is no queue {dead_queue(config.broker.queue)} on the broker "
             "(the dispatcher declares it when it first starts with this config)",
             EXIT_RUNTIME,
         )
 
 
 def _dlq(args: argparse.Namespace, config: Config) -> int:
-    from dispatcher.dead_letters import DeadLetterTool, Filter
+    from dispatcher.broker.dead_letters import DeadLetterTool, Filter
 
     tool = DeadLetterTool(config)
     cmd = args.dlq_command
@@ -346,7 +371,7 @@ def _dlq(args: argparse.Namespace, config: Config) -> int:
                     EXIT_USAGE,
                 )
             answer = input(
-                f"Delete {count} dead letters{which} from {config.broker.dead_letter_queue}? [y/N] "
+                f"Delete {count} dead letters{which} from {dead_queue(config.broker.queue)}? [y/N] "
             )
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing deleted")
@@ -419,7 +444,7 @@ def _cmd_migrate_queues(args: argparse.Namespace, config: Config) -> int:
     import subprocess
     from urllib.parse import unquote, urlsplit
 
-    from dispatcher.topology import migration_policies
+    from dispatcher.broker.topology import migration_policies
 
     vhost = unquote(urlsplit(config.broker.url).path[1:]) or "/"
     policies = migration_policies(config.broker)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from dispatcher.events import ACCOUNT_PATTERN, KNOWN_EVENT_TYPES
+from dispatcher.decisions.events import ACCOUNT_PATTERN, KNOWN_EVENT_TYPES
 
 __all__ = [
     "BatchConfig",

@@ -140,8 +140,9 @@ _JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]', re.DOTALL)
 
 def derived_event_id(event_bytes: bytes) -> str:
     """The id an event whose body has no "id" is delivered under: the hash of its exact bytes
-    that the dispatcher's publisher stamps as the message_id (dispatcher.events.derive_event_id,
-    not imported: this package needs nothing of the dispatcher)."""
+    that the dispatcher's publisher stamps as the message_id
+    (dispatcher.decisions.events.derive_event_id, not imported: this package needs nothing of
+    the dispatcher)."""
     return "evt_" + hashlib.blake2b(event_bytes, digest_size=16).hexdigest()
 
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dispatcher.routing import pattern_matches
+from dispatcher.decisions.routing import pattern_matches
 from loadtest.generator import Published
 
 __all__ = ["Accounting", "DeadRecord", "Owed", "SubscriberSpec", "account"]

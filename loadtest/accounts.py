@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.accounting import SubscriberSpec
-from loadtest.processes import to_toml
+from tests.support.toml_files import to_toml
 
 __all__ = ["AccountLayout", "Probe", "reload_effect", "write_files"]
 

@@ -31,12 +31,12 @@ import orjson
 import structlog
 
 from dispatcher.config import Config, parse_config
-from dispatcher.events import Event, parse_event
-from dispatcher.metrics import Metrics
-from dispatcher.pipeline import Pipeline
-from dispatcher.records import Delivery
-from dispatcher.retry_policy import Outcome, OutcomeKind
-from dispatcher.routing import RoutingTable
+from dispatcher.decisions.events import Event, parse_event
+from dispatcher.decisions.records import Delivery
+from dispatcher.decisions.retry_policy import Outcome, OutcomeKind
+from dispatcher.decisions.routing import RoutingTable
+from dispatcher.process.metrics import Metrics
+from dispatcher.process.pipeline import Pipeline
 from loadtest.generator import EventMix
 from signing import KeyRing, TokenMinter
 

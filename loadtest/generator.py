@@ -27,7 +27,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractExchange
 
-from dispatcher.records import H_PUBLISHED_AT
+from dispatcher.names import H_PUBLISHED_AT
 
 __all__ = ["EventMix", "Generator", "PublishStats", "Published"]
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -30,18 +28,10 @@ __all__ = [
     "DispatcherFailed",
     "DispatcherProcess",
     "ReceiversProcess",
-    "free_port",
     "start_baseline",
-    "to_toml",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 GC_PROBE = Path(__file__).resolve().parent / "gcprobe"
@@ -182,47 +172,6 @@ class ReceiversProcess:
 
 
 # --- the dispatcher -------------------------------------------------------------------------
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, Mapping):  # an inline table: batch = { max_events = 100, ... }
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}"
-                                for k, v in value.items()) + " }"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string for anything we write
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def _toml_key(key: str) -> str:
-    bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
-    return key if bare else json.dumps(key)
-
-
-def to_toml(doc: Mapping[str, Any]) -> str:
-    """The small subset of TOML a dispatcher config needs: scalars, tables, arrays of tables,
-    and inline tables inside those (``batch = { ... }``, ``filter = { "data.x" = [...] }``)."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in doc.items()
-             if not isinstance(v, Mapping) and not _is_table_array(v)]
-    for key, value in doc.items():
-        if isinstance(value, Mapping):
-            lines += ["", f"[{key}]"] + [f"{_toml_key(k)} = {_toml_value(v)}"
-                                         for k, v in value.items()]
-    for key, value in doc.items():
-        if _is_table_array(value):
-            for table in value:
-                lines += ["", f"[[{key}]]"] + [f"{_toml_key(k)} = {_toml_value(v)}"
-                                               for k, v in table.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _is_table_array(value: object) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, Mapping) for v in value)
 
 
 class DispatcherFailed(RuntimeError):

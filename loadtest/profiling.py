@@ -83,7 +83,7 @@ class Profiler:
 
 
 def _package(file: str) -> str:
-    # py-spy names files relative to their sys.path entry: "dispatcher/pipeline.py".
+    # py-spy names files relative to their sys.path entry: "dispatcher/process/pipeline.py".
     if file.startswith("asyncio/runners.py"):
         return "event loop (uvloop, native)"
     for needle, name in _PACKAGES:

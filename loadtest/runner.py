@@ -34,8 +34,9 @@ from urllib.parse import urlsplit
 
 import aio_pika
 
+from dispatcher.broker.topology import declare, declare_parking, delete
 from dispatcher.config import BrokerConfig, ConfigError, parse_config
-from dispatcher.topology import declare, declare_parking, delete, parking_queue, tier_queue_names
+from dispatcher.names import parking_queue, tier_queue_names
 from loadtest.accounting import DeadRecord, Owed, SubscriberSpec
 from loadtest.accounts import INCLUDE_DIR, specs_of, write_files
 from loadtest.broker import census, delete_prefixed
@@ -43,17 +44,12 @@ from loadtest.gcstats import read_dir
 from loadtest.generator import EventMix, Generator
 from loadtest.monitor import MachineSampler, MiB, TreeSampler, find_broker_pid
 from loadtest.phases import BASELINE, DISPATCHER, PhaseResult, PhaseSpec
-from loadtest.processes import (
-    Child,
-    DispatcherProcess,
-    ReceiversProcess,
-    free_port,
-    start_baseline,
-    to_toml,
-)
+from loadtest.processes import Child, DispatcherProcess, ReceiversProcess, start_baseline
 from loadtest.profiling import Profiler, summarize
 from loadtest.reload_probe import reload_and_probe
 from loadtest.summary import PhaseData, summarise
+from tests.support.ports import free_port
+from tests.support.toml_files import to_toml
 
 __all__ = ["BASELINE", "DISPATCHER", "PhaseFailed", "PhaseResult", "PhaseSpec", "Run",
            "RunOptions"]
@@ -600,8 +596,8 @@ class _PhaseRun:
             f"{cpu} rss {(s.rss / MiB if s else 0):.0f}MiB")
 
     async def _dead_letters(self) -> list[DeadRecord]:
+        from dispatcher.broker.dead_letters import DeadLetterTool
         from dispatcher.config import Config
-        from dispatcher.dead_letters import DeadLetterTool
 
         letters = await DeadLetterTool(Config(broker=self.broker), progress=None).list()
         return [DeadRecord(dl.record.event_id, dl.record.subscriber, dl.record.reason)
@@ -610,7 +606,7 @@ class _PhaseRun:
     async def _pending(self) -> list[DeadRecord]:
         """Deliveries still waiting in the work queue or the retry tiers (the consumer has
         stopped, so nothing is held): read without acknowledging, handed back on close."""
-        from dispatcher.records import H_SUBSCRIBER
+        from dispatcher.names import H_SUBSCRIBER
 
         if self.by_account:
             c = await census(f"{self.prefix}.", self.broker.url, self._known_queues())

@@ -1,24 +1,28 @@
+"""Fixtures every tier may use, and the `broker` mark.
+
+The tiers: tests/unit needs nothing but this process (it passes with RabbitMQ unreachable);
+tests/integration and tests/chaos run against the real broker, and fail at once, with how to
+start it, when it does not answer (their conftest files). What they share is tests/support.
+"""
+
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import (
-    BROKER_HOST,
-    BROKER_PORT,
+
+from dispatcher.config import Config
+from tests.support.harness import (
     Names,
     ReceiverServer,
     cleanup_topology,
     config_doc,
     make_config,
     unique_names,
-    write_toml,
 )
-
-from dispatcher.config import Config
+from tests.support.toml_files import write_toml
 
 # What marks a test as one that talks to the broker (`-m broker`, which `make test-rabbitmq4`
 # runs): a broker fixture, or a module that uses the harness's broker side.
@@ -41,23 +45,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             n in names for n in _BROKER_NAMES
         ):
             item.add_marker(pytest.mark.broker)
-
-
-def _broker_up() -> bool:
-    try:
-        with socket.create_connection((BROKER_HOST, BROKER_PORT), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _require_broker() -> None:
-    if not _broker_up():
-        pytest.fail(
-            f"RabbitMQ is not answering on {BROKER_HOST}:{BROKER_PORT} (DISPATCHER_TEST_BROKER_URL;"
-            " start it: scripts/ensure-broker, or scripts/ensure-rabbitmq4 for 5673)"
-        )
 
 
 @pytest.fixture

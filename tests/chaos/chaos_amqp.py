@@ -16,10 +16,11 @@ import asyncio
 import contextlib
 from typing import Any
 
-from harness import BROKER_HOST, BROKER_PORT
 from pamqp import body as amqp_body
 from pamqp import commands, frame, header
 from pamqp.exceptions import UnmarshalingException
+
+from tests.support.harness import BROKER_HOST, BROKER_PORT
 
 __all__ = ["RawPublisher"]
 

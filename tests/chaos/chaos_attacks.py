@@ -23,10 +23,10 @@ from typing import Any
 
 import orjson
 from cryptography.hazmat.primitives import serialization
-from receiver_helpers import claims_for, craft_token
-from receiver_helpers import event_body as receiver_event
 
 from signing import KeyRing, sign_hmac
+from tests.support.receiver_helpers import claims_for, craft_token
+from tests.support.receiver_helpers import event_body as receiver_event
 
 __all__ = ["Captured", "Target", "hmac_attacks", "jwt_attacks"]
 

@@ -19,8 +19,9 @@ import subprocess
 from collections.abc import AsyncIterator
 
 import psutil
-from harness import RABBITMQCTL as CTL_COMMAND
-from harness import RABBITMQCTL_FROM_ENV
+
+from tests.support.harness import RABBITMQCTL as CTL_COMMAND
+from tests.support.harness import RABBITMQCTL_FROM_ENV
 
 __all__ = ["broker_not_ours", "broker_stopped", "rabbitmqctl", "restart_allowed",
            "restore_if_stopped"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from harness import event_body
+from tests.support.harness import event_body
 
 __all__ = ["EVENT_TYPES", "Event", "make_events", "owed_to"]
 

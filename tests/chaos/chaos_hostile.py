@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as fixed_seed
 from hypothesis import strategies as st
 
-from dispatcher.events import derive_event_id
+from dispatcher.decisions.events import derive_event_id
 
 __all__ = ["MAX_EVENT_BYTES", "Hostile", "draw_batch"]
 

@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -24,10 +23,12 @@ from typing import Any
 
 import aio_pika
 import aiohttp
-from harness import BROKER_URL, Names, config_doc
 
+from dispatcher.broker.topology import queue_depths
 from dispatcher.config import Config, parse_config
-from dispatcher.topology import queue_depths
+from tests.support.harness import BROKER_URL, Names, config_doc
+from tests.support.ports import free_port
+from tests.support.toml_files import to_toml
 
 __all__ = [
     "PROJECT_ROOT",
@@ -57,12 +58,6 @@ async def background(coro: Any) -> AsyncIterator[asyncio.Task[Any]]:
                 await task
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def chaos_doc(names: Names, keys_dir: str, subscribers: list[dict[str, Any]], *,
               broker_url: str = BROKER_URL, **sections: Any) -> dict[str, Any]:
     """A config document like `harness.make_config`'s, as plain data (for TOML or parsing).
@@ -85,41 +80,6 @@ def chaos_doc(names: Names, keys_dir: str, subscribers: list[dict[str, Any]], *,
 
 def config_of(doc: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
     return parse_config(doc, dict(env or {}))
-
-
-# --- TOML (just what a config needs) ----------------------------------------------------------
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):  # an inline table (a subscriber's batch or filter)
-        pairs = (f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items())
-        return "{ " + ", ".join(pairs) + " }"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def _is_table_array(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
-
-
-def to_toml(doc: Mapping[str, Any]) -> str:
-    lines = [f"{k} = {_toml_value(v)}" for k, v in doc.items()
-             if not isinstance(v, dict) and not _is_table_array(v)]
-    for key, value in doc.items():
-        if isinstance(value, dict):
-            lines += ["", f"[{key}]"] + [f"{k} = {_toml_value(v)}" for k, v in value.items()]
-    for key, value in doc.items():
-        if _is_table_array(value):
-            for item in value:
-                lines += ["", f"[[{key}]]"] + [f"{k} = {_toml_value(v)}" for k, v in item.items()]
-    return "\n".join(lines) + "\n"
 
 
 # --- the process --------------------------------------------------------------------------------
@@ -290,7 +250,7 @@ async def await_settled(ledger: Any, receipts: Any, config: Config, *, timeout: 
     and retry tiers are empty and no receipt has arrived for ``quiet`` seconds (so late
     duplicates are counted too). Returns the ledger's final `Tally`; on timeout, the tally as
     it stands (its `holds` check then says what is missing)."""
-    from harness import dead_letters
+    from tests.support.harness import dead_letters
 
     deadline = time.monotonic() + timeout
     letters: list[Any] = []
@@ -330,7 +290,8 @@ async def kill_repeatedly(proc: DispatcherProcess, server: Any, ledger: Any, kil
     """SIGKILL the dispatcher ``kills`` times, spread over the run (each at a random moment
     within its stretch of the owed deliveries), restarting it after each."""
     from chaos_scale import pick
-    from harness import wait_until
+
+    from tests.support.harness import wait_until
 
     def received() -> int:
         return sum(len(e.receipts) for e in server.endpoints.values())

@@ -17,9 +17,9 @@ from chaos_broker import restore_if_stopped
 from chaos_ledger import SCOREBOARD, render_markdown, render_text
 from chaos_process import chaos_doc, config_of
 from chaos_scale import SCALE, SEED
-from harness import BROKER_URL, Names, cleanup_topology
 
 from dispatcher.config import Config
+from tests.support.harness import BROKER_URL, Names, cleanup_topology, require_broker
 
 TABLE_PATH = Path(__file__).with_name("last_run.md")
 
@@ -45,6 +45,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(f"(table written to {TABLE_PATH})")
     except OSError as exc:  # a read-only checkout must not fail the run
         terminalreporter.write_line(f"(could not write {TABLE_PATH}: {exc})")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _require_broker() -> None:
+    require_broker()
 
 
 Doc = dict[str, Any]

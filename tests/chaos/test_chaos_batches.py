@@ -21,7 +21,8 @@ from chaos_process import (
     kill_repeatedly,
 )
 from chaos_scale import pick, rng
-from harness import Publisher
+
+from tests.support.harness import Publisher
 
 pytestmark = pytest.mark.chaos
 

@@ -21,8 +21,9 @@ from chaos_events import make_events, owed_to
 from chaos_ledger import Ledger, record
 from chaos_process import DispatcherProcess, await_settled, background, depths
 from chaos_scale import pick, rng
-from harness import BROKER_HOST, BROKER_PORT, Publisher, broker_url, wait_until
-from tcp_proxy import TcpProxy
+
+from tests.support.harness import BROKER_HOST, BROKER_PORT, Publisher, broker_url, wait_until
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.chaos
 

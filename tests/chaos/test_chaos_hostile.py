@@ -25,11 +25,11 @@ from chaos_hostile import Hostile, draw_batch
 from chaos_ledger import Ledger, record
 from chaos_process import PROJECT_ROOT, DispatcherProcess, await_settled
 from chaos_scale import SEED, pick
-from harness import dead_letters, event_body, wait_until
 from pamqp import commands
 
 from dispatcher.config import Config
-from dispatcher.events import derive_event_id
+from dispatcher.decisions.events import derive_event_id
+from tests.support.harness import dead_letters, event_body, wait_until
 
 pytestmark = pytest.mark.chaos
 

@@ -22,7 +22,8 @@ from chaos_process import (
     kill_repeatedly,
 )
 from chaos_scale import pick, rng
-from harness import Publisher, wait_until
+
+from tests.support.harness import Publisher, wait_until
 
 pytestmark = pytest.mark.chaos
 

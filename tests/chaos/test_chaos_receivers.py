@@ -43,7 +43,8 @@ from chaos_endpoints import (
 from chaos_ledger import Ledger, record
 from chaos_process import await_settled
 from chaos_scale import pick
-from harness import Publisher, dead_letters, event_body, running
+
+from tests.support.harness import Publisher, dead_letters, event_body, running
 
 pytestmark = pytest.mark.chaos
 

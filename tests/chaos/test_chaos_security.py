@@ -28,14 +28,22 @@ from chaos_attacks import Target, hmac_attacks, jwt_attacks
 from chaos_endpoints import Endpoint, EndpointServer, redirect
 from chaos_events import owed_to
 from chaos_ledger import Ledger, record
-from chaos_process import PROJECT_ROOT, DispatcherProcess, await_settled, to_toml
+from chaos_process import PROJECT_ROOT, DispatcherProcess, await_settled
 from chaos_scale import pick
 from cryptography.hazmat.primitives import serialization
-from harness import Publisher, broker_url, dead_letters, event_body, running, wait_until
-from receiver_helpers import ISSUER, bound_socket, serve, sqlite_snapshot
 
 from example_receiver import ReceiverSettings, create_app
 from signing import KeyRing
+from tests.support.harness import (
+    Publisher,
+    broker_url,
+    dead_letters,
+    event_body,
+    running,
+    wait_until,
+)
+from tests.support.receiver_helpers import ISSUER, bound_socket, serve, sqlite_snapshot
+from tests.support.toml_files import to_toml
 
 pytestmark = pytest.mark.chaos
 

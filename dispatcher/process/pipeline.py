@@ -1,0 +1,584 @@
+"""The delivery pipeline: one consumed message in, every matching subscriber settled, one ack.
+
+`Pipeline.handle` is the only place that acks or requeues a consumed message (from the work
+queue or a subscriber's parking queue). A message is acked when each of its deliveries is
+settled: delivered (2xx), or waiting in the retry tiers or the subscriber's parking queue, or
+written as a dead letter, each confirmed by the broker. Anything else (a publish that failed,
+a cancellation during shutdown, a bug) requeues the message: at-least-once, never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+
+from dispatcher.broker.acks import Acks
+from dispatcher.config import Config, SubscriberConfig
+from dispatcher.decisions.batching import Batch, Batcher, Member, batch_body, new_batch_id
+from dispatcher.decisions.circuit_breaker import BreakerState
+from dispatcher.decisions.endpoint_limits import Admitted, Lane, LaneSet
+from dispatcher.decisions.events import Event, InvalidEvent, parse_event
+from dispatcher.http.sender import HttpSender
+from dispatcher.process.metrics import Metrics
+
+if TYPE_CHECKING:
+    from dispatcher.broker.parking import ParkingLots
+from dispatcher.broker.settlement import Settlement
+from dispatcher.broker.work_consumer import InboundMessage
+from dispatcher.config import ALL_ACCOUNTS
+from dispatcher.decisions.records import Delivery, published_at
+from dispatcher.decisions.retry_policy import (
+    DeadLetter,
+    Decision,
+    Delivered,
+    Outcome,
+    OutcomeKind,
+    Park,
+    Retry,
+    decide,
+    expired,
+)
+from dispatcher.decisions.routing import RoutingTable
+from dispatcher.names import (
+    H_ACCOUNT,
+    H_BATCH_ID,
+    H_BATCH_SIZE,
+    H_PUBLISHED_AT,
+    H_ROUTING_KEY,
+    WEBHOOK_BATCH_SIZE,
+    WEBHOOK_ID,
+    WEBHOOK_SIGNATURE,
+    WEBHOOK_TIMESTAMP,
+    due_exchange,
+    is_delay_exchange,
+    parking_exchange,
+)
+from signing import TokenMinter, sign_hmac
+
+__all__ = ["Pipeline"]
+
+log = structlog.get_logger("dispatcher.pipeline")
+
+
+_TRANSIENT_HOLD = 2.0  # seconds a message is held before it is handed back for a broker error
+
+
+class _Verdict(enum.Enum):
+    ACK = "ack"
+    REQUEUE = "requeue"
+
+
+def _breaker_verdict(outcome: Outcome) -> bool | None:
+    """Does this outcome say the endpoint is healthy (True), unhealthy (False), or neither?"""
+    if outcome.kind is OutcomeKind.DELIVERED:
+        return True
+    if outcome.kind is OutcomeKind.FAILED:
+        status = outcome.status
+        return False if status is None or status >= 500 or status == 429 else None
+    return None
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        sender: HttpSender,
+        settlement: Settlement,
+        minter: TokenMinter | None,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._sender = sender
+        self._settlement = settlement
+        self._minter = minter
+        self._metrics = metrics
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._lanes = LaneSet(
+            config.breaker, prefetch=config.broker.prefetch, on_breaker_change=self._breaker_changed
+        )
+        self._lanes.retain(
+            {s.id for s in config.subscribers}, {s.id: s for s in config.subscribers}
+        )
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._batches: set[asyncio.Task[None]] = set()
+        self._batcher = Batcher(self._send_batch)
+        self.acks = Acks()
+        self._count_events = metrics.events.labels("event")  # resolved once: the hot path
+        self.config = config
+        self._routing = RoutingTable(config.subscribers)
+        self._parking_exchange = parking_exchange(config.broker.queue)
+        self._internal = {due_exchange(config.broker.queue), self._parking_exchange}
+        # The parking lots (set by the daemon): told of every breaker change of a current lane,
+        # asked for a subscriber's queue before a park.
+        self.parking: ParkingLots | None = None
+
+    # --- configuration -------------------------------------------------------------------------
+
+    def apply_config(self, config: Config) -> None:
+        """Swap subscribers; deliveries already running keep the settings they started with."""
+        self.config = config
+        self._routing = RoutingTable(config.subscribers)
+        self._lanes.retain(
+            {s.id for s in config.subscribers}, {s.id: s for s in config.subscribers}
+        )
+
+    @property
+    def held(self) -> int:
+        """Messages taken from the queue and not yet acked or requeued."""
+        return len(self._tasks)
+
+    @property
+    def lanes(self) -> LaneSet:
+        return self._lanes
+
+    async def drain(self, timeout: float) -> int:
+        """Wait for held messages to settle; cancel (and so requeue) what is left. Returns it.
+
+        Open batches are sent first: their members' messages wait on them."""
+        self._batcher.flush()
+        pending = set(self._tasks)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+        await self.acks.close()
+        return len(pending)
+
+    # --- one message -------------------------------------------------------------------------
+
+    async def handle(self, message: InboundMessage) -> None:
+        """The consumer callback. Owns the ack or requeue of ``message``."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._metrics.prefetch_used.inc()
+        # (try, not suppress(): no context manager per message)
+        try:  # noqa: SIM105
+            self.acks.received(message.channel, message.delivery_tag)
+        except ChannelInvalidStateError:
+            pass  # closed already: whatever happens here, the broker redelivers it
+        verdict = _Verdict.REQUEUE
+        try:
+            verdict = await self._process(message)
+        except asyncio.CancelledError:
+            log.warning("message_handed_back", reason="shutdown", message_id=message.message_id)
+        except Exception as exc:  # a bug or a broker failure: hand the message back
+            log.error(
+                "message_failed",
+                error=f"{type(exc).__name__}: {exc}",
+                message_id=message.message_id,
+                exc_info=not isinstance(exc, AMQPError),
+            )
+            verdict = await self._poisoned(message, exc)
+        finally:
+            self._tasks.discard(task)
+            self._metrics.prefetch_used.dec()
+            self._finish(message, verdict)
+
+    async def _poisoned(self, message: InboundMessage, exc: Exception) -> _Verdict:
+        """A message that breaks the pipeline twice is dead-lettered, not requeued forever.
+
+        Broker and connection errors are transient: those messages always go back.
+        """
+        transient = isinstance(exc, AMQPError | ConnectionError | ChannelInvalidStateError)
+        if transient:
+            # The broker link is down (a retry or park could not be confirmed): hand back, but
+            # not at once. An immediate hand-back comes straight back and fails again, several
+            # times a second, and on a quorum work queue each time counts toward its delivery
+            # limit: healthy events would be dead-lettered during a long outage.
+            await asyncio.sleep(_TRANSIENT_HOLD)
+            return _Verdict.REQUEUE
+        if not message.redelivered:
+            return _Verdict.REQUEUE
+        reason = f"dispatch_error: {type(exc).__name__}: {exc}"
+        try:
+            await self._settlement.dead_letter(
+                message.body,
+                reason=reason,
+                event_id=_safe_id(message.message_id),
+                event_type=None,
+                delivery=Delivery.from_headers(dict(message.headers or {}), self._clock()),
+                carry={},
+            )
+        except Exception:
+            return _Verdict.REQUEUE
+        self._metrics.dead_letters.labels("dispatch_error").inc()
+        return _Verdict.ACK
+
+    def _finish(self, message: InboundMessage, verdict: _Verdict) -> None:
+        # Frames go out in groups once per loop pass (dispatcher/broker/acks.py); a channel that
+        # went away meanwhile (a reconnect) means the broker redelivers the message.
+        try:
+            channel = message.channel
+        except ChannelInvalidStateError:
+            return  # closed already: the broker hands the message to a consumer again
+        self.acks.settle(channel, message.delivery_tag, verdict is _Verdict.ACK)
+
+    async def _process(self, message: InboundMessage) -> _Verdict:
+        now = self._clock()
+        headers = message.headers or {}
+        # Our own headers are trusted only on messages that came back through our own delay
+        # tiers or a replay; on anything published to the events exchange they are ignored,
+        # so a publisher cannot narrow an event to one subscriber.
+        internal = self._is_internal(message.exchange)
+        delivery = Delivery.from_headers(headers, now) if internal else None
+        carry: dict[str, Any] = {}
+        stamp = published_at(headers, message.timestamp)
+        if stamp is not None:
+            carry[H_PUBLISHED_AT] = int(stamp * 1000)
+        routing_key = headers.get(H_ROUTING_KEY) if internal else message.routing_key
+        if isinstance(routing_key, str):
+            carry[H_ROUTING_KEY] = routing_key[:255]
+        if delivery is not None and H_BATCH_ID in headers:
+            await self._process_batch(message, headers, delivery, carry, now)
+            return _Verdict.ACK
+
+        try:
+            event = parse_event(
+                message.body,
+                message_id=message.message_id,
+                max_bytes=self.config.broker.max_event_bytes,
+            )
+        except InvalidEvent as exc:
+            self._metrics.events.labels("invalid").inc()
+            reason = f"invalid_event: {exc}"
+            await self._settlement.dead_letter(
+                message.body,
+                reason=reason,
+                event_id=_safe_id(message.message_id),
+                event_type=None,
+                delivery=delivery,
+                carry=carry,
+            )
+            self._metrics.dead_letters.labels("invalid_event").inc()
+            log.warning("event_invalid", reason=reason, routing_key=message.routing_key)
+            return _Verdict.ACK
+
+        if event.account is not None:
+            carry[H_ACCOUNT] = event.account
+        patient = False
+        if delivery is None:
+            self._count_events.inc()
+            targets = self._routing.targets(event.account, event.type, event.doc)
+            if any(s.batch is not None for s in targets):
+                await self._fan_out_with_batches(event, targets, carry, now)
+                return _Verdict.ACK
+            work = [(s, Delivery(s.id, 1, now)) for s in targets]
+        else:
+            # A parked delivery waits for its lane instead of being parked again: its own
+            # consumer's prefetch window bounds how many wait.
+            patient = message.exchange == self._parking_exchange
+            self._metrics.events.labels("parked" if patient else "retry").inc()
+            sub = self.config.subscriber(delivery.subscriber)
+            if sub is None or not any(
+                s is sub for s in self._routing.targets(event.account, event.type, event.doc)
+            ):
+                await self._settle(event, None, delivery, DeadLetter("subscriber_removed"), carry)
+                return _Verdict.ACK
+            if expired(
+                first_attempt_at=delivery.first_attempt_at, now=now, policy=self.config.retry
+            ):
+                await self._settle(event, sub, delivery, DeadLetter("max_age_exceeded"), carry)
+                return _Verdict.ACK
+            work = [(sub, delivery)]
+
+        if len(work) == 1:
+            await self._deliver(event, *work[0], carry, patient)
+        elif work:
+            await asyncio.gather(*(self._deliver(event, s, d, carry) for s, d in work))
+        return _Verdict.ACK
+
+    # --- batches ------------------------------------------------------------------------------
+
+    async def _fan_out_with_batches(
+        self,
+        event: Event,
+        targets: tuple[SubscriberConfig, ...],
+        carry: dict[str, Any],
+        now: float,
+    ) -> None:
+        """A fresh event: batched subscribers get it through their open batch, the others
+        directly; the message is settled when all of them are."""
+        waits: list[Any] = []
+        for sub in targets:
+            if sub.batch is None:
+                waits.append(self._deliver(event, sub, Delivery(sub.id, 1, now), carry))
+            else:
+                member = Member(event, carry)
+                self._batcher.add(sub, member)
+                waits.append(member.done)
+        if self.held >= self.config.broker.prefetch:
+            # No more messages come until something is acked: waiting for a fuller batch
+            # would wait forever.
+            self._batcher.flush()
+        await asyncio.gather(*waits)
+
+    def _send_batch(self, sub: SubscriberConfig, members: list[Member]) -> None:
+        task = asyncio.get_running_loop().create_task(self._run_batch(sub, members))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _run_batch(self, sub: SubscriberConfig, members: list[Member]) -> None:
+        """Send one closed batch as a unit and tell each member how it ended."""
+        accounts = {m.event.account for m in members}
+        account = accounts.pop() if len(accounts) == 1 else None
+        batch = Batch(
+            new_batch_id(),
+            batch_body([m.event.body for m in members]),
+            len(members),
+            account=account,
+        )
+        carry: dict[str, Any] = {H_BATCH_ID: batch.id, H_BATCH_SIZE: batch.size}
+        stamps = [m.carry[H_PUBLISHED_AT] for m in members if H_PUBLISHED_AT in m.carry]
+        if stamps:
+            carry[H_PUBLISHED_AT] = min(stamps)
+        if account is not None:
+            carry[H_ACCOUNT] = account
+        try:
+            await self._deliver(batch, sub, Delivery(sub.id, 1, self._clock()), carry)
+        except BaseException as exc:
+            for m in members:
+                if not m.done.done():
+                    m.done.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            log.error("batch_failed", subscriber=sub.id, batch=batch.id, error=str(exc))
+        else:
+            for m in members:
+                if not m.done.done():
+                    m.done.set_result(None)
+
+    async def _process_batch(
+        self,
+        message: InboundMessage,
+        headers: Mapping[str, Any],
+        delivery: Delivery,
+        carry: dict[str, Any],
+        now: float,
+    ) -> None:
+        """A batch back from the retry tiers, its parking queue or a replay: sent as it was."""
+        patient = message.exchange == self._parking_exchange
+        self._metrics.events.labels("parked" if patient else "retry").inc()
+        account = headers.get(H_ACCOUNT)
+        batch = Batch(
+            str(headers[H_BATCH_ID])[:128],
+            message.body,
+            max(1, _int_header(headers.get(H_BATCH_SIZE))),
+            account=account if isinstance(account, str) else None,
+        )
+        carry.update({H_BATCH_ID: batch.id, H_BATCH_SIZE: batch.size})
+        if batch.account is not None:
+            carry[H_ACCOUNT] = batch.account
+        sub = self.config.subscriber(delivery.subscriber)
+        if sub is None:
+            await self._settle(batch, None, delivery, DeadLetter("subscriber_removed"), carry)
+        elif expired(first_attempt_at=delivery.first_attempt_at, now=now, policy=self.config.retry):
+            await self._settle(batch, sub, delivery, DeadLetter("max_age_exceeded"), carry)
+        else:
+            await self._deliver(batch, sub, delivery, carry, patient)
+
+    def _is_internal(self, exchange: str | None) -> bool:
+        return bool(exchange) and (
+            exchange in self._internal or is_delay_exchange(self.config.broker.queue, str(exchange))
+        )
+
+    # --- one delivery ------------------------------------------------------------------------
+
+    async def _deliver(
+        self,
+        event: Event | Batch,
+        sub: SubscriberConfig,
+        delivery: Delivery,
+        carry: dict[str, Any],
+        patient: bool = False,
+    ) -> None:
+        lane = self._lanes.lane(sub)
+        slot = await lane.acquire(patient=patient)
+        if isinstance(slot, Admitted):
+            outcome = await self._attempt(event, sub, delivery, lane_release=(lane, slot))
+        else:
+            outcome = Outcome(OutcomeKind.DEFERRED, error=slot.why)
+        now = self._clock()
+        decision = decide(
+            attempt=delivery.attempt,
+            outcome=outcome,
+            first_attempt_at=delivery.first_attempt_at,
+            now=now,
+            policy=self.config.retry,
+            rng=self._rng,
+        )
+        if isinstance(decision, Delivered):
+            m = self._metrics.for_subscriber(sub.id)
+            stamp = carry.get(H_PUBLISHED_AT)
+            if stamp is not None:
+                m.end_to_end.observe(max(0.0, now - stamp / 1000))
+            m.delivered.inc(event.size if isinstance(event, Batch) else 1)
+            return
+        # Only the paths that log pay for binding the delivery's context.
+        with structlog.contextvars.bound_contextvars(
+            event_id=event.id, subscriber=sub.id, attempt=delivery.attempt
+        ):
+            await self._settle(event, sub, delivery, decision, carry, outcome)
+
+    async def _attempt(
+        self,
+        event: Event | Batch,
+        sub: SubscriberConfig,
+        delivery: Delivery,
+        lane_release: tuple[Any, Admitted],
+    ) -> Outcome:
+        lane, slot = lane_release
+        verdict: bool | None = None
+        m = self._metrics.for_subscriber(sub.id)
+        m.started()
+        try:
+            headers = self._request_headers(event, sub)
+            started = time.perf_counter()
+            outcome = await self._sender.post(sub.url, event.body, headers, sub.timeout)
+            m.request_time.observe(time.perf_counter() - started)
+            m.attempt(outcome.label).inc()
+            verdict = _breaker_verdict(outcome)
+            return outcome
+        finally:
+            m.finished()
+            lane.release(slot, verdict)
+
+    def _request_headers(self, event: Event | Batch, sub: SubscriberConfig) -> dict[str, str]:
+        ts = int(self._clock())
+        headers = {
+            "Content-Type": "application/json",
+            WEBHOOK_ID: event.id,
+            WEBHOOK_TIMESTAMP: str(ts),
+        }
+        if isinstance(event, Batch):
+            headers[WEBHOOK_BATCH_SIZE] = str(event.size)
+        if sub.uses_jwt and self._minter is not None:
+            started = time.perf_counter()
+            token = self._minter.mint(
+                audience=sub.url,
+                webhook_id=event.id,
+                body=event.body,
+                now=ts,
+                account=None if sub.account == ALL_ACCOUNTS else sub.account,
+                algorithm=sub.algorithm,
+            )
+            self._metrics.mint_time.observe(time.perf_counter() - started)
+            headers["Authorization"] = f"Bearer {token}"
+        if sub.uses_hmac:
+            headers[WEBHOOK_SIGNATURE] = sign_hmac(sub.hmac_secrets, event.id, ts, event.body)
+        return headers
+
+    async def _settle(
+        self,
+        event: Event | Batch,
+        sub: SubscriberConfig | None,
+        delivery: Delivery,
+        decision: Decision,
+        carry: dict[str, Any],
+        outcome: Outcome | None = None,
+    ) -> None:
+        """Publish the retry, parked delivery or dead letter a decision calls for; returns once
+        the broker confirmed it."""
+        if isinstance(decision, Park):
+            why = outcome.error if outcome is not None and outcome.error else "deferred"
+            if self.parking is not None:
+                await self.parking.ensure(delivery.subscriber)
+            try:
+                await self._settlement.park(
+                    event.body,
+                    event_id=event.id,
+                    event_type=event.type,
+                    delivery=replace(delivery, deferrals=delivery.deferrals + 1),
+                    carry=carry,
+                )
+            except Exception:
+                if self.parking is not None:
+                    self.parking.forget(delivery.subscriber)
+                raise
+            self._metrics.parked.labels(delivery.subscriber, why).inc()
+            log.debug("delivery_parked", why=why, deferrals=delivery.deferrals + 1)
+            return
+        if outcome is not None and outcome.kind is not OutcomeKind.DEFERRED:
+            delivery = replace(delivery, last_status=outcome.status, last_error=outcome.error)
+        if isinstance(decision, Retry):
+            why = "failed"
+            nxt = replace(delivery, attempt=decision.next_attempt)
+            await self._settlement.retry(
+                event.body,
+                event_id=event.id,
+                event_type=event.type,
+                delivery=nxt,
+                delay=decision.delay,
+                carry=carry,
+            )
+            self._metrics.retries.labels(delivery.subscriber, why).inc()
+            log.info(
+                "delivery_retry_scheduled",
+                why=why,
+                delay=round(decision.delay, 3),
+                next_attempt=decision.next_attempt,
+                status=delivery.last_status,
+                error=delivery.last_error,
+            )
+        elif isinstance(decision, DeadLetter):
+            dead_id = await self._settlement.dead_letter(
+                event.body,
+                reason=decision.reason,
+                event_id=event.id,
+                event_type=event.type,
+                delivery=delivery,
+                carry=carry,
+            )
+            self._metrics.dead_letters.labels(decision.reason).inc()
+            self._metrics.deliveries.labels(delivery.subscriber, "dead_lettered").inc(
+                event.size if isinstance(event, Batch) else 1
+            )
+            log.warning(
+                "delivery_dead_lettered",
+                reason=decision.reason,
+                dead_letter=dead_id,
+                subscriber=delivery.subscriber,
+                status=delivery.last_status,
+                error=delivery.last_error,
+            )
+
+    def _breaker_changed(self, lane: Lane, old: BreakerState, new: BreakerState, why: str) -> None:
+        sub_id = lane.sub.id
+        if self._lanes.get(sub_id) is not lane:
+            return  # a straggler of a lane that a reload replaced
+        self._metrics.breaker_changed(sub_id, new.value)
+        log.warning(
+            "breaker_state_changed",
+            subscriber=sub_id,
+            old=old.name.lower(),
+            new=new.name.lower(),
+            why=why,
+        )
+        if self.parking is not None:
+            self.parking.breaker_changed(sub_id, new, lane.breaker.open_until - time.monotonic())
+
+
+def _int_header(value: object) -> int:
+    try:
+        return int(value)  # type: ignore[call-overload, no-any-return]
+    except (TypeError, ValueError):
+        return 0
+
+
+def _safe_id(value: str | None) -> str | None:
+    if value and len(value) <= 128 and value.isprintable():
+        return value
+    return None
