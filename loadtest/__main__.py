@@ -32,37 +32,67 @@ def _parser() -> argparse.ArgumentParser:
     from loadtest.scenarios import SCENARIOS
     from loadtest.scenarios import __doc__ as scenarios_doc
 
-    p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a load-test scenario",
-                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                         epilog=scenarios_doc)
+    run = sub.add_parser(
+        "run",
+        help="run a load-test scenario",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=scenarios_doc,
+    )
     run.add_argument("--scenario", default="custom", choices=sorted(SCENARIOS))
     run.add_argument("--events", type=int, help="events per phase")
     run.add_argument("--rate", type=float, help="events/s (default: as fast as possible)")
     run.add_argument("--duration", type=float, help="seconds to publish for (with --rate)")
-    run.add_argument("--subscribers", type=int,
-                     help="subscribers (custom; accounts: all of them, 2 per account)")
-    run.add_argument("--active-accounts", type=int,
-                     help="accounts the events are spread over (accounts; default 1000)")
-    run.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
-                     help="also run the bare pipeline (custom, fanout3)")
+    run.add_argument(
+        "--subscribers", type=int, help="subscribers (custom; accounts: all of them, 2 per account)"
+    )
+    run.add_argument(
+        "--active-accounts",
+        type=int,
+        help="accounts the events are spread over (accounts; default 1000)",
+    )
+    run.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run the bare pipeline (custom, fanout3)",
+    )
     run.add_argument("--workers", type=int, default=1, help="dispatcher worker processes")
-    run.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
-                     help="receivers verify every agent token (scenario default)")
+    run.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="receivers verify every agent token (scenario default)",
+    )
     run.add_argument("--rounds", type=int, help="alternating rounds (compare, fanout3)")
     run.add_argument("--hang-timeout", default="10s", help="subscriber timeout in hol")
-    run.add_argument("--prefetch", type=int, default=None,
-                     help="the dispatcher's [broker].prefetch (hol; default 256)")
-    run.add_argument("--candidate", type=Path,
-                     help="another checkout to compare against (ab scenario)")
-    run.add_argument("--source", type=Path,
-                     help="run the dispatcher from this checkout instead of this one")
-    run.add_argument("--reference", type=Path,
-                     help="the 'before' checkout of the ab scenario (default: this one)")
-    run.add_argument("--profile", action="store_true",
-                     help="record the dispatcher with py-spy (one phase) and summarise")
+    run.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help="the dispatcher's [broker].prefetch (hol; default 256)",
+    )
+    run.add_argument(
+        "--candidate", type=Path, help="another checkout to compare against (ab scenario)"
+    )
+    run.add_argument(
+        "--source", type=Path, help="run the dispatcher from this checkout instead of this one"
+    )
+    run.add_argument(
+        "--reference",
+        type=Path,
+        help="the 'before' checkout of the ab scenario (default: this one)",
+    )
+    run.add_argument(
+        "--profile",
+        action="store_true",
+        help="record the dispatcher with py-spy (one phase) and summarise",
+    )
     run.add_argument("--json", type=Path, help="JSON report path")
     run.add_argument("--plot", type=Path, help="PNG plot path")
     run.add_argument("--out", type=Path, default=Path("loadtest/out"), help="output directory")
@@ -83,20 +113,34 @@ async def _run(args: argparse.Namespace, command: str) -> int:
     from loadtest.scenarios import SCENARIOS, ScenarioOptions
 
     fn, endpoints = SCENARIOS[args.scenario]
-    opts = ScenarioOptions(events=args.events, rate=args.rate, duration=args.duration,
-                           subscribers=args.subscribers, baseline=args.baseline,
-                           workers=args.workers, verify=args.verify, rounds=args.rounds,
-                           profile=args.profile, hang_timeout=args.hang_timeout,
-                           prefetch=args.prefetch, active_accounts=args.active_accounts,
-                           candidate=str(args.candidate.resolve()) if args.candidate else None,
-                           reference=str(args.reference.resolve()) if args.reference else None)
+    opts = ScenarioOptions(
+        events=args.events,
+        rate=args.rate,
+        duration=args.duration,
+        subscribers=args.subscribers,
+        baseline=args.baseline,
+        workers=args.workers,
+        verify=args.verify,
+        rounds=args.rounds,
+        profile=args.profile,
+        hang_timeout=args.hang_timeout,
+        prefetch=args.prefetch,
+        active_accounts=args.active_accounts,
+        candidate=str(args.candidate.resolve()) if args.candidate else None,
+        reference=str(args.reference.resolve()) if args.reference else None,
+    )
     if args.scenario != "accounts":  # there --subscribers are path endpoints, not servers
         endpoints = max(endpoints, args.subscribers or 0)
     started = dt.datetime.now(dt.UTC)
     stamp = started.strftime("%Y%m%d-%H%M%S")
-    run_opts = RunOptions(broker_url=args.broker_url, out_dir=args.out, endpoints=endpoints,
-                          keep_tmp=args.keep_tmp, quiet=args.quiet,
-                          source=str(args.source.resolve()) if args.source else None)
+    run_opts = RunOptions(
+        broker_url=args.broker_url,
+        out_dir=args.out,
+        endpoints=endpoints,
+        keep_tmp=args.keep_tmp,
+        quiet=args.quiet,
+        source=str(args.source.resolve()) if args.source else None,
+    )
     try:
         async with Run(run_opts) as run:
             result = await fn(run, opts)
@@ -104,8 +148,14 @@ async def _run(args: argparse.Namespace, command: str) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     options = {k: v for k, v in asdict(opts).items()}
-    doc = document(args.scenario, command, started.isoformat(timespec="seconds"), options, result,
-                   source=run_opts.source)
+    doc = document(
+        args.scenario,
+        command,
+        started.isoformat(timespec="seconds"),
+        options,
+        result,
+        source=run_opts.source,
+    )
     json_path = args.json or args.out / f"{args.scenario}-{stamp}.json"
     plot_path = args.plot or args.out / f"{args.scenario}-{stamp}.png"
     write_json(doc, json_path)

@@ -193,6 +193,9 @@ def account(
         extra = unique - owed[i]
         acc.unexpected += len(extra)
         sub = subscribers[i]
-        acc.cross_account += sum(1 for event_id in extra if event_id in accounts
-                                 and not sub.takes_account(accounts[event_id]))
+        acc.cross_account += sum(
+            1
+            for event_id in extra
+            if event_id in accounts and not sub.takes_account(accounts[event_id])
+        )
     return acc

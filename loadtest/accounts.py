@@ -59,8 +59,9 @@ class AccountLayout:
         step = self.accounts / self.active
         return tuple(self.account_id(int(i * step)) for i in range(self.active))
 
-    def tables(self, ports: Sequence[int], first: int = 0,
-               count: int | None = None) -> list[dict[str, Any]]:
+    def tables(
+        self, ports: Sequence[int], first: int = 0, count: int | None = None
+    ) -> list[dict[str, Any]]:
         """``[[subscribers]]`` tables (id, url, account) of accounts ``first`` .. +count."""
         count = self.accounts - first if count is None else count
         out = []
@@ -68,32 +69,44 @@ class AccountLayout:
             account = self.account_id(k)
             for n in range(self.endpoints):
                 port = ports[(k * self.endpoints + n) % len(ports)]
-                out.append({"id": f"{account}.{n}",
-                            "url": f"http://127.0.0.1:{port}/a/{account}/{n}",
-                            "account": account})
+                out.append(
+                    {
+                        "id": f"{account}.{n}",
+                        "url": f"http://127.0.0.1:{port}/a/{account}/{n}",
+                        "account": account,
+                    }
+                )
         return out
 
     def files_of(self, tables: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
         """The included files (name -> tables): ``files`` parts of whole accounts."""
         per = self.accounts_per_file * self.endpoints
         width = max(2, len(str(self.files + 1)))
-        return {f"part-{i // per + 1:0{width}d}.toml": list(tables[i:i + per])
-                for i in range(0, len(tables), per)}
+        return {
+            f"part-{i // per + 1:0{width}d}.toml": list(tables[i : i + per])
+            for i in range(0, len(tables), per)
+        }
 
     def extra_file(self, ports: Sequence[int]) -> tuple[str, list[dict[str, Any]]]:
         """The file a reload appends: the next ``accounts_per_file`` accounts."""
         width = max(2, len(str(self.files + 1)))
-        return (f"part-{self.files + 1:0{width}d}.toml",
-                self.tables(ports, self.accounts, self.accounts_per_file))
+        return (
+            f"part-{self.files + 1:0{width}d}.toml",
+            self.tables(ports, self.accounts, self.accounts_per_file),
+        )
 
 
 def specs_of(tables: Sequence[Mapping[str, Any]]) -> list[SubscriberSpec]:
-    return [SubscriberSpec(t["id"], tuple(t.get("events", ("*",))), t.get("account"))
-            for t in tables]
+    return [
+        SubscriberSpec(t["id"], tuple(t.get("events", ("*",))), t.get("account")) for t in tables
+    ]
 
 
-def write_files(config_dir: Path, files: Mapping[str, Sequence[Mapping[str, Any]]],
-                extra: Mapping[str, Any] | None = None) -> None:
+def write_files(
+    config_dir: Path,
+    files: Mapping[str, Sequence[Mapping[str, Any]]],
+    extra: Mapping[str, Any] | None = None,
+) -> None:
     """Write included subscriber files into ``<config_dir>/subscribers.d`` (each atomically:
     a reload never reads half a file), every table completed with ``extra`` keys."""
     target = config_dir / INCLUDE_DIR
@@ -112,8 +125,12 @@ class Probe:
     published: float  # unix seconds
 
 
-def reload_effect(sighup_at: float, probes: Sequence[Probe],
-                  arrivals: Mapping[str, Mapping[str, float]], endpoints: int) -> dict[str, Any]:
+def reload_effect(
+    sighup_at: float,
+    probes: Sequence[Probe],
+    arrivals: Mapping[str, Mapping[str, float]],
+    endpoints: int,
+) -> dict[str, Any]:
     """When the reload took effect: the first probe from which on every probe reached every
     endpoint of its account, and when it did (the later of its arrivals) after the SIGHUP.
 
@@ -136,7 +153,8 @@ def reload_effect(sighup_at: float, probes: Sequence[Probe],
         "delivered": sum(t is not None for t in done),
         "first_delivered_s": None if first is None else round(first - sighup_at, 3),
         "effective_s": None if effective is None else round(effective - sighup_at, 3),
-        "effective_probe_published_s": (None if effective is None
-                                        else round(ordered[tail].published - sighup_at, 3)),
+        "effective_probe_published_s": (
+            None if effective is None else round(ordered[tail].published - sighup_at, 3)
+        ),
         "undelivered_after_first": sum(1 for i in missing if i > first_at),
     }

@@ -28,10 +28,12 @@ __all__ = ["main", "serve"]
 async def serve(broker_url: str, queue_name: str, prefetch: int, targets: list[str]) -> None:
     failures = 0
     connection = await aio_pika.connect(broker_url)
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                    skip_auto_headers=("Accept-Encoding",),
-                                    auto_decompress=False,
-                                    cookie_jar=aiohttp.DummyCookieJar())
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        skip_auto_headers=("Accept-Encoding",),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
     headers = {"Content-Type": "application/json"}
 
     async def post(url: str, body: bytes) -> None:

@@ -54,13 +54,17 @@ class Result:
 
 
 def _config(subscribers: int, keys_dir: str) -> Config:
-    return parse_config({
-        "allow_private_networks": True,
-        "signing": {"keys_dir": keys_dir},
-        "subscribers": [{"id": f"sub{i}", "url": f"{URL}{i}", "events": ["*"]}
-                        for i in range(subscribers)] + [
-            {"id": "bounces", "url": f"{URL}b", "events": ["Message.Bounced"]}],
-    }, env={})
+    return parse_config(
+        {
+            "allow_private_networks": True,
+            "signing": {"keys_dir": keys_dir},
+            "subscribers": [
+                {"id": f"sub{i}", "url": f"{URL}{i}", "events": ["*"]} for i in range(subscribers)
+            ]
+            + [{"id": "bounces", "url": f"{URL}b", "events": ["Message.Bounced"]}],
+        },
+        env={},
+    )
 
 
 def _body() -> bytes:
@@ -91,10 +95,16 @@ def _fixture() -> Iterator[tuple[Config, TokenMinter, Pipeline, bytes]]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(3, str(Path(tmp) / "keys"))
         ring = KeyRing.load(cfg.signing.keys_dir, "EdDSA")
-        minter = TokenMinter(ring, issuer=cfg.signing.issuer, subject=cfg.signing.subject,
-                             ttl_seconds=300)
-        pipeline = Pipeline(cfg, sender=None, settlement=None, minter=minter,  # type: ignore[arg-type]
-                            metrics=Metrics())
+        minter = TokenMinter(
+            ring, issuer=cfg.signing.issuer, subject=cfg.signing.subject, ttl_seconds=300
+        )
+        pipeline = Pipeline(
+            cfg,
+            sender=None,  # type: ignore[arg-type]
+            settlement=None,  # type: ignore[arg-type]
+            minter=minter,
+            metrics=Metrics(),
+        )
         yield cfg, minter, pipeline, _body()
 
 
@@ -152,26 +162,33 @@ def _no_log_context() -> Iterator[None]:
         structlog.contextvars.bound_contextvars = saved
 
 
-def _handle_case(cfg: Config, minter: TokenMinter | None, body: bytes, subscribers: int,
-                 metrics: Any = None) -> Callable[[], Awaitable[object]]:
+def _handle_case(
+    cfg: Config, minter: TokenMinter | None, body: bytes, subscribers: int, metrics: Any = None
+) -> Callable[[], Awaitable[object]]:
     """One whole message through `Pipeline.handle`, minus the HTTP request and the broker."""
     sub_cfg = replace(cfg, subscribers=cfg.subscribers[:subscribers])
-    pipeline = Pipeline(sub_cfg, sender=_InstantSender(), settlement=None,  # type: ignore[arg-type]
-                        minter=minter, metrics=metrics or Metrics())
+    pipeline = Pipeline(
+        sub_cfg,
+        sender=_InstantSender(),  # type: ignore[arg-type]
+        settlement=None,  # type: ignore[arg-type]
+        minter=minter,
+        metrics=metrics or Metrics(),
+    )
     message = _Message(body, "lt-bench-1", cfg.broker.exchange)
 
     async def once() -> None:
         before = message.acks
         await pipeline.handle(message)  # type: ignore[arg-type]
         if message.acks != before + 1:
-            raise RuntimeError("Pipeline.handle did not ack the stub message: the stub no longer "
-                               "matches what the pipeline reads (see the log above)")
+            raise RuntimeError(
+                "Pipeline.handle did not ack the stub message: the stub no longer "
+                "matches what the pipeline reads (see the log above)"
+            )
 
     return once
 
 
-async def _measure_async(name: str, fn: Callable[[], Awaitable[object]],
-                         iterations: int) -> Result:
+async def _measure_async(name: str, fn: Callable[[], Awaitable[object]], iterations: int) -> Result:
     for _ in range(min(1000, iterations)):
         await fn()
     gc.collect()
@@ -186,8 +203,9 @@ async def _measure_async(name: str, fn: Callable[[], Awaitable[object]],
     return Result(name, iterations, statistics.median(samples) / 1000, p99 / 1000)
 
 
-async def _pipeline_cases(cfg: Config, minter: TokenMinter, body: bytes,
-                          iterations: int, ablation: bool, rounds: int = 5) -> list[Result]:
+async def _pipeline_cases(
+    cfg: Config, minter: TokenMinter, body: bytes, iterations: int, ablation: bool, rounds: int = 5
+) -> list[Result]:
     """Whole messages through the pipeline, and (ablation) with one cost taken out at a time.
 
     The variants run interleaved, ``rounds`` times ``iterations / rounds`` calls each, and the
@@ -201,13 +219,22 @@ async def _pipeline_cases(cfg: Config, minter: TokenMinter, body: bytes,
     if ablation:
         # What each piece of per-delivery bookkeeping costs: the same message without it.
         variants += [
-            ("  ... 1 subscriber, metrics as no-ops",
-             _handle_case(cfg, minter, body, 1, _NoMetrics()), False),
-            ("  ... 1 subscriber, no structlog context binding",
-             _handle_case(cfg, minter, body, 1), True),
+            (
+                "  ... 1 subscriber, metrics as no-ops",
+                _handle_case(cfg, minter, body, 1, _NoMetrics()),
+                False,
+            ),
+            (
+                "  ... 1 subscriber, no structlog context binding",
+                _handle_case(cfg, minter, body, 1),
+                True,
+            ),
             ("  ... 1 subscriber, no token (minter=None)", _handle_case(cfg, None, body, 1), False),
-            ("  ... 1 subscriber, none of the three",
-             _handle_case(cfg, None, body, 1, _NoMetrics()), True),
+            (
+                "  ... 1 subscriber, none of the three",
+                _handle_case(cfg, None, body, 1, _NoMetrics()),
+                True,
+            ),
         ]
     best: dict[str, Result] = {}
     per_round = max(100, iterations // rounds)
@@ -229,19 +256,40 @@ def run(iterations: int, ablation: bool = True) -> list[Result]:
         headers_of: Callable[[Event, Any], dict[str, str]] = pipeline._request_headers
         amqp_headers = {"x-published-at": int(time.time() * 1000)}
         results = [
-            _measure(f"parse_event ({len(body)}-byte body)",
-                     lambda: parse_event(body, message_id="lt-bench-1"), iterations, 10),
-            _measure("RoutingTable.targets (1 subscriber)",
-                     lambda: table1.targets(None, "Message.Delivered", {}), iterations, 100),
-            _measure("RoutingTable.targets (4 subscribers)",
-                     lambda: table4.targets(None, "Message.Bounced", {}), iterations, 100),
-            _measure("Delivery.from_headers (new event)",
-                     lambda: Delivery.from_headers(amqp_headers, 0.0), iterations, 100),
-            _measure("TokenMinter.mint EdDSA",
-                     lambda: minter.mint(audience=sub.url, webhook_id=event.id, body=body),
-                     iterations),
-            _measure("per-delivery headers (_request_headers)",
-                     lambda: headers_of(event, sub), iterations),
+            _measure(
+                f"parse_event ({len(body)}-byte body)",
+                lambda: parse_event(body, message_id="lt-bench-1"),
+                iterations,
+                10,
+            ),
+            _measure(
+                "RoutingTable.targets (1 subscriber)",
+                lambda: table1.targets(None, "Message.Delivered", {}),
+                iterations,
+                100,
+            ),
+            _measure(
+                "RoutingTable.targets (4 subscribers)",
+                lambda: table4.targets(None, "Message.Bounced", {}),
+                iterations,
+                100,
+            ),
+            _measure(
+                "Delivery.from_headers (new event)",
+                lambda: Delivery.from_headers(amqp_headers, 0.0),
+                iterations,
+                100,
+            ),
+            _measure(
+                "TokenMinter.mint EdDSA",
+                lambda: minter.mint(audience=sub.url, webhook_id=event.id, body=body),
+                iterations,
+            ),
+            _measure(
+                "per-delivery headers (_request_headers)",
+                lambda: headers_of(event, sub),
+                iterations,
+            ),
         ]
         results += asyncio.run(_pipeline_cases(cfg, minter, body, iterations, ablation))
     return results
@@ -261,8 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = run(args.iterations)
     if args.json:
-        doc = {"python": sys.version.split()[0], "cpus": os.cpu_count(),
-               "results": [asdict(r) for r in results]}
+        doc = {
+            "python": sys.version.split()[0],
+            "cpus": os.cpu_count(),
+            "results": [asdict(r) for r in results],
+        }
         sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         print(_table(results))

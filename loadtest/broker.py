@@ -44,9 +44,14 @@ class Census:
 
     def as_dict(self) -> dict[str, Any]:
         busiest = sorted(self.queues.items(), key=lambda kv: -kv[1][1])[:5]
-        return {"at": round(self.at, 3), "method": self.method, "queues": len(self.queues),
-                "consumers": self.consumers, "messages": self.messages,
-                "most_consumers": {name: c for name, (_, c) in busiest if c}}
+        return {
+            "at": round(self.at, 3),
+            "method": self.method,
+            "queues": len(self.queues),
+            "consumers": self.consumers,
+            "messages": self.messages,
+            "most_consumers": {name: c for name, (_, c) in busiest if c},
+        }
 
 
 async def rabbitmqctl(*args: str, timeout: float = 60.0) -> list[list[str]] | None:
@@ -56,8 +61,14 @@ async def rabbitmqctl(*args: str, timeout: float = 60.0) -> list[list[str]] | No
         return None
     try:
         proc = await asyncio.create_subprocess_exec(
-            exe, "-q", *args, "--no-table-headers", stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            exe,
+            "-q",
+            *args,
+            "--no-table-headers",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
     except OSError:
         return None
     try:
@@ -69,8 +80,9 @@ async def rabbitmqctl(*args: str, timeout: float = 60.0) -> list[list[str]] | No
         return None
     if proc.returncode != 0:
         return None
-    return [line.split("\t") for line in out.decode("utf-8", "replace").splitlines()
-            if line.strip()]
+    return [
+        line.split("\t") for line in out.decode("utf-8", "replace").splitlines() if line.strip()
+    ]
 
 
 async def census(prefix: str, broker_url: str, known: Sequence[str] = ()) -> Census:
@@ -87,8 +99,9 @@ async def census(prefix: str, broker_url: str, known: Sequence[str] = ()) -> Cen
                     unread += 1
         method = "rabbitmqctl" if not unread else f"rabbitmqctl ({unread} queues unread)"
         return Census(time.time(), queues, method)
-    return Census(time.time(), await _passive(broker_url, known),
-                  method="passive declare (known queues only)")
+    return Census(
+        time.time(), await _passive(broker_url, known), method="passive declare (known queues only)"
+    )
 
 
 async def _passive(broker_url: str, names: Sequence[str]) -> dict[str, tuple[int, int]]:
@@ -111,8 +124,9 @@ async def _passive(broker_url: str, names: Sequence[str]) -> dict[str, tuple[int
 async def delete_prefixed(prefix: str, broker_url: str) -> bool:
     """Delete every queue and exchange whose name starts with ``prefix``; False if they could
     not be listed (the caller then deletes the names it knows)."""
-    queues, exchanges = await asyncio.gather(rabbitmqctl("list_queues", "name"),
-                                             rabbitmqctl("list_exchanges", "name"))
+    queues, exchanges = await asyncio.gather(
+        rabbitmqctl("list_queues", "name"), rabbitmqctl("list_exchanges", "name")
+    )
     if queues is None or exchanges is None:
         return False
     connection = await aio_pika.connect(broker_url)

@@ -46,10 +46,12 @@ class GcPauses:
         return self
 
     def as_dict(self) -> dict[str, Any]:
-        return {"collections": list(self.collections),
-                "pause_ms": [round(x, 1) for x in self.pause_ms],
-                "max_pause_ms": round(max(self.max_ms), 2),
-                "pauses_over_10ms": self.over_10ms}
+        return {
+            "collections": list(self.collections),
+            "pause_ms": [round(x, 1) for x in self.pause_ms],
+            "max_pause_ms": round(max(self.max_ms), 2),
+            "pauses_over_10ms": self.over_10ms,
+        }
 
 
 def install_probe() -> None:

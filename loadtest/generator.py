@@ -53,11 +53,20 @@ _DEFERRALS = (
 )
 # Recipient domains: a few giant mailbox providers, then a long tail of company domains.
 _PROVIDERS: tuple[tuple[str, float], ...] = (
-    ("gmail.com", 0.31), ("outlook.com", 0.10), ("yahoo.com", 0.09), ("hotmail.com", 0.06),
-    ("icloud.com", 0.06), ("gmx.de", 0.02), ("aol.com", 0.02),
+    ("gmail.com", 0.31),
+    ("outlook.com", 0.10),
+    ("yahoo.com", 0.09),
+    ("hotmail.com", 0.06),
+    ("icloud.com", 0.06),
+    ("gmx.de", 0.02),
+    ("aol.com", 0.02),
 )
-_SENDERS = ("news@shop.example.com", "receipts@shop.example.com", "alerts@app.example.io",
-            "noreply@bank.example.net")
+_SENDERS = (
+    "news@shop.example.com",
+    "receipts@shop.example.com",
+    "alerts@app.example.io",
+    "noreply@bank.example.net",
+)
 _MTAS = ("mta1.mail.example.com", "mta2.mail.example.com", "mta3.mail.example.com")
 
 
@@ -102,8 +111,9 @@ class EventMix:
         self._types = [t for t, _ in _TYPE_WEIGHTS]
         self._type_w = [w for _, w in _TYPE_WEIGHTS]
         provider_share = sum(w for _, w in _PROVIDERS)
-        self._domains = [d for d, _ in _PROVIDERS] + [f"company-{i}.example"
-                                                      for i in range(self.company_domains)]
+        self._domains = [d for d, _ in _PROVIDERS] + [
+            f"company-{i}.example" for i in range(self.company_domains)
+        ]
         tail = (1.0 - provider_share) / self.company_domains
         # Zipf-like tail: earlier company domains send more.
         weights = [1.0 / (i + 1) for i in range(self.company_domains)]
@@ -115,8 +125,9 @@ class EventMix:
         domain = rng.choices(self._domains, self._domain_w)[0]
         return f"user{rng.randrange(self.users_per_domain)}.{rng.randrange(1000)}@{domain}"
 
-    def document(self, event_id: str, published_ms: float,
-                 account: str | None = None) -> tuple[str, bytes, bool, str | None]:
+    def document(
+        self, event_id: str, published_ms: float, account: str | None = None
+    ) -> tuple[str, bytes, bool, str | None]:
         """(routing key, body, valid, account) for one event stamped with ``published_ms``;
         ``account`` overrides the drawn one."""
         rng = self._rng
@@ -157,12 +168,22 @@ class EventMix:
     def _invalid(self, event_id: str, published_ms: float) -> tuple[str, bytes, bool]:
         kind = self._rng.randrange(3)
         if kind == 0:  # a bounce without its required fields
-            doc = {"id": event_id, "event": "Message.Bounced", "timestamp": _iso(published_ms),
-                   "published_at": published_ms, "data": {"messageid": "x"}}
+            doc = {
+                "id": event_id,
+                "event": "Message.Bounced",
+                "timestamp": _iso(published_ms),
+                "published_at": published_ms,
+                "data": {"messageid": "x"},
+            }
             return "Message.Bounced", orjson.dumps(doc), False
         if kind == 1:  # an event type nobody knows
-            doc = {"id": event_id, "event": "Message.Opened", "timestamp": _iso(published_ms),
-                   "published_at": published_ms, "data": {"recipient": self.recipient()}}
+            doc = {
+                "id": event_id,
+                "event": "Message.Opened",
+                "timestamp": _iso(published_ms),
+                "published_at": published_ms,
+                "data": {"recipient": self.recipient()},
+            }
             return "Message.Opened", orjson.dumps(doc), False
         return "Message.Delivered", b"{not json at all", False
 
@@ -189,7 +210,8 @@ class Generator:
         self._conn = await aio_pika.connect(self._url)
         channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
         self._exchange = await channel.declare_exchange(
-            self._exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
+            self._exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -212,17 +234,26 @@ class Generator:
         now_ms = round(time.time() * 1000, 3)
         key, body, valid, named = self._mix.document(event_id, now_ms, account)
         message = aio_pika.Message(
-            body, message_id=event_id, content_type="application/json",
+            body,
+            message_id=event_id,
+            content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            headers={H_PUBLISHED_AT: int(now_ms)})
+            headers={H_PUBLISHED_AT: int(now_ms)},
+        )
         try:
             await self._exchange.publish(message, routing_key=key, mandatory=True)
         except Exception:  # nack or unroutable: the event never entered the system
             return None
         return Published(event_id, key, now_ms, valid, named)
 
-    async def run(self, count: int, *, rate: float | None = None, batch: int = 500,
-                  stop: Callable[[], bool] | None = None) -> PublishStats:
+    async def run(
+        self,
+        count: int,
+        *,
+        rate: float | None = None,
+        batch: int = 500,
+        stop: Callable[[], bool] | None = None,
+    ) -> PublishStats:
         """Publish ``count`` events: as fast as confirms allow, or at ``rate`` per second."""
         self.stats.started = time.time()
         try:
@@ -241,8 +272,9 @@ class Generator:
             await asyncio.gather(*(self._publish_one() for _ in range(n)))
             done += n
 
-    async def _paced(self, count: int, rate: float, stop: Callable[[], bool] | None,
-                     window: int = 5000) -> None:
+    async def _paced(
+        self, count: int, rate: float, stop: Callable[[], bool] | None, window: int = 5000
+    ) -> None:
         loop = asyncio.get_running_loop()
         start = loop.time()
         sent = 0

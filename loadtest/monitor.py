@@ -115,6 +115,7 @@ class TreeSampler:
         s = self.samples
         if not s:
             return 0.0
+
         def value(x: Sample) -> float:
             return x.system if system else x.cpu
 

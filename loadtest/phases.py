@@ -51,8 +51,10 @@ class PhaseSpec:
     census: bool = False  # broker queues/consumers and /metrics size at ready and at the end
 
     def subscriber_specs(self) -> list[SubscriberSpec]:
-        return [SubscriberSpec(f"sub{i}", self.patterns[i] if i < len(self.patterns) else ("*",))
-                for i in range(self.subscribers)]
+        return [
+            SubscriberSpec(f"sub{i}", self.patterns[i] if i < len(self.patterns) else ("*",))
+            for i in range(self.subscribers)
+        ]
 
     @property
     def subscriber_count(self) -> int:
@@ -117,8 +119,9 @@ class PhaseResult:
             "process": self.process,
             "others_cpu_percent": self.others_cpu_percent,
             "settled": self.settled,
-            "healed_after_s": (None if self.healed_at is None
-                               else round(self.healed_at - self.t0, 3)),
+            "healed_after_s": (
+                None if self.healed_at is None else round(self.healed_at - self.t0, 3)
+            ),
             "profile": self.profile,
             "notes": self.notes,
             "dispatcher_counters": self.dispatcher_counters,

@@ -84,18 +84,27 @@ def _open_log(path: Path) -> IO[bytes]:
     return path.open("ab")  # closed by Child.stop
 
 
-async def _spawn(name: str, args: Sequence[str], log_path: Path | None,
-                 stdout: int | None = None, source: Path = REPO_ROOT,
-                 gc_dir: Path | None = None) -> Child:
+async def _spawn(
+    name: str,
+    args: Sequence[str],
+    log_path: Path | None,
+    stdout: int | None = None,
+    source: Path = REPO_ROOT,
+    gc_dir: Path | None = None,
+) -> Child:
     """Start ``python <args>`` in ``source`` (``-m`` puts the working directory first on
     sys.path, so ``source`` decides which copy of the code runs). With ``gc_dir`` the child
     records its garbage-collector pauses there (see gcstats.py)."""
     log = _open_log(log_path) if log_path is not None else None
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, *args, cwd=str(source), env=_env(source, gc_dir),
+        sys.executable,
+        *args,
+        cwd=str(source),
+        env=_env(source, gc_dir),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=stdout if stdout is not None else (log or asyncio.subprocess.DEVNULL),
-        stderr=log or asyncio.subprocess.DEVNULL)
+        stderr=log or asyncio.subprocess.DEVNULL,
+    )
     return Child(name, proc, log)
 
 
@@ -125,9 +134,12 @@ class ReceiversProcess:
 
     @classmethod
     async def start(cls, endpoints: int, log_path: Path, seed: int = 7) -> ReceiversProcess:
-        child = await _spawn("receivers", ["-m", "loadtest.receivers", "--endpoints",
-                                           str(endpoints), "--seed", str(seed)],
-                             log_path, stdout=asyncio.subprocess.PIPE)
+        child = await _spawn(
+            "receivers",
+            ["-m", "loadtest.receivers", "--endpoints", str(endpoints), "--seed", str(seed)],
+            log_path,
+            stdout=asyncio.subprocess.PIPE,
+        )
         hello = await _first_line(child, 30)
         return cls(child, int(hello["control"]), list(hello["endpoints"]))
 
@@ -135,10 +147,23 @@ class ReceiversProcess:
         async with self._session.post(f"{self._base}/{path}", data=orjson.dumps(doc)) as r:
             r.raise_for_status()
 
-    async def phase(self, *, verify: bool, jwks_url: str | None, issuer: str | None,
-                    behaviours: Sequence[Mapping[str, Any]]) -> None:
-        await self._post("phase", {"verify": verify, "jwks_url": jwks_url, "issuer": issuer,
-                                   "behaviours": list(behaviours)})
+    async def phase(
+        self,
+        *,
+        verify: bool,
+        jwks_url: str | None,
+        issuer: str | None,
+        behaviours: Sequence[Mapping[str, Any]],
+    ) -> None:
+        await self._post(
+            "phase",
+            {
+                "verify": verify,
+                "jwks_url": jwks_url,
+                "issuer": issuer,
+                "behaviours": list(behaviours),
+            },
+        )
 
     async def behaviour(self, index: int, behaviour: Mapping[str, Any]) -> None:
         await self._post("behaviour", {"index": index, "behaviour": dict(behaviour)})
@@ -155,8 +180,9 @@ class ReceiversProcess:
 
     async def lookup(self, paths: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
         """Ids and arrival times recorded so far at these account endpoints (those hit)."""
-        async with self._session.post(f"{self._base}/lookup",
-                                      data=orjson.dumps({"paths": list(paths)})) as r:
+        async with self._session.post(
+            f"{self._base}/lookup", data=orjson.dumps({"paths": list(paths)})
+        ) as r:
             return dict(orjson.loads(await r.read()))
 
     async def records(self, paths: bool = False) -> dict[str, Any]:
@@ -204,29 +230,41 @@ class DispatcherProcess:
         return None if self.ready_at is None else self.ready_at - self.spawned_at
 
     @classmethod
-    async def start(cls, config_path: Path, http_port: int, workers: int, log_path: Path,
-                    ready_timeout: float = 60.0, source: Path | None = None,
-                    gc_dir: Path | None = None) -> DispatcherProcess:
+    async def start(
+        cls,
+        config_path: Path,
+        http_port: int,
+        workers: int,
+        log_path: Path,
+        ready_timeout: float = 60.0,
+        source: Path | None = None,
+        gc_dir: Path | None = None,
+    ) -> DispatcherProcess:
         """``source``: another checkout to run the dispatcher from (A/B runs); default this one."""
         spawned_at = time.time()
-        child = await _spawn("dispatcher", ["-m", "dispatcher", "--config", str(config_path),
-                                            "run", "--workers", str(workers)], log_path,
-                             source=source or REPO_ROOT, gc_dir=gc_dir)
+        child = await _spawn(
+            "dispatcher",
+            ["-m", "dispatcher", "--config", str(config_path), "run", "--workers", str(workers)],
+            log_path,
+            source=source or REPO_ROOT,
+            gc_dir=gc_dir,
+        )
         self = cls(child, http_port, spawned_at)
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if not child.running:
                 await self.close()
-                raise DispatcherFailed(f"dispatcher exited with {child.proc.returncode}: "
-                                       f"{_last_line(log_path) or '(no output)'} "
-                                       f"(log: {log_path})")
+                raise DispatcherFailed(
+                    f"dispatcher exited with {child.proc.returncode}: "
+                    f"{_last_line(log_path) or '(no output)'} "
+                    f"(log: {log_path})"
+                )
             if await self.ready():
                 self.ready_at = time.time()
                 return self
             await asyncio.sleep(0.05)
         await self.close()
-        raise DispatcherFailed(f"dispatcher not ready within {ready_timeout:g}s "
-                               f"(log: {log_path})")
+        raise DispatcherFailed(f"dispatcher not ready within {ready_timeout:g}s (log: {log_path})")
 
     def reload(self) -> None:
         """SIGHUP: reload the subscribers (the supervisor forwards it to every worker)."""
@@ -235,8 +273,10 @@ class DispatcherProcess:
     async def metrics(self, timeout: float = 60.0) -> str | None:
         """The /metrics text (its size kept in `metrics_bytes`); None if it did not answer."""
         try:
-            async with self._session.get(f"http://127.0.0.1:{self.http_port}/metrics",
-                                         timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            async with self._session.get(
+                f"http://127.0.0.1:{self.http_port}/metrics",
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as r:
                 body = await r.read()
         except (aiohttp.ClientError, TimeoutError):
             return None
@@ -250,11 +290,18 @@ class DispatcherProcess:
         except (aiohttp.ClientError, TimeoutError):
             return False
 
-    async def counters(self, prefixes: Sequence[str] = (
-        "dispatcher_events_total", "dispatcher_attempts_total", "dispatcher_deliveries_total",
-        "dispatcher_retries_scheduled_total", "dispatcher_parked_total",
-        "dispatcher_dead_letters_total", "dispatcher_broker_confirm_seconds",
-    )) -> dict[str, float]:
+    async def counters(
+        self,
+        prefixes: Sequence[str] = (
+            "dispatcher_events_total",
+            "dispatcher_attempts_total",
+            "dispatcher_deliveries_total",
+            "dispatcher_retries_scheduled_total",
+            "dispatcher_parked_total",
+            "dispatcher_dead_letters_total",
+            "dispatcher_broker_confirm_seconds",
+        ),
+    ) -> dict[str, float]:
         """The dispatcher's own counters (Prometheus text), for the phase report."""
         text = await self.metrics()
         if text is None:
@@ -283,13 +330,26 @@ class DispatcherProcess:
         return await self.child.stop(grace)
 
 
-async def start_baseline(broker_url: str, queue: str, prefetch: int, targets: Sequence[str],
-                         log_path: Path, gc_dir: Path | None = None) -> Child:
-    args = ["-m", "loadtest.baseline", "--broker-url", broker_url, "--queue", queue,
-            "--prefetch", str(prefetch)]
+async def start_baseline(
+    broker_url: str,
+    queue: str,
+    prefetch: int,
+    targets: Sequence[str],
+    log_path: Path,
+    gc_dir: Path | None = None,
+) -> Child:
+    args = [
+        "-m",
+        "loadtest.baseline",
+        "--broker-url",
+        broker_url,
+        "--queue",
+        queue,
+        "--prefetch",
+        str(prefetch),
+    ]
     for url in targets:
         args += ["--target", url]
-    child = await _spawn("baseline", args, log_path, stdout=asyncio.subprocess.PIPE,
-                         gc_dir=gc_dir)
+    child = await _spawn("baseline", args, log_path, stdout=asyncio.subprocess.PIPE, gc_dir=gc_dir)
     await _first_line(child, 30)
     return child

@@ -49,8 +49,9 @@ def py_spy() -> str | None:
 class Profiler:
     """``py-spy record`` attached to a running pid (and its children) until `stop`."""
 
-    def __init__(self, pid: int, output: Path, *, rate: int = 100,
-                 subprocesses: bool = True) -> None:
+    def __init__(
+        self, pid: int, output: Path, *, rate: int = 100, subprocesses: bool = True
+    ) -> None:
         self.pid = pid
         self.output = output
         self.rate = rate
@@ -61,12 +62,25 @@ class Profiler:
         exe = py_spy()
         if exe is None:
             raise RuntimeError("py-spy is not installed (pip install py-spy)")
-        args = [exe, "record", "--pid", str(self.pid), "--rate", str(self.rate),
-                "--format", "raw", "--function", "--nonblocking", "--output", str(self.output)]
+        args = [
+            exe,
+            "record",
+            "--pid",
+            str(self.pid),
+            "--rate",
+            str(self.rate),
+            "--format",
+            "raw",
+            "--function",
+            "--nonblocking",
+            "--output",
+            str(self.output),
+        ]
         if self.subprocesses:
             args.append("--subprocesses")
         self._proc = await asyncio.create_subprocess_exec(
-            *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
 
     async def stop(self) -> None:
         proc, self._proc = self._proc, None
@@ -91,8 +105,13 @@ def _package(file: str) -> str:
             return name
     if "site-packages" in file:
         return file.split("site-packages/", 1)[1].split("/", 1)[0]
-    if "python3" in file or file.startswith("<") or "/" not in file or file.split("/")[0] in (
-            "asyncio", "contextlib.py", "concurrent", "json", "email", "logging"):
+    if (
+        "python3" in file
+        or file.startswith("<")
+        or "/" not in file
+        or file.split("/")[0]
+        in ("asyncio", "contextlib.py", "concurrent", "json", "email", "logging")
+    ):
         return "stdlib"
     return "other"
 
@@ -120,11 +139,12 @@ def summarize(raw: Path, top: int = 25) -> dict[str, Any]:
             inclusive[frame] += count
 
     def share(counter: Counter[str], n: int) -> list[dict[str, Any]]:
-        return [{"frame": k, "samples": v, "share": round(v / total, 4) if total else 0.0}
-                for k, v in counter.most_common(n)]
+        return [
+            {"frame": k, "samples": v, "share": round(v / total, 4) if total else 0.0}
+            for k, v in counter.most_common(n)
+        ]
 
-    ours = Counter({k: v for k, v in inclusive.items()
-                    if "(dispatcher/" in k or "(signing/" in k})
+    ours = Counter({k: v for k, v in inclusive.items() if "(dispatcher/" in k or "(signing/" in k})
     return {
         "samples": total,
         "self": share(self_time, top),

@@ -113,17 +113,29 @@ class Endpoint:
         self.batched += batched
 
     def stats(self) -> dict[str, Any]:
-        return {"received": len(self.ids), "unique": len(self.seen),
-                "duplicates": self.duplicates, "failures": self.failures,
-                "verify_failures": self.verify_failures, "in_flight": self.in_flight,
-                "requests": self.requests, "batched": self.batched,
-                "cross_account": self.cross_account, "own_unique": self.own_unique,
-                "last_arrival": self.arrived[-1] if self.arrived else None}
+        return {
+            "received": len(self.ids),
+            "unique": len(self.seen),
+            "duplicates": self.duplicates,
+            "failures": self.failures,
+            "verify_failures": self.verify_failures,
+            "in_flight": self.in_flight,
+            "requests": self.requests,
+            "batched": self.batched,
+            "cross_account": self.cross_account,
+            "own_unique": self.own_unique,
+            "last_arrival": self.arrived[-1] if self.arrived else None,
+        }
 
     def records(self) -> dict[str, Any]:
-        return {"ids": self.ids, "published": self.published, "arrived": self.arrived,
-                **self.stats(), "reasons": dict(self.reasons),
-                "behaviour": asdict(self.behaviour)}
+        return {
+            "ids": self.ids,
+            "published": self.published,
+            "arrived": self.arrived,
+            **self.stats(),
+            "reasons": dict(self.reasons),
+            "behaviour": asdict(self.behaviour),
+        }
 
 
 class ReceiverApp:
@@ -162,13 +174,17 @@ class ReceiverApp:
         path = request.path
         ep = self.paths.get(path)
         if ep is None:  # registered before any await: concurrent first requests share it
-            ep = self.paths[path] = Endpoint(len(self.paths), url=f"http://{request.host}{path}",
-                                             account=request.match_info["account"])
+            ep = self.paths[path] = Endpoint(
+                len(self.paths),
+                url=f"http://{request.host}{path}",
+                account=request.match_info["account"],
+            )
         if self._verify is not None and ep.verifier is None:
             jwks = await self._phase_jwks()
             if ep.verifier is None:
-                ep.verifier = WebhookVerifier(jwks=jwks, audience=ep.url,
-                                              issuer=self._verify.get("issuer"))
+                ep.verifier = WebhookVerifier(
+                    jwks=jwks, audience=ep.url, issuer=self._verify.get("issuer")
+                )
         return await self._receive(ep, request, arrived)
 
     async def _phase_jwks(self) -> dict[str, Any]:
@@ -176,24 +192,31 @@ class ReceiverApp:
         assert self._verify is not None
         async with self._jwks_lock:
             if self._jwks is None:
-                async with aiohttp.ClientSession() as session, session.get(
-                        self._verify["jwks_url"]) as r:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(self._verify["jwks_url"]) as r,
+                ):
                     r.raise_for_status()
                     self._jwks = dict(await r.json())
         return self._jwks
 
-    async def _receive(self, ep: Endpoint, request: web.Request,
-                       arrived: float) -> web.StreamResponse:
+    async def _receive(
+        self, ep: Endpoint, request: web.Request, arrived: float
+    ) -> web.StreamResponse:
         body = await request.read()
         ep.in_flight += 1
         try:
             if ep.verifier is not None:
                 try:
                     claims = await ep.verifier.verify(request.headers, body)
-                    if ep.account is not None and isinstance(claims, dict) and \
-                            claims.get("account") != ep.account:
-                        raise VerificationError("wrong_account",
-                                                f"account claim {claims.get('account')!r}")
+                    if (
+                        ep.account is not None
+                        and isinstance(claims, dict)
+                        and claims.get("account") != ep.account
+                    ):
+                        raise VerificationError(
+                            "wrong_account", f"account claim {claims.get('account')!r}"
+                        )
                 except VerificationError as exc:
                     ep.verify_failures += 1
                     ep.reasons[exc.reason] += 1
@@ -250,10 +273,12 @@ class ReceiverApp:
         for ep in self.endpoints:
             ep.reset()
             ep.behaviour = Behaviour.from_dict(
-                behaviours[ep.index] if ep.index < len(behaviours) else None)
+                behaviours[ep.index] if ep.index < len(behaviours) else None
+            )
             if spec.get("verify"):
-                ep.verifier = WebhookVerifier(jwks_url=spec["jwks_url"], audience=ep.url,
-                                              issuer=spec.get("issuer"))
+                ep.verifier = WebhookVerifier(
+                    jwks_url=spec["jwks_url"], audience=ep.url, issuer=spec.get("issuer")
+                )
         return web.json_response({"ok": True})
 
     async def _behaviour(self, request: web.Request) -> web.Response:
@@ -265,8 +290,10 @@ class ReceiverApp:
         return web.json_response({"ok": True})
 
     async def _stats(self, _: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps([ep.stats() for ep in self.endpoints]),
-                            content_type="application/json")
+        return web.Response(
+            body=orjson.dumps([ep.stats() for ep in self.endpoints]),
+            content_type="application/json",
+        )
 
     async def _path_stats(self, _: web.Request) -> web.Response:
         total: Counter[str] = Counter()
@@ -276,20 +303,41 @@ class ReceiverApp:
                 if key != "last_arrival":
                     total[key] += value
             reasons.update(ep.reasons)
-        doc = {"paths": len(self.paths), **{k: total[k] for k in (
-            "received", "unique", "duplicates", "failures", "verify_failures", "in_flight",
-            "requests", "batched", "cross_account", "own_unique")}, "reasons": dict(reasons)}
+        doc = {
+            "paths": len(self.paths),
+            **{
+                k: total[k]
+                for k in (
+                    "received",
+                    "unique",
+                    "duplicates",
+                    "failures",
+                    "verify_failures",
+                    "in_flight",
+                    "requests",
+                    "batched",
+                    "cross_account",
+                    "own_unique",
+                )
+            },
+            "reasons": dict(reasons),
+        }
         return web.Response(body=orjson.dumps(doc), content_type="application/json")
 
     async def _lookup(self, request: web.Request) -> web.Response:
         wanted = orjson.loads(await request.read()).get("paths") or []
-        doc = {path: {"ids": ep.ids, "arrived": ep.arrived}
-               for path in wanted if (ep := self.paths.get(path)) is not None}
+        doc = {
+            path: {"ids": ep.ids, "arrived": ep.arrived}
+            for path in wanted
+            if (ep := self.paths.get(path)) is not None
+        }
         return web.Response(body=orjson.dumps(doc), content_type="application/json")
 
     async def _records(self, request: web.Request) -> web.Response:
-        doc: dict[str, Any] = {"endpoints": [ep.records() for ep in self.endpoints],
-                               "gc": self.gc.as_dict()}
+        doc: dict[str, Any] = {
+            "endpoints": [ep.records() for ep in self.endpoints],
+            "gc": self.gc.as_dict(),
+        }
         if request.query.get("paths"):
             doc["paths"] = {path: ep.records() for path, ep in self.paths.items()}
         return web.Response(body=orjson.dumps(doc), content_type="application/json")
@@ -303,8 +351,13 @@ class ReceiverApp:
 
 async def serve(endpoints: int, seed: int) -> None:
     receiver = ReceiverApp(endpoints, seed)
-    runner = web.AppRunner(receiver.app, access_log=None, handle_signals=False,
-                           handler_cancellation=True, shutdown_timeout=1.0)
+    runner = web.AppRunner(
+        receiver.app,
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=True,
+        shutdown_timeout=1.0,
+    )
     await runner.setup()
     ports: list[int] = []
     for _ in range(endpoints + 1):
@@ -315,9 +368,12 @@ async def serve(endpoints: int, seed: int) -> None:
     control, *hook_ports = ports
     for ep, port in zip(receiver.endpoints, hook_ports, strict=True):
         ep.url = f"http://127.0.0.1:{port}/hooks/{ep.index}"
-    sys.stdout.write(orjson.dumps({"control": control,
-                                   "endpoints": [ep.url for ep in receiver.endpoints]}).decode()
-                     + "\n")
+    sys.stdout.write(
+        orjson.dumps(
+            {"control": control, "endpoints": [ep.url for ep in receiver.endpoints]}
+        ).decode()
+        + "\n"
+    )
     sys.stdout.flush()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -27,10 +27,18 @@ PROBES_AFTER = 10  # probes in a row that must arrive before probing stops
 _SETTLE = 5.0  # then wait this long at most for the last probes
 
 
-async def reload_and_probe(*, after: float, layout: AccountLayout, ports: Sequence[int],
-                           config_dir: Path, keys: Mapping[str, Any],
-                           dispatcher: DispatcherProcess, generator: Generator,
-                           receivers: ReceiversProcess, id_prefix: str) -> dict[str, Any]:
+async def reload_and_probe(
+    *,
+    after: float,
+    layout: AccountLayout,
+    ports: Sequence[int],
+    config_dir: Path,
+    keys: Mapping[str, Any],
+    dispatcher: DispatcherProcess,
+    generator: Generator,
+    receivers: ReceiversProcess,
+    id_prefix: str,
+) -> dict[str, Any]:
     """``after`` seconds into the generator's publishing: write the next file (every table
     completed with ``keys``), SIGHUP, probe. Returns `reload_effect` with its context."""
     while not generator.stats.started:
@@ -46,8 +54,7 @@ async def reload_and_probe(*, after: float, layout: AccountLayout, ports: Sequen
     next_at = time.monotonic()
     while time.time() - sighup_at < PROBE_FOR:
         account = accounts[len(probes) % len(accounts)]
-        sent = await generator.publish_one(f"{id_prefix}-probe-{len(probes) + 1}",
-                                           account=account)
+        sent = await generator.publish_one(f"{id_prefix}-probe-{len(probes) + 1}", account=account)
         if sent is not None:
             probes.append(Probe(sent.id, account, sent.published_ms / 1000))
             for n in range(layout.endpoints):
@@ -68,13 +75,18 @@ async def reload_and_probe(*, after: float, layout: AccountLayout, ports: Sequen
         if effect["delivered"] == effect["probes"]:
             break
         await asyncio.sleep(0.25)
-    return {**effect, "file": name, "subscribers_added": len(tables),
-            "accounts_added": len(accounts),
-            "sighup_after_s": round(sighup_at - generator.stats.started, 3)}
+    return {
+        **effect,
+        "file": name,
+        "subscribers_added": len(tables),
+        "accounts_added": len(accounts),
+        "sighup_after_s": round(sighup_at - generator.stats.started, 3),
+    }
 
 
-async def _arrivals(receivers: ReceiversProcess,
-                    arrivals: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+async def _arrivals(
+    receivers: ReceiversProcess, arrivals: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
     found = await receivers.lookup(list(arrivals))
     out = {path: dict(seen) for path, seen in arrivals.items()}
     for path, rec in found.items():
@@ -84,8 +96,9 @@ async def _arrivals(receivers: ReceiversProcess,
     return out
 
 
-def _tail_delivered(probes: Sequence[Probe], arrivals: Mapping[str, Mapping[str, float]],
-                    endpoints: int) -> int:
+def _tail_delivered(
+    probes: Sequence[Probe], arrivals: Mapping[str, Mapping[str, float]], endpoints: int
+) -> int:
     """How many of the latest probes in a row reached every endpoint of their account."""
     n = 0
     for p in sorted(probes, key=lambda p: p.published, reverse=True):

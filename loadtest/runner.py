@@ -51,13 +51,21 @@ from loadtest.summary import PhaseData, summarise
 from tests.support.ports import free_port
 from tests.support.toml_files import to_toml
 
-__all__ = ["BASELINE", "DISPATCHER", "PhaseFailed", "PhaseResult", "PhaseSpec", "Run",
-           "RunOptions"]
+__all__ = ["BASELINE", "DISPATCHER", "PhaseFailed", "PhaseResult", "PhaseSpec", "Run", "RunOptions"]
 
 ISSUER = "https://mail.example.com"
 _EMPTY_RECORD: dict[str, Any] = {
-    "ids": [], "published": [], "arrived": [], "received": 0, "unique": 0, "duplicates": 0,
-    "failures": 0, "verify_failures": 0, "reasons": {}, "behaviour": {}, "requests": 0,
+    "ids": [],
+    "published": [],
+    "arrived": [],
+    "received": 0,
+    "unique": 0,
+    "duplicates": 0,
+    "failures": 0,
+    "verify_failures": 0,
+    "reasons": {},
+    "behaviour": {},
+    "requests": 0,
     "batched": 0,
 }
 
@@ -136,8 +144,9 @@ class Run:
     async def __aenter__(self) -> Run:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.receivers = await ReceiversProcess.start(self.options.endpoints,
-                                                      self.log_dir / "receivers.log")
+        self.receivers = await ReceiversProcess.start(
+            self.options.endpoints, self.log_dir / "receivers.log"
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -151,27 +160,48 @@ class Run:
     @staticmethod
     def subscriber_keys(spec: PhaseSpec) -> dict[str, Any]:
         """What every subscriber table of the phase has besides id, url, account, events."""
-        keys: dict[str, Any] = {"auth": "jwt", "timeout": spec.sub_timeout,
-                                "max_in_flight": spec.max_in_flight}
+        keys: dict[str, Any] = {
+            "auth": "jwt",
+            "timeout": spec.sub_timeout,
+            "max_in_flight": spec.max_in_flight,
+        }
         if spec.batch is not None:
             keys["batch"] = dict(spec.batch)
         return keys
 
-    def dispatcher_doc(self, spec: PhaseSpec, prefix: str, urls: Sequence[str],
-                       subs: Sequence[SubscriberSpec] | None = None) -> dict[str, Any]:
+    def dispatcher_doc(
+        self,
+        spec: PhaseSpec,
+        prefix: str,
+        urls: Sequence[str],
+        subs: Sequence[SubscriberSpec] | None = None,
+    ) -> dict[str, Any]:
         """The main config file; subscribers by account go to included files instead."""
         subs = spec.subscriber_specs() if subs is None else subs
         doc: dict[str, Any] = {
             "allow_private_networks": True,
-            "broker": {"url": self.options.broker_url, "exchange": f"{prefix}.events",
-                       "queue": f"{prefix}.dispatch", "binding_keys": ["Message.#"],
-                       "prefetch": spec.prefetch, "queue_type": "classic"},
+            "broker": {
+                "url": self.options.broker_url,
+                "exchange": f"{prefix}.events",
+                "queue": f"{prefix}.dispatch",
+                "binding_keys": ["Message.#"],
+                "prefetch": spec.prefetch,
+                "queue_type": "classic",
+            },
             "http": {"listen": f"127.0.0.1:{self.http_port}"},
-            "signing": {"issuer": ISSUER, "keys_dir": str(self.keys_dir), "algorithm": "EdDSA",
-                        "token_ttl": "5m"},
+            "signing": {
+                "issuer": ISSUER,
+                "keys_dir": str(self.keys_dir),
+                "algorithm": "EdDSA",
+                "token_ttl": "5m",
+            },
             "retry": {"schedule": list(spec.retry_schedule), "jitter": 0.1, "max_age": "1h"},
-            "dispatcher": {"workers": spec.workers, "log_level": "warning", "log_format": "json",
-                           "drain_timeout": "10s"},
+            "dispatcher": {
+                "workers": spec.workers,
+                "log_level": "warning",
+                "log_format": "json",
+                "drain_timeout": "10s",
+            },
         }
         if spec.accounts is not None:
             doc["include"] = [f"{INCLUDE_DIR}/*.toml"]
@@ -197,8 +227,10 @@ class Run:
             subs = specs_of(tables)
         else:
             if spec.subscribers > len(self.receivers.urls):
-                raise ValueError(f"{spec.name}: {spec.subscribers} subscribers, "
-                                 f"only {len(self.receivers.urls)} receivers")
+                raise ValueError(
+                    f"{spec.name}: {spec.subscribers} subscribers, "
+                    f"only {len(self.receivers.urls)} receivers"
+                )
             urls = self.receivers.urls[: spec.subscribers]
             subs = spec.subscriber_specs()
         self._phase_no += 1
@@ -207,9 +239,11 @@ class Run:
         # The load test reads only the broker's names from it; the dispatcher itself judges the
         # subscribers (and refuses, in one line, what it does not support yet).
         try:
-            broker = parse_config({k: v for k, v in doc.items()
-                                   if k not in ("include", "subscribers")},
-                                  env={}, source="<loadtest>").broker
+            broker = parse_config(
+                {k: v for k, v in doc.items() if k not in ("include", "subscribers")},
+                env={},
+                source="<loadtest>",
+            ).broker
         except ConfigError as exc:
             raise PhaseFailed(f"{spec.name}: {exc}") from None
         phase = _PhaseRun(self, spec, broker, doc, urls, subs, tables, prefix)
@@ -219,8 +253,9 @@ class Run:
             await _cleanup(broker, spec, [s.id for s in subs], prefix)
 
 
-async def _cleanup(broker: BrokerConfig, spec: PhaseSpec, sub_ids: Sequence[str],
-                   prefix: str) -> None:
+async def _cleanup(
+    broker: BrokerConfig, spec: PhaseSpec, sub_ids: Sequence[str], prefix: str
+) -> None:
     with contextlib.suppress(Exception):
         if spec.accounts is not None and await delete_prefixed(f"{prefix}.", broker.url):
             return
@@ -235,9 +270,17 @@ async def _cleanup(broker: BrokerConfig, spec: PhaseSpec, sub_ids: Sequence[str]
 
 
 class _PhaseRun:
-    def __init__(self, run: Run, spec: PhaseSpec, broker: BrokerConfig, doc: dict[str, Any],
-                 urls: Sequence[str], subs: Sequence[SubscriberSpec],
-                 tables: list[dict[str, Any]], prefix: str) -> None:
+    def __init__(
+        self,
+        run: Run,
+        spec: PhaseSpec,
+        broker: BrokerConfig,
+        doc: dict[str, Any],
+        urls: Sequence[str],
+        subs: Sequence[SubscriberSpec],
+        tables: list[dict[str, Any]],
+        prefix: str,
+    ) -> None:
         self.owner = run
         self.spec = spec
         self.broker = broker
@@ -249,10 +292,10 @@ class _PhaseRun:
         assert run.receivers is not None
         self.receivers = run.receivers
         accounts = spec.accounts.active_accounts() if spec.accounts else ()
-        self.mix = EventMix(seed=spec.seed, invalid_fraction=spec.invalid_fraction,
-                            accounts=accounts)
-        self.generator = Generator(broker.url, broker.exchange, prefix=broker.queue,
-                                   mix=self.mix)
+        self.mix = EventMix(
+            seed=spec.seed, invalid_fraction=spec.invalid_fraction, accounts=accounts
+        )
+        self.generator = Generator(broker.url, broker.exchange, prefix=broker.queue, mix=self.mix)
         self.consumer: DispatcherProcess | Child | None = None
         self.sampler: TreeSampler | None = None
         self.others: dict[str, TreeSampler] = {}
@@ -287,9 +330,11 @@ class _PhaseRun:
                         await declare_parking(channel, self.broker, sub.id)
             else:
                 exchange = await channel.declare_exchange(
-                    self.broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+                    self.broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+                )
                 queue = await channel.declare_queue(
-                    self.broker.queue, durable=True, arguments={"x-queue-type": "classic"})
+                    self.broker.queue, durable=True, arguments={"x-queue-type": "classic"}
+                )
                 await queue.bind(exchange, routing_key="Message.#")
 
     def _write_config(self) -> Path:
@@ -309,14 +354,25 @@ class _PhaseRun:
         if spec.consumer == DISPATCHER:
             try:
                 disp = await DispatcherProcess.start(
-                    self._write_config(), run.http_port, spec.workers, log,
-                    source=Path(spec.source) if spec.source else None, gc_dir=self.gc_dir)
+                    self._write_config(),
+                    run.http_port,
+                    spec.workers,
+                    log,
+                    source=Path(spec.source) if spec.source else None,
+                    gc_dir=self.gc_dir,
+                )
             except RuntimeError as exc:
                 raise PhaseFailed(f"{spec.name}: {exc}") from None
             self.consumer, pid = disp, disp.child.pid
         else:
-            child = await start_baseline(self.broker.url, self.broker.queue, spec.prefetch,
-                                         self.urls, log, gc_dir=self.gc_dir)
+            child = await start_baseline(
+                self.broker.url,
+                self.broker.queue,
+                spec.prefetch,
+                self.urls,
+                log,
+                gc_dir=self.gc_dir,
+            )
             self.consumer, pid = child, child.pid
         started = time.time()
         self.sampler = TreeSampler(pid, children=True, interval=spec.sample_interval)
@@ -382,8 +438,11 @@ class _PhaseRun:
     async def run(self) -> PhaseResult:
         spec = self.spec
         await self.receivers.phase(
-            verify=spec.verify and spec.consumer == DISPATCHER, jwks_url=self.owner.jwks_url,
-            issuer=ISSUER, behaviours=list(spec.behaviours))
+            verify=spec.verify and spec.consumer == DISPATCHER,
+            jwks_url=self.owner.jwks_url,
+            issuer=ISSUER,
+            behaviours=list(spec.behaviours),
+        )
         await self._declare()
         self._start_others()
         t0 = time.time()
@@ -432,8 +491,11 @@ class _PhaseRun:
                     self.counters = await self.consumer.counters()
                     self.metrics_bytes["end"] = self.consumer.metrics_bytes
                 if self.consumer is not None:
-                    code = await self.consumer.close() if isinstance(
-                        self.consumer, DispatcherProcess) else await self.consumer.stop()
+                    code = (
+                        await self.consumer.close()
+                        if isinstance(self.consumer, DispatcherProcess)
+                        else await self.consumer.stop()
+                    )
                     if code != 0:
                         self.notes.append(f"{spec.consumer} exited with {code}")
         ended = time.time()
@@ -443,8 +505,10 @@ class _PhaseRun:
         pending = [] if settled and not self.by_account else await self._pending()
         if settled and pending:
             settled = False
-            self.notes.append("the phase looked settled, but the broker still held deliveries "
-                              "after the stop (counted as pending, not lost)")
+            self.notes.append(
+                "the phase looked settled, but the broker still held deliveries "
+                "after the stop (counted as pending, not lost)"
+            )
         received = await self.receivers.records(paths=self.by_account)
         records: list[dict[str, Any]] = received["endpoints"]
         paths_summary = None
@@ -455,26 +519,51 @@ class _PhaseRun:
         assert self.sampler is not None
         profile = None
         if profiler is not None and profiler.output.exists():
-            profile = {"raw": str(profiler.output), "rate": profiler.rate,
-                       **summarize(profiler.output)}
-        result = summarise(PhaseData(
-            spec=spec, queue=self.broker.queue, subscribers=self.subs,
-            published=self.generator.published, records=records, dead=dead, pending=pending,
-            settled=settled, t0=t0, consumer_started=consumer_started, ended=ended,
-            sampler=self.sampler, others=self.others, publish_stats=self.generator.stats,
-            gc=read_dir(self.gc_dir) if self.gc_dir is not None else None,
-            receivers_gc=received.get("gc"), profile=profile, healed_at=self.healed_at,
-            notes=self.notes, counters=self.counters,
-            startup_s=(self.consumer.startup_s
-                       if isinstance(self.consumer, DispatcherProcess) else None),
-            metrics_bytes=self.metrics_bytes, broker=self.census, reload=reload,
-            account_endpoints=paths_summary))
+            profile = {
+                "raw": str(profiler.output),
+                "rate": profiler.rate,
+                **summarize(profiler.output),
+            }
+        result = summarise(
+            PhaseData(
+                spec=spec,
+                queue=self.broker.queue,
+                subscribers=self.subs,
+                published=self.generator.published,
+                records=records,
+                dead=dead,
+                pending=pending,
+                settled=settled,
+                t0=t0,
+                consumer_started=consumer_started,
+                ended=ended,
+                sampler=self.sampler,
+                others=self.others,
+                publish_stats=self.generator.stats,
+                gc=read_dir(self.gc_dir) if self.gc_dir is not None else None,
+                receivers_gc=received.get("gc"),
+                profile=profile,
+                healed_at=self.healed_at,
+                notes=self.notes,
+                counters=self.counters,
+                startup_s=(
+                    self.consumer.startup_s
+                    if isinstance(self.consumer, DispatcherProcess)
+                    else None
+                ),
+                metrics_bytes=self.metrics_bytes,
+                broker=self.census,
+                reload=reload,
+                account_endpoints=paths_summary,
+            )
+        )
         thr, lat, proc = result.throughput, result.latency_ms, result.process
         self.owner.progress.done(
             f"{self.label} {thr['deliveries']} deliveries, {thr['deliveries_per_s']:.0f}/s; "
             f"p50 {lat['p50'] or 0:.1f} ms p99 {lat['p99'] or 0:.1f} ms; "
             f"lost {result.accounting.lost}; "
-            f"cpu {proc['cpu_percent']}% peak rss {proc['peak_rss_mib']} MiB")
+            f"cpu {proc['cpu_percent']}% peak rss {proc['peak_rss_mib']} MiB"
+        )
         return result
 
     async def _publish(self, gen: Generator, show: bool = False) -> None:
@@ -485,7 +574,8 @@ class _PhaseRun:
             if show:
                 self.owner.progress.show(
                     f"{self.label} preloading {gen.stats.confirmed}/{count} events "
-                    f"({gen.stats.confirmed / max(time.time() - gen.stats.started, 1e-3):.0f}/s)")
+                    f"({gen.stats.confirmed / max(time.time() - gen.stats.started, 1e-3):.0f}/s)"
+                )
             await asyncio.wait({task}, timeout=0.5)
         await task
         self.publish_done = True
@@ -495,10 +585,16 @@ class _PhaseRun:
         assert spec.accounts is not None and spec.reload_after is not None
         assert isinstance(self.consumer, DispatcherProcess)
         effect = await reload_and_probe(
-            after=spec.reload_after, layout=spec.accounts, ports=self.owner.receiver_ports,
-            config_dir=self.config_dir, keys={"events": ["*"], **Run.subscriber_keys(spec)},
-            dispatcher=self.consumer, generator=gen, receivers=self.receivers,
-            id_prefix=self.broker.queue)
+            after=spec.reload_after,
+            layout=spec.accounts,
+            ports=self.owner.receiver_ports,
+            config_dir=self.config_dir,
+            keys={"events": ["*"], **Run.subscriber_keys(spec)},
+            dispatcher=self.consumer,
+            generator=gen,
+            receivers=self.receivers,
+            id_prefix=self.broker.queue,
+        )
         if spec.census:
             self._census_soon("after reload")
         return effect
@@ -536,11 +632,13 @@ class _PhaseRun:
                 if publishing is not None and publishing.done():
                     await publishing  # re-raise a publishing failure
                     publishing = None
-                child = (self.consumer.child if isinstance(self.consumer, DispatcherProcess)
-                         else self.consumer)
+                child = (
+                    self.consumer.child
+                    if isinstance(self.consumer, DispatcherProcess)
+                    else self.consumer
+                )
                 if child is not None and not child.running:
-                    self.notes.append(f"{spec.consumer} exited early with "
-                                      f"{child.proc.returncode}")
+                    self.notes.append(f"{spec.consumer} exited early with {child.proc.returncode}")
                     if publishing is not None:
                         publishing.cancel()
                     return False
@@ -559,8 +657,12 @@ class _PhaseRun:
                 if owed is not None and not reloading:
                     if all(u >= o for u, o in zip(unique, owed, strict=True)):
                         return True
-                    if spec.heal and self.healed_at is None and all(
-                        unique[i] >= owed[i] for i in range(len(owed)) if i not in spec.heal
+                    if (
+                        spec.heal
+                        and self.healed_at is None
+                        and all(
+                            unique[i] >= owed[i] for i in range(len(owed)) if i not in spec.heal
+                        )
                     ):
                         for i in spec.heal:
                             await self.receivers.behaviour(i, {})
@@ -573,7 +675,8 @@ class _PhaseRun:
                                 self.notes.append(
                                     f"settled idle with {sum(unique)} of {sum(owed)} owed "
                                     "deliveries received: nothing moved, nothing held, no "
-                                    "delivery queue holds a message")
+                                    "delivery queue holds a message"
+                                )
                             return True
                     if deadline is not None and now > deadline:
                         self.notes.append(f"gave up waiting after {spec.settle_timeout:g}s")
@@ -593,15 +696,17 @@ class _PhaseRun:
         self.owner.progress.show(
             f"{self.label} published {gen.stats.confirmed}/{self.spec.event_count} "
             f"delivered {received}/{target} ({rate:.0f}/s) failed {failed}"
-            f"{cpu} rss {(s.rss / MiB if s else 0):.0f}MiB")
+            f"{cpu} rss {(s.rss / MiB if s else 0):.0f}MiB"
+        )
 
     async def _dead_letters(self) -> list[DeadRecord]:
         from dispatcher.broker.dead_letters import DeadLetterTool
         from dispatcher.config import Config
 
         letters = await DeadLetterTool(Config(broker=self.broker), progress=None).list()
-        return [DeadRecord(dl.record.event_id, dl.record.subscriber, dl.record.reason)
-                for dl in letters]
+        return [
+            DeadRecord(dl.record.event_id, dl.record.subscriber, dl.record.reason) for dl in letters
+        ]
 
     async def _pending(self) -> list[DeadRecord]:
         """Deliveries still waiting in the work queue or the retry tiers (the consumer has
@@ -624,10 +729,12 @@ class _PhaseRun:
                     if message is None:
                         break
                     raw = (message.headers or {}).get(H_SUBSCRIBER)
-                    sub = raw.decode() if isinstance(raw, bytes) else (
-                        raw if isinstance(raw, str) else None)
+                    sub = (
+                        raw.decode()
+                        if isinstance(raw, bytes)
+                        else (raw if isinstance(raw, str) else None)
+                    )
                     found.append(DeadRecord(message.message_id, sub, f"pending: {name}"))
         if found:
             self.notes.append(f"{len(found)} deliveries still pending in the broker")
         return found
-

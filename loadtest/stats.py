@@ -28,8 +28,14 @@ class Latency:
     mean: float
 
     def as_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "p50": _r(self.p50), "p90": _r(self.p90),
-                "p99": _r(self.p99), "max": _r(self.max), "mean": _r(self.mean)}
+        return {
+            "count": self.count,
+            "p50": _r(self.p50),
+            "p90": _r(self.p90),
+            "p99": _r(self.p99),
+            "max": _r(self.max),
+            "mean": _r(self.mean),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +54,11 @@ class Throughput:
         return self.intervals / self.window if self.window > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"deliveries": self.deliveries, "window_s": round(self.window, 3),
-                "deliveries_per_s": round(self.per_second, 1)}
+        return {
+            "deliveries": self.deliveries,
+            "window_s": round(self.window, 3),
+            "deliveries_per_s": round(self.per_second, 1),
+        }
 
 
 def _r(x: float) -> float | None:
@@ -70,8 +79,9 @@ def latency(published: Sequence[float], arrived: Sequence[float]) -> Latency:
         nan = float("nan")
         return Latency(0, nan, nan, nan, nan, nan)
     p50, p90, p99 = np.percentile(lat, [50, 90, 99])
-    return Latency(int(lat.size), float(p50), float(p90), float(p99), float(lat.max()),
-                   float(lat.mean()))
+    return Latency(
+        int(lat.size), float(p50), float(p90), float(p99), float(lat.max()), float(lat.mean())
+    )
 
 
 def throughput(arrived: Sequence[float], *, start: float | None = None) -> Throughput:
@@ -85,8 +95,9 @@ def throughput(arrived: Sequence[float], *, start: float | None = None) -> Throu
     return Throughput(len(arrived), start, last, len(arrived))
 
 
-def timeline(published: Sequence[float], arrived: Sequence[float], t0: float,
-             bucket: float = 1.0) -> list[dict[str, Any]]:
+def timeline(
+    published: Sequence[float], arrived: Sequence[float], t0: float, bucket: float = 1.0
+) -> list[dict[str, Any]]:
     """Per ``bucket`` seconds since ``t0``: deliveries/s and latency p50/p99 (ms)."""
     if not arrived:
         return []

@@ -59,8 +59,9 @@ def _group(sub_id: str, many: bool) -> str:
     return f"*.{sub_id.rsplit('.', 1)[-1]}" if many else sub_id
 
 
-def per_subscriber(subs: Sequence[SubscriberSpec],
-                   records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def per_subscriber(
+    subs: Sequence[SubscriberSpec], records: Sequence[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
     many = len(subs) > GROUP_ABOVE
     groups: dict[str, list[dict[str, Any]]] = {}
     for sub, r in zip(subs, records, strict=True):
@@ -74,10 +75,12 @@ def per_subscriber(subs: Sequence[SubscriberSpec],
             for reason, n in r.get("reasons", {}).items():
                 reasons[reason] = reasons.get(reason, 0) + n
         row = {
-            "received": sum(r["received"] for r in rs), "unique": sum(r["unique"] for r in rs),
+            "received": sum(r["received"] for r in rs),
+            "unique": sum(r["unique"] for r in rs),
             "duplicates": sum(r["duplicates"] for r in rs),
             "failed_answers": sum(r["failures"] for r in rs),
-            "verify_failures": sum(r["verify_failures"] for r in rs), "verify_reasons": reasons,
+            "verify_failures": sum(r["verify_failures"] for r in rs),
+            "verify_reasons": reasons,
             "requests": sum(r.get("requests", 0) for r in rs),
             "batched": sum(r.get("batched", 0) for r in rs),
             "deliveries_per_s": round(throughput(arrived).per_second, 1),
@@ -91,14 +94,18 @@ def per_subscriber(subs: Sequence[SubscriberSpec],
     return out
 
 
-def process_figures(spec: PhaseSpec, sampler: TreeSampler, w0: float, w1: float,
-                    deliveries: int) -> dict[str, Any]:
+def process_figures(
+    spec: PhaseSpec, sampler: TreeSampler, w0: float, w1: float, deliveries: int
+) -> dict[str, Any]:
     cpu = sampler.cpu_between(w0, w1)
     span = max(w1 - w0, 1e-9)
     by_pid = sampler.peak_rss_by_pid()
     # One worker runs in the dispatcher process itself; N workers under a supervisor.
-    workers = {p: r for p, r in by_pid.items()
-               if spec.consumer != DISPATCHER or spec.workers == 1 or p != sampler.pid}
+    workers = {
+        p: r
+        for p, r in by_pid.items()
+        if spec.consumer != DISPATCHER or spec.workers == 1 or p != sampler.pid
+    }
     return {
         "kind": spec.consumer,
         "workers": spec.workers,
@@ -107,7 +114,8 @@ def process_figures(spec: PhaseSpec, sampler: TreeSampler, w0: float, w1: float,
         "cpu_percent": round(100 * cpu / span, 1),
         "cpu_ms_per_1k_deliveries": round(1e6 * cpu / deliveries, 1) if deliveries else None,
         "system_cpu_share": round(sampler.cpu_between(w0, w1, system=True) / cpu, 3)
-        if cpu else None,
+        if cpu
+        else None,
         "cpu_seconds_total": round(sampler.cpu_total, 3),
         "peak_rss_mib": round(sampler.peak_rss / MiB, 1),
         "peak_rss_sampled_mib": round(sampler.peak_rss_sampled / MiB, 1),
@@ -119,8 +127,9 @@ def process_figures(spec: PhaseSpec, sampler: TreeSampler, w0: float, w1: float,
 def summarise(d: PhaseData) -> PhaseResult:
     spec = d.spec
     records = list(d.records[: len(d.subscribers)])
-    acc = account(d.published, d.subscribers, [r["ids"] for r in records], d.dead,
-                  pending=d.pending)
+    acc = account(
+        d.published, d.subscribers, [r["ids"] for r in records], d.dead, pending=d.pending
+    )
     all_pub = [p for r in records for p in r["published"]]
     all_arr = [a for r in records for a in r["arrived"]]
     thr = throughput(all_arr)
@@ -134,26 +143,48 @@ def summarise(d: PhaseData) -> PhaseResult:
     span = max(w1 - w0, 1e-9)
     others = {name: round(100 * s.cpu_between(w0, w1) / span, 1) for name, s in d.others.items()}
     ours = sum(v for k, v in others.items() if k != "whole machine")
-    others["not this test"] = round(max(0.0, others.get("whole machine", 0.0) - ours
-                                        - process["cpu_percent"]), 1)
+    others["not this test"] = round(
+        max(0.0, others.get("whole machine", 0.0) - ours - process["cpu_percent"]), 1
+    )
     gen = d.publish_stats
-    publish = {"confirmed": gen.confirmed, "refused": gen.refused,
-               "events_per_s": round(gen.rate, 1),
-               "seconds": round(gen.finished - gen.started, 3), "target_rate": spec.rate}
+    publish = {
+        "confirmed": gen.confirmed,
+        "refused": gen.refused,
+        "events_per_s": round(gen.rate, 1),
+        "seconds": round(gen.finished - gen.started, 3),
+        "target_rate": spec.rate,
+    }
     profile = None
     if d.profile is not None:
         profile = {k: v for k, v in d.profile.items() if k != "rate"}
         if thr.deliveries and d.profile.get("rate"):
             # Busy samples per delivery, in ms of wall time at the sampling rate.
             profile["busy_ms_per_1k_deliveries"] = round(
-                1e6 * d.profile["samples"] / d.profile["rate"] / thr.deliveries, 1)
+                1e6 * d.profile["samples"] / d.profile["rate"] / thr.deliveries, 1
+            )
     return PhaseResult(
-        spec=spec, queue=d.queue, t0=d.t0, consumer_started=d.consumer_started,
-        publish=publish, throughput=thr.as_dict(), focus_throughput=fthr.as_dict(),
-        latency_ms=lat.as_dict(), per_subscriber=per_subscriber(d.subscribers, records),
-        accounting=acc, process=process, others_cpu_percent=others,
+        spec=spec,
+        queue=d.queue,
+        t0=d.t0,
+        consumer_started=d.consumer_started,
+        publish=publish,
+        throughput=thr.as_dict(),
+        focus_throughput=fthr.as_dict(),
+        latency_ms=lat.as_dict(),
+        per_subscriber=per_subscriber(d.subscribers, records),
+        accounting=acc,
+        process=process,
+        others_cpu_percent=others,
         timeline=timeline(all_pub, all_arr, d.t0),
         rss_timeline=[(s.t - d.t0, s.rss / MiB) for s in d.sampler.samples],
-        settled=d.settled, healed_at=d.healed_at, profile=profile, notes=d.notes,
-        dispatcher_counters=d.counters, startup_s=d.startup_s, metrics_bytes=d.metrics_bytes,
-        broker=d.broker, reload=d.reload, account_endpoints=d.account_endpoints)
+        settled=d.settled,
+        healed_at=d.healed_at,
+        profile=profile,
+        notes=d.notes,
+        dispatcher_counters=d.counters,
+        startup_s=d.startup_s,
+        metrics_bytes=d.metrics_bytes,
+        broker=d.broker,
+        reload=d.reload,
+        account_endpoints=d.account_endpoints,
+    )

@@ -27,8 +27,17 @@ from tests.support.toml_files import write_toml
 # What marks a test as one that talks to the broker (`-m broker`, which `make test-rabbitmq4`
 # runs): a broker fixture, or a module that uses the harness's broker side.
 _BROKER_FIXTURES = {"make", "names", "chaos_config"}
-_BROKER_NAMES = ("BROKER_URL", "broker_url", "Publisher", "running", "Dispatcher",
-                 "DispatcherProcess", "dead_letters", "cleanup_topology", "aio_pika")
+_BROKER_NAMES = (
+    "BROKER_URL",
+    "broker_url",
+    "Publisher",
+    "running",
+    "Dispatcher",
+    "DispatcherProcess",
+    "dead_letters",
+    "cleanup_topology",
+    "aio_pika",
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:

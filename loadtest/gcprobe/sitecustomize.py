@@ -10,7 +10,8 @@ from pathlib import Path
 
 if os.environ.get("LOADTEST_GC_DIR"):
     _spec = importlib.util.spec_from_file_location(
-        "_loadtest_gcstats", Path(__file__).resolve().parent.parent / "gcstats.py")
+        "_loadtest_gcstats", Path(__file__).resolve().parent.parent / "gcstats.py"
+    )
     if _spec is not None and _spec.loader is not None:
         _module = importlib.util.module_from_spec(_spec)
         _spec.loader.exec_module(_module)

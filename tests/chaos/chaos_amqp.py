@@ -26,8 +26,15 @@ __all__ = ["RawPublisher"]
 
 
 class RawPublisher:
-    def __init__(self, host: str = BROKER_HOST, port: int = BROKER_PORT, *,
-                 user: str = "guest", password: str = "guest", vhost: str = "/") -> None:
+    def __init__(
+        self,
+        host: str = BROKER_HOST,
+        port: int = BROKER_PORT,
+        *,
+        user: str = "guest",
+        password: str = "guest",
+        vhost: str = "/",
+    ) -> None:
         self._addr = (host, port)
         self._auth = f"\0{user}\0{password}"
         self._vhost = vhost
@@ -43,13 +50,22 @@ class RawPublisher:
         self._reader, self._writer = await asyncio.open_connection(*self._addr)
         self._writer.write(frame.marshal(header.ProtocolHeader(), 0))
         await self._expect(commands.Connection.Start)
-        self._send(0, commands.Connection.StartOk(
-            client_properties={"product": "chaos raw publisher"}, mechanism="PLAIN",
-            response=self._auth))
+        self._send(
+            0,
+            commands.Connection.StartOk(
+                client_properties={"product": "chaos raw publisher"},
+                mechanism="PLAIN",
+                response=self._auth,
+            ),
+        )
         tune = await self._expect(commands.Connection.Tune)
         self._frame_max = tune.frame_max or self._frame_max
-        self._send(0, commands.Connection.TuneOk(channel_max=tune.channel_max,
-                                                 frame_max=self._frame_max, heartbeat=0))
+        self._send(
+            0,
+            commands.Connection.TuneOk(
+                channel_max=tune.channel_max, frame_max=self._frame_max, heartbeat=0
+            ),
+        )
         self._send(0, commands.Connection.Open(virtual_host=self._vhost))
         await self._expect(commands.Connection.OpenOk)
         self._send(1, commands.Channel.Open())
@@ -103,13 +119,14 @@ class RawPublisher:
             if isinstance(value, commands.Basic.Nack):
                 self._nacked += sorted(done)
 
-    async def publish(self, exchange: str, routing_key: str, body: bytes,
-                      properties: commands.Basic.Properties) -> None:
+    async def publish(
+        self, exchange: str, routing_key: str, body: bytes, properties: commands.Basic.Properties
+    ) -> None:
         self._send(1, commands.Basic.Publish(exchange=exchange, routing_key=routing_key))
         self._send(1, header.ContentHeader(0, len(body), properties))
         step = self._frame_max - 8
         for i in range(0, len(body), step):
-            self._send(1, amqp_body.ContentBody(body[i:i + step]))
+            self._send(1, amqp_body.ContentBody(body[i : i + step]))
         self._published += 1
         self._pending.add(self._published)
         assert self._writer is not None

@@ -53,10 +53,13 @@ def _victim(name: str) -> tuple[bytes, str]:
     return receiver_event(recipient=f"victim-{slug}@example.com"), f"evt_forged_{uuid.uuid4().hex}"
 
 
-def _jwt_headers(token: str | None, webhook_id: str, *, auth: str | None = None
-                 ) -> dict[str, str]:
-    headers = {"Content-Type": "application/json", "webhook-id": webhook_id,
-               "webhook-timestamp": str(int(time.time())), "x-chaos-attack": "1"}
+def _jwt_headers(token: str | None, webhook_id: str, *, auth: str | None = None) -> dict[str, str]:
+    headers = {
+        "Content-Type": "application/json",
+        "webhook-id": webhook_id,
+        "webhook-timestamp": str(int(time.time())),
+        "x-chaos-attack": "1",
+    }
     if auth is not None:
         headers["Authorization"] = auth
     elif token is not None:
@@ -85,12 +88,19 @@ def _claims(t: Target, webhook_id: str, body: bytes, **overrides: Any) -> dict[s
     return claims
 
 
-def _signed(t: Target, name: str, *, header: dict[str, Any] | None = None, key: Any = "real",
-            **claim_overrides: Any) -> Request:
+def _signed(
+    t: Target,
+    name: str,
+    *,
+    header: dict[str, Any] | None = None,
+    key: Any = "real",
+    **claim_overrides: Any,
+) -> Request:
     body, webhook_id = _victim(name)
     signer = t.keyring.signing_key() if key == "real" else key
-    token = craft_token(signer, header or _header(t), _claims(t, webhook_id, body,
-                                                              **claim_overrides))
+    token = craft_token(
+        signer, header or _header(t), _claims(t, webhook_id, body, **claim_overrides)
+    )
     return _jwt_headers(token, webhook_id), body
 
 
@@ -108,8 +118,9 @@ def _genuine(t: Target, pool: list[Captured] | None = None) -> Captured:
     pool = t.captured if pool is None else pool
     assert pool, "no genuine request captured yet"
     headers, body = pool[0]
-    return {k: v for k, v in headers.items()
-            if k.lower() not in ("host", "content-length")} | {"x-chaos-attack": "1"}, body
+    return {k: v for k, v in headers.items() if k.lower() not in ("host", "content-length")} | {
+        "x-chaos-attack": "1"
+    }, body
 
 
 def _token_of(headers: dict[str, str]) -> str:
@@ -131,6 +142,7 @@ def _set(headers: dict[str, str], name: str, value: str) -> dict[str, str]:
 
 # --- the agent token --------------------------------------------------------------------------
 
+
 def jwt_attacks(t: Target) -> dict[str, Callable[[], Request]]:
     now = int(time.time())
 
@@ -146,6 +158,7 @@ def jwt_attacks(t: Target) -> dict[str, Callable[[], Request]]:
         def build() -> Request:
             body, wid = _victim(name)
             return _jwt_headers(token, wid), body
+
         return build
 
     def alg_none() -> Request:
@@ -157,11 +170,16 @@ def jwt_attacks(t: Target) -> dict[str, Callable[[], Request]]:
         def build() -> Request:
             body, wid = _victim(f"hs256 {material}")
             public = t.keyring.signing_key().private_key.public_key()
-            secret = (public.public_bytes(serialization.Encoding.PEM,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo)
-                      if material == "pem" else t.keyring.signing_key().public_jwk()["x"].encode())
+            secret = (
+                public.public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+                if material == "pem"
+                else t.keyring.signing_key().public_jwk()["x"].encode()
+            )
             token = _hs256(_header(t, alg="HS256"), _claims(t, wid, body), secret)
             return _jwt_headers(token, wid), body
+
         return build
 
     def es256_claimed() -> Request:
@@ -172,19 +190,24 @@ def jwt_attacks(t: Target) -> dict[str, Callable[[], Request]]:
         def build() -> Request:
             ring = _attacker_ring(t, "same" if same_kid else "own")
             key = ring.signing_key()
-            header = _header(t) if same_kid else {"alg": key.alg, "kid": key.kid,
-                                                  "typ": "webhook+jwt"}
+            header = (
+                _header(t) if same_kid else {"alg": key.alg, "kid": key.kid, "typ": "webhook+jwt"}
+            )
             return _signed(t, f"other key {same_kid}", header=header, key=key)
+
         return build
 
-    def captured_token_with(name: str, edit: Callable[[str, bytes, str], str]) -> Callable[
-            [], Request]:
+    def captured_token_with(
+        name: str, edit: Callable[[str, bytes, str], str]
+    ) -> Callable[[], Request]:
         """A genuine captured token, edited; sent with a victim body and a fresh id."""
+
         def build() -> Request:
             headers, _ = _genuine(t)
             body, wid = _victim(name)
             token = edit(_token_of(headers), body, wid)
             return _with_token(_set(headers, "webhook-id", wid), token), body
+
         return build
 
     def tampered_claims(token: str, body: bytes, wid: str) -> str:
@@ -196,11 +219,13 @@ def jwt_attacks(t: Target) -> dict[str, Callable[[], Request]]:
         header = token.split(".")[0]
         return f"{header}.{_b64(orjson.dumps(_claims(t, wid, body)))}."
 
-    def replay(name: str, edit: Callable[[dict[str, str], bytes], Request]
-               ) -> Callable[[], Request]:
+    def replay(
+        name: str, edit: Callable[[dict[str, str], bytes], Request]
+    ) -> Callable[[], Request]:
         def build() -> Request:
             headers, body = _genuine(t)
             return edit(headers, body)
+
         return build
 
     def spare_bits(token: str) -> str:
@@ -227,7 +252,8 @@ def jwt_attacks(t: Target) -> dict[str, Callable[[], Request]]:
         "captured token, signature stripped": captured_token_with("stripped", stripped),
         "expired (really signed)": lambda: _signed(t, "expired", iat=now - 900, exp=now - 600),
         "issued in the future (really signed)": lambda: _signed(
-            t, "future", iat=now + 600, exp=now + 900, nbf=now + 600),
+            t, "future", iat=now + 600, exp=now + 900, nbf=now + 600
+        ),
         "wrong audience (really signed)": lambda: _signed(t, "aud", aud="https://other.example/"),
         "wrong issuer (really signed)": lambda: _signed(t, "iss", iss="https://evil.example"),
         "wrong scope (really signed)": lambda: _signed(t, "scope", scope="admin"),
@@ -237,19 +263,24 @@ def jwt_attacks(t: Target) -> dict[str, Callable[[], Request]]:
         "no jti (really signed)": lambda: _signed(t, "nojti", jti=None),
         "no exp (really signed)": lambda: _signed(t, "noexp", exp=None),
         "kid with path characters": lambda: _signed(
-            t, "kid path", header=_header(t, kid="../../etc/passwd")),
+            t, "kid path", header=_header(t, kid="../../etc/passwd")
+        ),
         "unsupported crit (really signed)": lambda: _signed(
-            t, "crit", header=_header(t, crit=["b64"], b64=False)),
+            t, "crit", header=_header(t, crit=["b64"], b64=False)
+        ),
         "token for one body, sent with another": lambda: _body_swap(t),
         "token for one webhook-id, sent with another": lambda: _id_swap(t),
         "replay: exact": replay("exact", lambda h, b: (h, b)),
         "replay: body swapped": replay("body", lambda h, b: (h, _victim("replay body")[0])),
         "replay: webhook-id swapped": replay(
-            "id", lambda h, b: (_set(h, "webhook-id", _victim("x")[1]), b)),
+            "id", lambda h, b: (_set(h, "webhook-id", _victim("x")[1]), b)
+        ),
         "replay: padding added": replay(
-            "pad", lambda h, b: (_with_token(h, _token_of(h) + "=="), b)),
+            "pad", lambda h, b: (_with_token(h, _token_of(h) + "=="), b)
+        ),
         "replay: spare signature bits set": replay(
-            "bits", lambda h, b: (_with_token(h, spare_bits(_token_of(h))), b)),
+            "bits", lambda h, b: (_with_token(h, spare_bits(_token_of(h))), b)
+        ),
         "replay: token of another subscriber": other_audience,
     }
 
@@ -266,21 +297,40 @@ def _id_swap(t: Target) -> Request:
 
 # --- the HMAC signature -----------------------------------------------------------------------
 
+
 def hmac_attacks(t: Target) -> dict[str, Callable[[], Request]]:
-    def signed(name: str, *, secret: bytes | None = None, ts_shift: int = 0,
-               signed_body: bytes | None = None, signed_id: str | None = None,
-               signature: str | None = None, timestamp: str | None = None) -> Callable[
-                   [], Request]:
+    def signed(
+        name: str,
+        *,
+        secret: bytes | None = None,
+        ts_shift: int = 0,
+        signed_body: bytes | None = None,
+        signed_id: str | None = None,
+        signature: str | None = None,
+        timestamp: str | None = None,
+    ) -> Callable[[], Request]:
         def build() -> Request:
             body, wid = _victim(name)
             ts = int(time.time()) + ts_shift
-            sig = signature if signature is not None else sign_hmac(
-                [secret if secret is not None else t.secret], signed_id or wid, ts,
-                signed_body if signed_body is not None else body)
-            headers = {"Content-Type": "application/json", "webhook-id": wid,
-                       "webhook-timestamp": timestamp or str(ts), "webhook-signature": sig,
-                       "x-chaos-attack": "1"}
+            sig = (
+                signature
+                if signature is not None
+                else sign_hmac(
+                    [secret if secret is not None else t.secret],
+                    signed_id or wid,
+                    ts,
+                    signed_body if signed_body is not None else body,
+                )
+            )
+            headers = {
+                "Content-Type": "application/json",
+                "webhook-id": wid,
+                "webhook-timestamp": timestamp or str(ts),
+                "webhook-signature": sig,
+                "x-chaos-attack": "1",
+            }
             return headers, body
+
         return build
 
     def missing() -> Request:
@@ -290,14 +340,18 @@ def hmac_attacks(t: Target) -> dict[str, Callable[[], Request]]:
 
     def token_instead() -> Request:
         headers, body = missing()
-        headers["Authorization"] = f"Bearer {craft_token(t.keyring.signing_key(), _header(t), _claims(t, headers['webhook-id'], body))}"  # noqa: E501
+        headers["Authorization"] = (
+            f"Bearer {craft_token(t.keyring.signing_key(), _header(t), _claims(t, headers['webhook-id'], body))}"  # noqa: E501
+        )
         return headers, body
 
-    def replay(edit: Callable[[dict[str, str], bytes], Request],
-               pool: str = "captured") -> Callable[[], Request]:
+    def replay(
+        edit: Callable[[dict[str, str], bytes], Request], pool: str = "captured"
+    ) -> Callable[[], Request]:
         def build() -> Request:
             headers, body = _genuine(t, t.captured if pool == "captured" else t.elsewhere)
             return edit(headers, body)
+
         return build
 
     return {
@@ -315,6 +369,7 @@ def hmac_attacks(t: Target) -> dict[str, Callable[[], Request]]:
         "replay: exact": replay(lambda h, b: (h, b)),
         "replay: body swapped": replay(lambda h, b: (h, _victim("hmac replay")[0])),
         "replay: webhook-id swapped": replay(
-            lambda h, b: (_set(h, "webhook-id", _victim("y")[1]), b)),
+            lambda h, b: (_set(h, "webhook-id", _victim("y")[1]), b)
+        ),
         "replay: signature of another subscriber": replay(lambda h, b: (h, b), "elsewhere"),
     }

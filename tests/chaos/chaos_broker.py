@@ -23,8 +23,13 @@ import psutil
 from tests.support.harness import RABBITMQCTL as CTL_COMMAND
 from tests.support.harness import RABBITMQCTL_FROM_ENV
 
-__all__ = ["broker_not_ours", "broker_stopped", "rabbitmqctl", "restart_allowed",
-           "restore_if_stopped"]
+__all__ = [
+    "broker_not_ours",
+    "broker_stopped",
+    "rabbitmqctl",
+    "restart_allowed",
+    "restore_if_stopped",
+]
 
 RABBITMQCTL = CTL_COMMAND[0] if CTL_COMMAND else None
 _stopped = False  # set while this process has the broker's app stopped
@@ -33,8 +38,12 @@ _stopped = False  # set while this process has the broker's app stopped
 async def rabbitmqctl(*args: str, timeout: float = 60.0) -> str:
     assert CTL_COMMAND is not None
     proc = await asyncio.create_subprocess_exec(
-        *CTL_COMMAND, *args, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        *CTL_COMMAND,
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
@@ -53,8 +62,11 @@ def restart_allowed() -> str | None:
     if RABBITMQCTL is None:
         return "rabbitmqctl is not installed here (the broker is not ours to restart)"
     # A command of its own (DISPATCHER_TEST_RABBITMQCTL) is trusted to reach its node.
-    if not RABBITMQCTL_FROM_ENV and os.geteuid() != 0 and not os.access(
-            os.path.expanduser("~/.erlang.cookie"), os.R_OK):
+    if (
+        not RABBITMQCTL_FROM_ENV
+        and os.geteuid() != 0
+        and not os.access(os.path.expanduser("~/.erlang.cookie"), os.R_OK)
+    ):
         return "no permission to run rabbitmqctl"
     wanted = os.environ.get("CHAOS_BROKER_RESTART", "")
     if wanted == "0":
@@ -76,15 +88,19 @@ def _our_ports() -> set[int]:
 
 async def broker_not_ours() -> str | None:
     """None if every connection the broker has comes from this process or its children."""
-    listing = await rabbitmqctl("list_connections", "peer_host", "peer_port", "--formatter",
-                                "json", "--quiet")
+    listing = await rabbitmqctl(
+        "list_connections", "peer_host", "peer_port", "--formatter", "json", "--quiet"
+    )
     try:
         connections = json.loads(listing or "[]")
     except ValueError:
         return f"cannot read rabbitmqctl list_connections: {listing[:200]!r}"
     ours = _our_ports()
-    foreign = [f"{_host(c.get('peer_host'))}:{c.get('peer_port')}" for c in connections
-               if c.get("peer_port") not in ours]
+    foreign = [
+        f"{_host(c.get('peer_host'))}:{c.get('peer_port')}"
+        for c in connections
+        if c.get("peer_port") not in ours
+    ]
     if foreign:
         return f"the broker has {len(foreign)} other clients ({', '.join(foreign[:3])})"
     return None
@@ -116,6 +132,11 @@ def restore_if_stopped() -> None:
     global _stopped
     if _stopped and CTL_COMMAND is not None:
         for args in (["start_app"], ["await_startup"]):
-            subprocess.run([*CTL_COMMAND, *args], check=False, timeout=120,
-                           stdin=subprocess.DEVNULL, capture_output=True)
+            subprocess.run(
+                [*CTL_COMMAND, *args],
+                check=False,
+                timeout=120,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+            )
         _stopped = False

@@ -122,10 +122,12 @@ class EndpointServer:
         self._start_down = down
         self._runner: web.AppRunner | None = None
 
-    def add(self, name: str, behaviour: Behaviour | None = None, *,
-            keep_headers: bool = False) -> Endpoint:
-        endpoint = Endpoint(name, behaviour, keep_headers,
-                            url=f"http://127.0.0.1:{self.port}/hooks/{name}")
+    def add(
+        self, name: str, behaviour: Behaviour | None = None, *, keep_headers: bool = False
+    ) -> Endpoint:
+        endpoint = Endpoint(
+            name, behaviour, keep_headers, url=f"http://127.0.0.1:{self.port}/hooks/{name}"
+        )
         self.endpoints[name] = endpoint
         return endpoint
 
@@ -147,8 +149,13 @@ class EndpointServer:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/hooks/{name}", self._route)
         app.router.add_route("*", "/{tail:.*}", self._route_any)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                     handler_cancellation=True, shutdown_timeout=0.5)
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            handler_cancellation=True,
+            shutdown_timeout=0.5,
+        )
         await self._runner.setup()
         await web.SockSite(self._runner, self._sock, backlog=1024).start()
 
@@ -177,8 +184,13 @@ class EndpointServer:
 # --- behaviours ------------------------------------------------------------------------------
 
 
-def respond(status: int, *, headers: dict[str, str] | None = None, times: int | None = None,
-            body: bytes = b"") -> Behaviour:
+def respond(
+    status: int,
+    *,
+    headers: dict[str, str] | None = None,
+    times: int | None = None,
+    body: bytes = b"",
+) -> Behaviour:
     """Answer ``status`` (to the first ``times`` attempts of each event, then 200)."""
 
     async def behaviour(_: Endpoint, __: web.Request, attempt: int) -> web.StreamResponse:
@@ -230,20 +242,21 @@ def abort_connection(*, times: int | None = None) -> Behaviour:
             sock = transport.get_extra_info("socket")
             if sock is not None:  # SO_LINGER 0: close sends RST, not FIN
                 with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                    b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    sock.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                    )
             transport.abort()
         raise asyncio.CancelledError  # nothing more to say on this connection
 
     return behaviour
 
 
-def drip(total: int, interval: float, *, status: int = 200,
-         times: int | None = None) -> Behaviour:
+def drip(total: int, interval: float, *, status: int = 200, times: int | None = None) -> Behaviour:
     """Send the status line, then the body one byte every ``interval`` seconds."""
 
-    async def behaviour(endpoint: Endpoint, request: web.Request, attempt: int
-                        ) -> web.StreamResponse:
+    async def behaviour(
+        endpoint: Endpoint, request: web.Request, attempt: int
+    ) -> web.StreamResponse:
         if times is not None and attempt > times:
             return web.Response(status=200)
         resp = web.StreamResponse(status=status)

@@ -27,8 +27,13 @@ from dispatcher.decisions.events import derive_event_id
 __all__ = ["MAX_EVENT_BYTES", "Hostile", "draw_batch"]
 
 MAX_EVENT_BYTES = 256 * 1024  # [broker].max_event_bytes, the default
-KNOWN = ["Message.Bounced", "Message.Deferred", "Message.Delivered", "Message.Complained",
-         "Message.Unsubscribed"]
+KNOWN = [
+    "Message.Bounced",
+    "Message.Deferred",
+    "Message.Delivered",
+    "Message.Complained",
+    "Message.Unsubscribed",
+]
 BOUNCE_TYPES = ["HardBounce", "SoftBounce", "Blocked", "Undetermined"]
 
 
@@ -45,25 +50,38 @@ class Hostile:
 
 # --- building blocks ----------------------------------------------------------------------------
 
-_scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
-            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
 json_values = st.recursive(
     _scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
-    max_leaves=12)
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 # Printable ASCII without spaces: what the contract accepts as an event id.
 id_chars = st.characters(min_codepoint=0x21, max_codepoint=0x7E)
 # Header values AMQP can carry (as pamqp encodes them: floats are 32-bit, byte arrays are
 # bytearray); junk for a delivery node to send.
 header_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
-    | st.floats(width=32, allow_nan=False, allow_infinity=False) | st.text(max_size=30)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(width=32, allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30)
     | st.binary(max_size=30).map(bytearray)
     | st.datetimes(min_value=dt.datetime(1970, 1, 2), max_value=dt.datetime(2200, 1, 1)),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(min_size=1, max_size=8),
-                                                                inner, max_size=3),
-    max_leaves=6)
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(min_size=1, max_size=8), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
 
 
 def _not(kind: type | tuple[type, ...]) -> st.SearchStrategy[Any]:
@@ -83,13 +101,33 @@ def _base_event(draw: st.DrawFn) -> dict[str, Any]:
         elif code == "text":
             data["diagnostic_code"] = draw(st.text(max_size=80))
     recipient = kind == "Message.Bounced" or draw(st.booleans())
-    extras = draw(st.dictionaries(st.text(min_size=1, max_size=10).filter(
-        lambda k: k not in ("id", "event", "timestamp", "data")), json_values, max_size=3))
-    data.update(draw(st.dictionaries(st.text(min_size=1, max_size=10).filter(
-        lambda k: k not in ("recipient", "bounce_type", "diagnostic_code")), json_values,
-        max_size=3)))
-    return {"event": kind, "timestamp": "2026-03-12T09:14:02Z", "data": data,
-            "_recipient": recipient, "_extras": extras}
+    extras = draw(
+        st.dictionaries(
+            st.text(min_size=1, max_size=10).filter(
+                lambda k: k not in ("id", "event", "timestamp", "data")
+            ),
+            json_values,
+            max_size=3,
+        )
+    )
+    data.update(
+        draw(
+            st.dictionaries(
+                st.text(min_size=1, max_size=10).filter(
+                    lambda k: k not in ("recipient", "bounce_type", "diagnostic_code")
+                ),
+                json_values,
+                max_size=3,
+            )
+        )
+    )
+    return {
+        "event": kind,
+        "timestamp": "2026-03-12T09:14:02Z",
+        "data": data,
+        "_recipient": recipient,
+        "_extras": extras,
+    }
 
 
 # --- good messages ------------------------------------------------------------------------------
@@ -98,8 +136,9 @@ def _base_event(draw: st.DrawFn) -> dict[str, Any]:
 @st.composite
 def good_spec(draw: st.DrawFn) -> dict[str, Any]:
     spec = draw(_base_event())
-    spec["_good"] = draw(st.sampled_from(
-        ["plain", "unicode", "huge_field", "deep", "spacing", "ascii_escapes"]))
+    spec["_good"] = draw(
+        st.sampled_from(["plain", "unicode", "huge_field", "deep", "spacing", "ascii_escapes"])
+    )
     spec["_id_mode"] = draw(st.sampled_from(["message_id", "body_id", "both", "derived"]))
     spec["_message_id"] = draw(st.text(id_chars, min_size=1, max_size=40))
     spec["_unicode"] = draw(st.text(min_size=1, max_size=40))
@@ -113,34 +152,64 @@ def good_spec(draw: st.DrawFn) -> dict[str, Any]:
 def good_props(draw: st.DrawFn) -> dict[str, Any]:
     """Properties that must not matter: missing, odd, or junk headers of every type."""
     props: dict[str, Any] = {}
-    choice = draw(st.sampled_from(["missing", "content_type", "transient", "junk_headers",
-                                   "published_at", "timestamp", "expected"]))
+    choice = draw(
+        st.sampled_from(
+            [
+                "missing",
+                "content_type",
+                "transient",
+                "junk_headers",
+                "published_at",
+                "timestamp",
+                "expected",
+            ]
+        )
+    )
     if choice == "missing":
         props.update(content_type=None, headers={}, timestamp=None)
     elif choice == "content_type":
-        props["content_type"] = draw(st.sampled_from(["text/plain", "application/xml", "",
-                                                       "application/json; charset=latin-1"]))
+        props["content_type"] = draw(
+            st.sampled_from(
+                ["text/plain", "application/xml", "", "application/json; charset=latin-1"]
+            )
+        )
         props["content_encoding"] = draw(st.sampled_from(["gzip", "", "identity"]))
     elif choice == "transient":
         props["delivery_mode"] = 1
     elif choice == "junk_headers":
-        props["headers"] = draw(st.dictionaries(
-            st.text(min_size=1, max_size=12).filter(lambda k: not k.startswith("x-")),
-            header_values, min_size=1, max_size=4))
+        props["headers"] = draw(
+            st.dictionaries(
+                st.text(min_size=1, max_size=12).filter(lambda k: not k.startswith("x-")),
+                header_values,
+                min_size=1,
+                max_size=4,
+            )
+        )
     elif choice == "published_at":
         # The optional publish time (unix ms) as a careless or hostile node might send it.
         props["headers"] = {"x-published-at": draw(header_values)}
     elif choice == "timestamp":
-        props["timestamp"] = draw(st.datetimes(min_value=dt.datetime(1970, 1, 2),
-                                               max_value=dt.datetime(2200, 1, 1)))
+        props["timestamp"] = draw(
+            st.datetimes(min_value=dt.datetime(1970, 1, 2), max_value=dt.datetime(2200, 1, 1))
+        )
     return props
 
 
 # --- bad messages -------------------------------------------------------------------------------
 
 _BAD = [
-    "not_json", "truncated", "not_object", "missing", "wrong_type", "unknown_type",
-    "invalid_utf8", "oversize", "too_deep", "bad_message_id", "bad_body_id", "bad_recipient",
+    "not_json",
+    "truncated",
+    "not_object",
+    "missing",
+    "wrong_type",
+    "unknown_type",
+    "invalid_utf8",
+    "oversize",
+    "too_deep",
+    "bad_message_id",
+    "bad_body_id",
+    "bad_recipient",
     "empty",
 ]
 
@@ -163,39 +232,61 @@ def bad_spec(draw: st.DrawFn) -> dict[str, Any]:
         spec["_field"] = draw(st.sampled_from(fields))
     elif kind == "wrong_type":
         choices: dict[str, st.SearchStrategy[Any]] = {
-            "event": _not(str), "timestamp": _not(str), "data": _not(dict), "id": _not(str),
+            "event": _not(str),
+            "timestamp": _not(str),
+            "data": _not(dict),
+            "id": _not(str),
         }
         if spec["event"] == "Message.Bounced":
-            choices.update({
-                "data.recipient": _not(str),
-                "data.bounce_type": json_values.filter(lambda v: v not in BOUNCE_TYPES),
-                "data.diagnostic_code": _not((str, type(None))),
-            })
+            choices.update(
+                {
+                    "data.recipient": _not(str),
+                    "data.bounce_type": json_values.filter(lambda v: v not in BOUNCE_TYPES),
+                    "data.diagnostic_code": _not((str, type(None))),
+                }
+            )
         name = draw(st.sampled_from(sorted(choices)))
         spec["_field"], spec["_value"] = name, draw(choices[name])
     elif kind == "unknown_type":
         spec["_value"] = draw(st.text(max_size=40).filter(lambda t: t not in KNOWN))
     elif kind == "invalid_utf8":
-        spec["_bytes"] = draw(st.sampled_from([
-            b"\xff", b"\xfe\xff", b"\xc3\x28", b"\xa0\xa1", b"\xe2\x28\xa1", b"\xf0\x28\x8c\x28",
-            b"\xc0\xaf", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\x80"]))
+        spec["_bytes"] = draw(
+            st.sampled_from(
+                [
+                    b"\xff",
+                    b"\xfe\xff",
+                    b"\xc3\x28",
+                    b"\xa0\xa1",
+                    b"\xe2\x28\xa1",
+                    b"\xf0\x28\x8c\x28",
+                    b"\xc0\xaf",
+                    b"\xed\xa0\x80",
+                    b"\xf8\x88\x80\x80\x80",
+                    b"\x80",
+                ]
+            )
+        )
     elif kind == "oversize":
         spec["_size"] = draw(st.integers(MAX_EVENT_BYTES + 1, 4 * MAX_EVENT_BYTES))
     elif kind == "too_deep":
         spec["_depth"] = draw(st.integers(1_100, 20_000))
     elif kind == "bad_message_id":
-        spec["_value"] = draw(st.one_of(
-            st.text(id_chars, min_size=129, max_size=200),
-            st.text(id_chars, max_size=20).map(lambda t: f"{t} with spaces"),
-            st.text(min_size=1, max_size=30).filter(lambda t: not t.isascii()),
-            st.sampled_from(["tab\there", "new\nline", "nul\x00byte"]),
-        ))
+        spec["_value"] = draw(
+            st.one_of(
+                st.text(id_chars, min_size=129, max_size=200),
+                st.text(id_chars, max_size=20).map(lambda t: f"{t} with spaces"),
+                st.text(min_size=1, max_size=30).filter(lambda t: not t.isascii()),
+                st.sampled_from(["tab\there", "new\nline", "nul\x00byte"]),
+            )
+        )
     elif kind == "bad_body_id":
-        spec["_value"] = draw(st.one_of(
-            st.text(id_chars, min_size=129, max_size=300),
-            st.text(id_chars, max_size=20).map(lambda t: f"{t} x"),
-            st.just(""),
-        ))
+        spec["_value"] = draw(
+            st.one_of(
+                st.text(id_chars, min_size=129, max_size=300),
+                st.text(id_chars, max_size=20).map(lambda t: f"{t} x"),
+                st.just(""),
+            )
+        )
     elif kind == "bad_recipient":
         spec["event"] = "Message.Bounced"
         spec["data"].setdefault("bounce_type", "HardBounce")
@@ -285,8 +376,15 @@ def render_good(spec: dict[str, Any], n: int) -> Hostile:
         props["message_id"] = None
         event_id = derive_event_id(body)
     assert len(body) <= MAX_EVENT_BYTES, len(body)
-    return Hostile(f"good:{how}/{mode}/{_props_kind(props)}", body, True, event_id,
-                   spec["event"], routing_key=spec["event"], props=props)
+    return Hostile(
+        f"good:{how}/{mode}/{_props_kind(props)}",
+        body,
+        True,
+        event_id,
+        spec["event"],
+        routing_key=spec["event"],
+        props=props,
+    )
 
 
 def _props_kind(props: dict[str, Any]) -> str:
@@ -345,17 +443,23 @@ def render_bad(spec: dict[str, Any], n: int) -> Hostile:
 def draw_batch(examples: int, seed: int) -> list[Hostile]:
     """``examples`` hypothesis examples of 1-8 messages each (about 70 % bad), rendered."""
     specs: list[tuple[bool, dict[str, Any]]] = []
-    message = st.one_of(bad_spec().map(lambda s: (False, s)),
-                        good_spec().map(lambda s: (True, s)))
+    message = st.one_of(bad_spec().map(lambda s: (False, s)), good_spec().map(lambda s: (True, s)))
     weighted = st.one_of(message, bad_spec().map(lambda s: (False, s)))
 
     @fixed_seed(seed)
-    @settings(max_examples=examples, database=None, deadline=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(st.lists(weighted, min_size=1, max_size=8))
     def collect(batch: list[tuple[bool, dict[str, Any]]]) -> None:
         specs.extend(batch)
 
     collect()
-    return [render_good(spec, n) if good else render_bad(spec, n)
-            for n, (good, spec) in enumerate(specs)]
+    return [
+        render_good(spec, n) if good else render_bad(spec, n)
+        for n, (good, spec) in enumerate(specs)
+    ]

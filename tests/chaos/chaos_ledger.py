@@ -49,19 +49,24 @@ class Tally:
         within the bound the scenario's faults allow."""
         assert self.lost == 0, (
             f"{self.scenario}: {self.lost} of {self.due} owed deliveries lost, e.g. "
-            f"{self.missing[:5]} ({self.summary()})")
+            f"{self.missing[:5]} ({self.summary()})"
+        )
         assert self.unexpected == 0, (
             f"{self.scenario}: {self.unexpected} unexpected receipts or dead letters, e.g. "
-            f"{self.strays[:5]} ({self.summary()})")
+            f"{self.strays[:5]} ({self.summary()})"
+        )
         assert self.delivered + self.dead_lettered == self.due, self.summary()
         assert self.duplicated <= max_duplicates, (
             f"{self.scenario}: {self.duplicated} duplicates, more than the bound "
-            f"{max_duplicates} ({self.summary()})")
+            f"{max_duplicates} ({self.summary()})"
+        )
 
     def summary(self) -> str:
-        return (f"events={self.events} due={self.due} delivered={self.delivered} "
-                f"dead-lettered={self.dead_lettered} lost={self.lost} "
-                f"duplicated={self.duplicated} unexpected={self.unexpected}")
+        return (
+            f"events={self.events} due={self.due} delivered={self.delivered} "
+            f"dead-lettered={self.dead_lettered} lost={self.lost} "
+            f"duplicated={self.duplicated} unexpected={self.unexpected}"
+        )
 
 
 SCOREBOARD: list[Tally] = []
@@ -149,8 +154,7 @@ class Ledger:
             lost=len(lost_pairs) + lost_invalid,
             duplicated=duplicated,
             unexpected=len(strays),
-            faults=", ".join(f"{what} x{n}" if n > 1 else what
-                             for what, n in self.faults.items()),
+            faults=", ".join(f"{what} x{n}" if n > 1 else what for what, n in self.faults.items()),
             seconds=time.monotonic() - self._started,
             missing=missing,
             strays=strays[:20],
@@ -167,13 +171,31 @@ def record(tally: Tally) -> Tally:
     return tally
 
 
-_COLUMNS = ("scenario", "events", "due", "delivered", "dead-lettered", "lost", "duplicated",
-            "faults", "seconds")
+_COLUMNS = (
+    "scenario",
+    "events",
+    "due",
+    "delivered",
+    "dead-lettered",
+    "lost",
+    "duplicated",
+    "faults",
+    "seconds",
+)
 
 
 def _cells(t: Tally) -> list[str]:
-    return [t.scenario, str(t.events), str(t.due), str(t.delivered), str(t.dead_lettered),
-            str(t.lost), str(t.duplicated), t.faults or "-", f"{t.seconds:.1f}"]
+    return [
+        t.scenario,
+        str(t.events),
+        str(t.due),
+        str(t.delivered),
+        str(t.dead_lettered),
+        str(t.lost),
+        str(t.duplicated),
+        t.faults or "-",
+        f"{t.seconds:.1f}",
+    ]
 
 
 def render_text(rows: list[Tally]) -> str:
@@ -182,24 +204,32 @@ def render_text(rows: list[Tally]) -> str:
     numeric = {1, 2, 3, 4, 5, 6, 8}
     lines = []
     for n, row in enumerate(cells):
-        lines.append("  ".join(
-            v.rjust(w) if i in numeric and n else v.ljust(w)
-            for i, (v, w) in enumerate(zip(row, widths, strict=True))).rstrip())
+        lines.append(
+            "  ".join(
+                v.rjust(w) if i in numeric and n else v.ljust(w)
+                for i, (v, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+        )
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     lost = sum(t.lost for t in rows)
-    lines.append(f"{len(rows)} scenarios, CHAOS_SCALE={SCALE}, CHAOS_SEED={SEED}, "
-                 f"lost {lost} in total")
+    lines.append(
+        f"{len(rows)} scenarios, CHAOS_SCALE={SCALE}, CHAOS_SEED={SEED}, lost {lost} in total"
+    )
     return "\n".join(lines)
 
 
 def render_markdown(rows: list[Tally]) -> str:
-    out = ["| " + " | ".join(_COLUMNS) + " |",
-           "|" + "|".join("---" if i in (0, 7) else "---:" for i in range(len(_COLUMNS))) + "|"]
+    out = [
+        "| " + " | ".join(_COLUMNS) + " |",
+        "|" + "|".join("---" if i in (0, 7) else "---:" for i in range(len(_COLUMNS))) + "|",
+    ]
     for t in rows:
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(t)) + " |")
     out.append("")
-    out.append(f"CHAOS_SCALE={SCALE}, CHAOS_SEED={SEED}; columns: events published, deliveries "
-               "due (event x matching subscriber, plus one dead letter per invalid event), "
-               "delivered, dead-lettered, lost (must be 0), duplicated (extra receipts).")
+    out.append(
+        f"CHAOS_SCALE={SCALE}, CHAOS_SEED={SEED}; columns: events published, deliveries "
+        "due (event x matching subscriber, plus one dead letter per invalid event), "
+        "delivered, dead-lettered, lost (must be 0), duplicated (extra receipts)."
+    )
     return "\n".join(out) + "\n"

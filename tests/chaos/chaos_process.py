@@ -58,8 +58,14 @@ async def background(coro: Any) -> AsyncIterator[asyncio.Task[Any]]:
                 await task
 
 
-def chaos_doc(names: Names, keys_dir: str, subscribers: list[dict[str, Any]], *,
-              broker_url: str = BROKER_URL, **sections: Any) -> dict[str, Any]:
+def chaos_doc(
+    names: Names,
+    keys_dir: str,
+    subscribers: list[dict[str, Any]],
+    *,
+    broker_url: str = BROKER_URL,
+    **sections: Any,
+) -> dict[str, Any]:
     """A config document like `harness.make_config`'s, as plain data (for TOML or parsing).
 
     Retries are short and unjittered and the breaker cools down fast, so faults resolve in
@@ -88,8 +94,10 @@ def config_of(doc: Mapping[str, Any], env: Mapping[str, str] | None = None) -> C
 async def http_status(url: str, timeout: float = 2.0) -> int | None:
     """The status of a GET, or None when nothing answers."""
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http, \
-                http.get(url) as resp:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http,
+            http.get(url) as resp,
+        ):
             await resp.read()
             return resp.status
     except (aiohttp.ClientError, TimeoutError, OSError):
@@ -99,8 +107,14 @@ async def http_status(url: str, timeout: float = 2.0) -> int | None:
 class DispatcherProcess:
     """``python -m dispatcher --config <tmp>.toml run --workers 1``, restartable."""
 
-    def __init__(self, doc: Mapping[str, Any], workdir: Path, *,
-                 env: Mapping[str, str] | None = None, name: str = "dispatcher") -> None:
+    def __init__(
+        self,
+        doc: Mapping[str, Any],
+        workdir: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        name: str = "dispatcher",
+    ) -> None:
         self.doc = dict(doc)
         self.workdir = workdir
         self.name = name
@@ -138,11 +152,11 @@ class DispatcherProcess:
     async def start(self, *, wait_ready: bool = True, timeout: float = 30.0) -> None:
         assert not self.alive, "already running"
         self.port = free_port()
-        doc = {**self.doc, "http": {**self.doc.get("http", {}),
-                                    "listen": f"127.0.0.1:{self.port}"}}
+        doc = {**self.doc, "http": {**self.doc.get("http", {}), "listen": f"127.0.0.1:{self.port}"}}
         self.config_path.write_text(to_toml(doc), encoding="utf-8")
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("DISPATCHER_")}  # nothing may override the file
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")
+        }  # nothing may override the file
         env.update(self.env)
         env["PYTHONUNBUFFERED"] = "1"
         if self._log is None:
@@ -152,11 +166,22 @@ class DispatcherProcess:
         self._log.flush()
         self.proc = await asyncio.create_subprocess_exec(
             # -X faulthandler: a SIGABRT (see `wait_ready`) dumps every thread's stack.
-            sys.executable, "-X", "faulthandler", "-m", "dispatcher",
-            "--config", str(self.config_path),
-            "run", "--workers", "1",
-            cwd=PROJECT_ROOT, env=env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=self._log, stderr=self._log)
+            sys.executable,
+            "-X",
+            "faulthandler",
+            "-m",
+            "dispatcher",
+            "--config",
+            str(self.config_path),
+            "run",
+            "--workers",
+            "1",
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+        )
         if wait_ready:
             await self.wait_ready(timeout)
 
@@ -166,7 +191,8 @@ class DispatcherProcess:
             if not self.alive:
                 raise AssertionError(
                     f"{self.name} exited with {self.returncode} before it was ready:\n"
-                    f"{self.log_tail()}")
+                    f"{self.log_tail()}"
+                )
             if await self.readyz() == 200:
                 return
             await asyncio.sleep(0.05)
@@ -178,8 +204,9 @@ class DispatcherProcess:
                 self.proc.send_signal(signal.SIGABRT)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), 10)
-        raise AssertionError(f"{self.name} not ready within {timeout}s (/healthz: {healthz}):\n"
-                             f"{self.log_tail(80)}")
+        raise AssertionError(
+            f"{self.name} not ready within {timeout}s (/healthz: {healthz}):\n{self.log_tail(80)}"
+        )
 
     async def readyz(self) -> int | None:
         return await http_status(f"{self.base}/readyz", timeout=1.0)
@@ -244,8 +271,9 @@ async def depths(config: Config) -> dict[str, int]:
         return await queue_depths(channel, config.broker, [s.id for s in config.subscribers])
 
 
-async def await_settled(ledger: Any, receipts: Any, config: Config, *, timeout: float,
-                        quiet: float = 1.0) -> Any:
+async def await_settled(
+    ledger: Any, receipts: Any, config: Config, *, timeout: float, quiet: float = 1.0
+) -> Any:
     """Wait until every owed delivery is received or dead-lettered, then until the work queue
     and retry tiers are empty and no receipt has arrived for ``quiet`` seconds (so late
     duplicates are counted too). Returns the ledger's final `Tally`; on timeout, the tally as
@@ -285,8 +313,9 @@ async def await_settled(ledger: Any, receipts: Any, config: Config, *, timeout: 
     return ledger.account(receipts(), await dead_letters(config))
 
 
-async def kill_repeatedly(proc: DispatcherProcess, server: Any, ledger: Any, kills: int,
-                          random: Any) -> None:
+async def kill_repeatedly(
+    proc: DispatcherProcess, server: Any, ledger: Any, kills: int, random: Any
+) -> None:
     """SIGKILL the dispatcher ``kills`` times, spread over the run (each at a random moment
     within its stretch of the owed deliveries), restarting it after each."""
     from chaos_scale import pick
@@ -298,8 +327,9 @@ async def kill_repeatedly(proc: DispatcherProcess, server: Any, ledger: Any, kil
 
     for k in range(1, kills + 1):
         target = ledger.due * (k - 1 + random.uniform(0.3, 1.0)) / (kills + 1)
-        assert await wait_until(lambda t=target: received() >= t,
-                                timeout=pick(60, 300)), proc.log_tail()
+        assert await wait_until(lambda t=target: received() >= t, timeout=pick(60, 300)), (
+            proc.log_tail()
+        )
         await proc.kill()
         ledger.fault("kill -9")
         await asyncio.sleep(random.uniform(0, 0.3))

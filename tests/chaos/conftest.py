@@ -56,16 +56,22 @@ Doc = dict[str, Any]
 
 
 @pytest.fixture
-async def chaos_config(names: Names, keys_dir: str
-                       ) -> AsyncIterator[Callable[..., tuple[Doc, Config]]]:
+async def chaos_config(
+    names: Names, keys_dir: str
+) -> AsyncIterator[Callable[..., tuple[Doc, Config]]]:
     """Build (document, Config) pairs with the test's unique broker names. The document is
     what the dispatcher gets (as TOML for a subprocess; ``broker_url`` may point at a proxy);
     the Config is the test's own view, always through the direct broker URL (publisher, dead
     letters, queue depths). The topology is deleted afterwards."""
     made: list[Doc] = []
 
-    def factory(subscribers: list[dict[str, Any]], *, env: dict[str, str] | None = None,
-                broker_url: str = BROKER_URL, **sections: Any) -> tuple[Doc, Config]:
+    def factory(
+        subscribers: list[dict[str, Any]],
+        *,
+        env: dict[str, str] | None = None,
+        broker_url: str = BROKER_URL,
+        **sections: Any,
+    ) -> tuple[Doc, Config]:
         doc = chaos_doc(names, keys_dir, subscribers, broker_url=broker_url, **sections)
         made.append(doc)
         direct = chaos_doc(names, keys_dir, subscribers, broker_url=BROKER_URL, **sections)

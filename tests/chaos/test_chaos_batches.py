@@ -38,8 +38,12 @@ async def test_kill_9_mid_batch_loses_nothing(chaos_config, tmp_path: Path) -> N
         server.add("bulk")
         server.add("single")
         subs = [
-            {"id": "bulk", "url": server.endpoints["bulk"].url, "events": ["*"],
-             "batch": {"max_events": BATCH, "max_wait": "200ms"}},
+            {
+                "id": "bulk",
+                "url": server.endpoints["bulk"].url,
+                "events": ["*"],
+                "batch": {"max_events": BATCH, "max_wait": "200ms"},
+            },
             {"id": "single", "url": server.endpoints["single"].url, "events": ["*"]},
         ]
         doc, cfg = chaos_config(subs, broker={"prefetch": PREFETCH})

@@ -41,7 +41,7 @@ async def _publish_paced(pub: Publisher, bodies: list[bytes], rate: float) -> No
     chunk = max(1, int(rate / 10))
     started = time.monotonic()
     for i in range(0, len(bodies), chunk):
-        await pub.publish_many(bodies[i:i + chunk])
+        await pub.publish_many(bodies[i : i + chunk])
         ahead = (i + chunk) / rate - (time.monotonic() - started)
         if ahead > 0:
             await asyncio.sleep(ahead)
@@ -67,8 +67,9 @@ async def _poll(probe, want: int, timeout: float) -> bool:  # type: ignore[no-un
 _FAULT_NAMES = {"cut": "link cut", "refuse": "link cut + refused", "stall": "link stalled"}
 
 
-async def _inflict(fault: str, proc: DispatcherProcess, proxy: TcpProxy, random: Random
-                   ) -> list[str]:
+async def _inflict(
+    fault: str, proc: DispatcherProcess, proxy: TcpProxy, random: Random
+) -> list[str]:
     """One fault on the link; returns what /readyz did, for refusals."""
     if fault == "stall":
         # Bytes stop moving; the heartbeat (2 s) notices when the stall is long enough.
@@ -103,8 +104,11 @@ async def test_broker_link_cut_and_stalled_repeatedly(chaos_config, tmp_path: Pa
         server.add("bounces")
         subs = _subscribers(server)
         doc, cfg = chaos_config(
-            subs, broker_url=broker_url(port=proxy.port, query=LINK_OPTIONS),
-            broker={"prefetch": PREFETCH}, dispatcher={"log_level": "info"})
+            subs,
+            broker_url=broker_url(port=proxy.port, query=LINK_OPTIONS),
+            broker={"prefetch": PREFETCH},
+            dispatcher={"log_level": "info"},
+        )
         events = make_events(n_events, "link", random)
         ledger = Ledger(f"broker link cut/stalled, {n_events} events")
         for event_id, kind, _ in events:
@@ -148,14 +152,14 @@ async def test_broker_restart_loses_nothing(chaos_config, tmp_path: Path) -> Non
         server.add("bounces")
         subs = _subscribers(server)
         doc, cfg = chaos_config(
-            subs, broker_url=broker_url(query=LINK_OPTIONS),
-            broker={"prefetch": PREFETCH})
+            subs, broker_url=broker_url(query=LINK_OPTIONS), broker={"prefetch": PREFETCH}
+        )
         events = make_events(n_events, "restart", random)
         ledger = Ledger(f"broker restart (stop_app/start_app), {n_events} events")
         for event_id, kind, _ in events:
             ledger.expect(event_id, owed_to(kind, subs))
         bodies = [body for *_, body in events]
-        batches = [bodies[i::restarts + 1] for i in range(restarts + 1)]
+        batches = [bodies[i :: restarts + 1] for i in range(restarts + 1)]
 
         async with DispatcherProcess(doc, tmp_path) as proc:
             await proc.start()
@@ -167,7 +171,8 @@ async def test_broker_restart_loses_nothing(chaos_config, tmp_path: Path) -> Non
                 goal = sum(len(e.receipts) for e in server.endpoints.values()) + len(batch) // 3
                 assert await wait_until(
                     lambda g=goal: sum(len(e.receipts) for e in server.endpoints.values()) > g,
-                    timeout=30)
+                    timeout=30,
+                )
                 foreign = await broker_not_ours()
                 if foreign:
                     pytest.skip(f"not restarting a broker others use: {foreign}")

@@ -60,7 +60,8 @@ def _subscribers(server: EndpointServer) -> list[dict[str, object]]:
 
 @pytest.mark.timeout(pick(120, 1200))
 async def test_fuzzed_hostile_stream_is_dead_lettered_and_good_events_delivered(
-        chaos_config, tmp_path: Path) -> None:
+    chaos_config, tmp_path: Path
+) -> None:
     batch = draw_batch(pick(60, 700), SEED)
     async with EndpointServer() as server:
         server.add("everything", keep_headers=True)
@@ -98,8 +99,9 @@ async def test_fuzzed_hostile_stream_is_dead_lettered_and_good_events_delivered(
         problems.append(f"{len(failures)} messages broke the pipeline, e.g. {failures[0]}")
     for letter in letters:
         if not letter.record.reason.startswith("invalid_event: "):
-            problems.append(f"dead letter with reason {letter.record.reason!r} for body "
-                            f"{letter.body[:80]!r}")
+            problems.append(
+                f"dead letter with reason {letter.record.reason!r} for body {letter.body[:80]!r}"
+            )
     for name, endpoint in server.endpoints.items():
         for headers, body in zip(endpoint.headers, endpoint.bodies, strict=True):
             sent = by_id.get(headers.get("webhook-id", ""))
@@ -118,7 +120,8 @@ async def test_fuzzed_hostile_stream_is_dead_lettered_and_good_events_delivered(
 
 @pytest.mark.timeout(60)
 async def test_a_non_numeric_published_at_header_does_not_break_a_valid_event(
-        chaos_config, tmp_path: Path) -> None:
+    chaos_config, tmp_path: Path
+) -> None:
     """``x-published-at`` is an optional header a delivery node may send (unix ms). A value
     of the wrong type must not stop a valid event: delivered once to each subscriber, no dead
     letter."""
@@ -128,13 +131,20 @@ async def test_a_non_numeric_published_at_header_does_not_break_a_valid_event(
         subs = _subscribers(server)
         doc, cfg = chaos_config(subs)
         ledger = Ledger("hostile header: x-published-at not a number")
-        values: list[Any] = ["yesterday", bytearray(b"\x00\x01"), [1, 2], {"ms": 1}, True,
-                             None]
+        values: list[Any] = ["yesterday", bytearray(b"\x00\x01"), [1, 2], {"ms": 1}, True, None]
         batch = []
         for i, value in enumerate(values):
             body = event_body("Message.Bounced", n=i, event_id=f"pub-at-{i}")
-            batch.append(Hostile("good:published_at", body, True, f"pub-at-{i}",
-                                 "Message.Bounced", props={"headers": {"x-published-at": value}}))
+            batch.append(
+                Hostile(
+                    "good:published_at",
+                    body,
+                    True,
+                    f"pub-at-{i}",
+                    "Message.Bounced",
+                    props={"headers": {"x-published-at": value}},
+                )
+            )
             ledger.expect(f"pub-at-{i}", owed_to("Message.Bounced", subs))
         async with DispatcherProcess(doc, tmp_path) as proc:
             await proc.start()
@@ -149,7 +159,8 @@ async def test_a_non_numeric_published_at_header_does_not_break_a_valid_event(
 
 @pytest.mark.timeout(60)
 async def test_dispatcher_headers_on_a_published_event_do_not_redirect_it(
-        chaos_config, tmp_path: Path) -> None:
+    chaos_config, tmp_path: Path
+) -> None:
     """An event published to the events exchange is a new event, whatever headers it carries:
     the dispatcher's own retry headers (``x-dispatch-subscriber``, ``x-dispatch-attempt``) on it
     must not narrow it to one subscriber, mark it as a late attempt, or dead-letter it."""
@@ -168,8 +179,16 @@ async def test_dispatcher_headers_on_a_published_event_do_not_redirect_it(
         batch = []
         for i, headers in enumerate(forged):
             body = event_body("Message.Bounced", n=i, event_id=f"forged-{i}")
-            batch.append(Hostile("good:forged_headers", body, True, f"forged-{i}",
-                                 "Message.Bounced", props={"headers": headers}))
+            batch.append(
+                Hostile(
+                    "good:forged_headers",
+                    body,
+                    True,
+                    f"forged-{i}",
+                    "Message.Bounced",
+                    props={"headers": headers},
+                )
+            )
             ledger.expect(f"forged-{i}", owed_to("Message.Bounced", subs))
         async with DispatcherProcess(doc, tmp_path) as proc:
             await proc.start()
@@ -178,14 +197,14 @@ async def test_dispatcher_headers_on_a_published_event_do_not_redirect_it(
             await proc.terminate()
     record(tally)
     letters = await dead_letters(cfg)
-    assert not letters, [(d.record.event_id, d.record.subscriber, d.record.reason)
-                         for d in letters]
+    assert not letters, [(d.record.event_id, d.record.subscriber, d.record.reason) for d in letters]
     tally.holds(max_duplicates=0)
 
 
 @pytest.mark.timeout(60)
 async def test_a_mistyped_bounce_type_is_dead_lettered_as_invalid(
-        chaos_config, tmp_path: Path) -> None:
+    chaos_config, tmp_path: Path
+) -> None:
     """``data.bounce_type`` of any type other than one of the four strings is an invalid
     event: dead-lettered ``invalid_event: ...`` on the first try, never delivered, never a
     pipeline failure (an array or object must not reach a set lookup)."""
@@ -198,7 +217,8 @@ async def test_a_mistyped_bounce_type_is_dead_lettered_as_invalid(
         batch = []
         for i, value in enumerate([["HardBounce"], {"kind": "HardBounce"}, 7, None, True]):
             body = event_body("Message.Bounced", n=i, event_id=f"bt-{i}").replace(
-                b'"bounce_type":"HardBounce"', b'"bounce_type":' + orjson.dumps(value))
+                b'"bounce_type":"HardBounce"', b'"bounce_type":' + orjson.dumps(value)
+            )
             batch.append(Hostile("bad:wrong_type:data.bounce_type", body, False))
             ledger.expect_invalid(body)
         async with DispatcherProcess(doc, tmp_path) as proc:
@@ -211,13 +231,15 @@ async def test_a_mistyped_bounce_type_is_dead_lettered_as_invalid(
     letters = await dead_letters(cfg)
     assert not failures, failures[0].get("error")
     assert sorted(d.record.reason.split(":")[0] for d in letters) == ["invalid_event"] * 5, [
-        d.record.reason for d in letters]
+        d.record.reason for d in letters
+    ]
     tally.holds(max_duplicates=0)
 
 
 @pytest.mark.timeout(60)
 async def test_an_event_published_twice_without_an_id_keeps_its_id(
-        chaos_config, tmp_path: Path) -> None:
+    chaos_config, tmp_path: Path
+) -> None:
     """A delivery node that republishes after a lost confirm (at-least-once publishing) must
     produce the same event id, so subscribers can drop the duplicate: with no ``id`` in the
     body the contract derives it from the body. Published twice with ``dispatcher publish``."""
@@ -243,9 +265,18 @@ async def test_an_event_published_twice_without_an_id_keeps_its_id(
 
 async def _cli_publish(config: Path, path: Path) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "dispatcher", "--config", str(config), "publish", str(path),
-        cwd=PROJECT_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        env={k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")})
+        sys.executable,
+        "-m",
+        "dispatcher",
+        "--config",
+        str(config),
+        "publish",
+        str(path),
+        cwd=PROJECT_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("DISPATCHER_")},
+    )
     out, _ = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(errors="replace")
@@ -253,7 +284,8 @@ async def _cli_publish(config: Path, path: Path) -> tuple[int, str]:
 
 @pytest.mark.timeout(60)
 async def test_a_dead_letter_of_a_message_without_an_id_does_not_invent_one(
-        chaos_config, tmp_path: Path) -> None:
+    chaos_config, tmp_path: Path
+) -> None:
     """`dlq list` shows each dead letter's ``event_id``. For a message that carried no usable
     id (not JSON, so no body id either) there is none to show: the record must not present a
     made-up id that matches nothing the delivery node sent."""
@@ -273,4 +305,5 @@ async def test_a_dead_letter_of_a_message_without_an_id_does_not_invent_one(
     [letter] = await dead_letters(cfg)
     assert letter.record.reason.startswith("invalid_event: ")
     assert letter.record.event_id in (None, derive_event_id(body)), (
-        f"dead letter shows event_id {letter.record.event_id!r}: an id nobody sent")
+        f"dead letter shows event_id {letter.record.event_id!r}: an id nobody sent"
+    )

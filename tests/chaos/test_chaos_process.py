@@ -36,8 +36,9 @@ PREFETCH = 64
 
 
 def _subscribers(server: EndpointServer) -> list[dict[str, object]]:
-    return [{**s, "url": server.endpoints[str(s["id"])].url, "max_in_flight": 32}
-            for s in SUBSCRIBERS]
+    return [
+        {**s, "url": server.endpoints[str(s["id"])].url, "max_in_flight": 32} for s in SUBSCRIBERS
+    ]
 
 
 def _receipt_count(server: EndpointServer) -> int:
@@ -78,7 +79,8 @@ async def test_kill_9_repeatedly_loses_nothing(chaos_config, tmp_path: Path) -> 
 
 @pytest.mark.timeout(pick(120, 1800))
 async def test_sigterm_under_load_drains_exits_0_and_loses_nothing(
-        chaos_config, tmp_path: Path) -> None:
+    chaos_config, tmp_path: Path
+) -> None:
     n_events, stops = pick(2000, 20000), pick(1, 8)
     random = rng("sigterm")
     async with EndpointServer() as server:
@@ -88,9 +90,11 @@ async def test_sigterm_under_load_drains_exits_0_and_loses_nothing(
         server.add("flaky", flaky(0.05, random))
         subs = _subscribers(server)
         drain = 10.0
-        doc, cfg = chaos_config(subs, broker={"prefetch": PREFETCH},
-                                dispatcher={"drain_timeout": f"{drain:g}s",
-                                            "log_level": "info"})
+        doc, cfg = chaos_config(
+            subs,
+            broker={"prefetch": PREFETCH},
+            dispatcher={"drain_timeout": f"{drain:g}s", "log_level": "info"},
+        )
         events = make_events(n_events, "term", random)
         ledger = Ledger(f"SIGTERM under load, {n_events} events")
         for event_id, kind, _ in events:
@@ -103,8 +107,9 @@ async def test_sigterm_under_load_drains_exits_0_and_loses_nothing(
             async with background(pub.publish_many([b for *_, b in events])) as publishing:
                 for k in range(1, stops + 1):
                     target = ledger.due * (k - 1 + random.uniform(0.3, 1.0)) / (stops + 1)
-                    assert await wait_until(lambda t=target: _receipt_count(server) >= t,
-                                            timeout=pick(60, 300)), proc.log_tail()
+                    assert await wait_until(
+                        lambda t=target: _receipt_count(server) >= t, timeout=pick(60, 300)
+                    ), proc.log_tail()
                     # Under load: deliveries still owed, some of them in flight right now.
                     assert ledger.outstanding(server.receipts()) > 0
                     in_flight.append(sum(e.in_flight for e in server.endpoints.values()))
@@ -117,12 +122,17 @@ async def test_sigterm_under_load_drains_exits_0_and_loses_nothing(
             tally = await await_settled(ledger, server.receipts, cfg, timeout=pick(60, 600))
             exits.append((await proc.terminate(timeout=drain + 15), 0.0))
             left = await depths(cfg)
-            handed_back = sum(int(e.get("handed_back", 0)) for e in proc.log_events()
-                              if e.get("event") == "drained")
+            handed_back = sum(
+                int(e.get("handed_back", 0))
+                for e in proc.log_events()
+                if e.get("event") == "drained"
+            )
 
     record(tally)
-    print(f"\nSIGTERM: requests in flight {in_flight}, drained in "
-          f"{[round(took, 2) for _, took in exits[:-1]]}s, handed back {handed_back}")
+    print(
+        f"\nSIGTERM: requests in flight {in_flight}, drained in "
+        f"{[round(took, 2) for _, took in exits[:-1]]}s, handed back {handed_back}"
+    )
     assert [code for code, _ in exits] == [0] * len(exits), proc.log_tail()
     assert all(took < drain + 10 for _, took in exits), exits
     assert (left["work"], left["retry"], left["parked"]) == (0, 0, 0), left

@@ -97,28 +97,73 @@ def _body_not_downloaded(endpoint: Endpoint, ids: list[str]) -> list[str]:
 
 FAULTS = [
     Fault("down for a while", None, "delivered", down=True),
-    Fault("500 always", respond(500, body=b"internal error"), "attempts_exhausted",
-          attempts=ATTEMPTS, status=500, error="http 500"),
+    Fault(
+        "500 always",
+        respond(500, body=b"internal error"),
+        "attempts_exhausted",
+        attempts=ATTEMPTS,
+        status=500,
+        error="http 500",
+    ),
     Fault("500 twice, then 200", respond(500, times=2), "delivered", attempts=3),
-    Fault("429 + Retry-After", respond(429, headers={"Retry-After": "1"}, times=1),
-          "delivered", attempts=2, check=_retry_after_respected),
-    Fault("503 + Retry-After", respond(503, headers={"Retry-After": "1"}, times=1),
-          "delivered", attempts=2, check=_retry_after_respected),
+    Fault(
+        "429 + Retry-After",
+        respond(429, headers={"Retry-After": "1"}, times=1),
+        "delivered",
+        attempts=2,
+        check=_retry_after_respected,
+    ),
+    Fault(
+        "503 + Retry-After",
+        respond(503, headers={"Retry-After": "1"}, times=1),
+        "delivered",
+        attempts=2,
+        check=_retry_after_respected,
+    ),
     Fault("410 Gone", respond(410), "endpoint_gone", attempts=1, status=410),
-    Fault("hangs past the timeout", hang(), "attempts_exhausted", attempts=ATTEMPTS,
-          error="timeout", options={"timeout": SHORT}),
-    Fault("hangs once", hang(times=1), "delivered", attempts=2, at_least=True,
-          options={"timeout": SHORT}),
-    Fault("resets the connection", abort_connection(), "attempts_exhausted",
-          attempts=ATTEMPTS, error="connection"),
+    Fault(
+        "hangs past the timeout",
+        hang(),
+        "attempts_exhausted",
+        attempts=ATTEMPTS,
+        error="timeout",
+        options={"timeout": SHORT},
+    ),
+    Fault(
+        "hangs once",
+        hang(times=1),
+        "delivered",
+        attempts=2,
+        at_least=True,
+        options={"timeout": SHORT},
+    ),
+    Fault(
+        "resets the connection",
+        abort_connection(),
+        "attempts_exhausted",
+        attempts=ATTEMPTS,
+        error="connection",
+    ),
     Fault("resets twice", abort_connection(times=2), "delivered", attempts=3),
     Fault("byte by byte, in time", drip(20, 0.02), "delivered", attempts=1),
-    Fault("byte by byte, too slow", drip(10_000, 0.05), "attempts_exhausted",
-          attempts=ATTEMPTS, error="timeout", options={"timeout": SHORT}),
-    Fault("enormous 200 body", enormous(HUGE), "delivered", attempts=1,
-          check=_body_not_downloaded),
-    Fault("enormous 500 body", enormous(HUGE, status=500), "attempts_exhausted",
-          attempts=ATTEMPTS, status=500, error="http 500", check=_body_not_downloaded),
+    Fault(
+        "byte by byte, too slow",
+        drip(10_000, 0.05),
+        "attempts_exhausted",
+        attempts=ATTEMPTS,
+        error="timeout",
+        options={"timeout": SHORT},
+    ),
+    Fault("enormous 200 body", enormous(HUGE), "delivered", attempts=1, check=_body_not_downloaded),
+    Fault(
+        "enormous 500 body",
+        enormous(HUGE, status=500),
+        "attempts_exhausted",
+        attempts=ATTEMPTS,
+        status=500,
+        error="http 500",
+        check=_body_not_downloaded,
+    ),
 ]
 
 
@@ -138,12 +183,16 @@ async def test_receiver_faults_each_end_as_the_contract_says(make) -> None:
             host = down_server if fault.down else server
             endpoint = host.add(_sub_id(fault), fault.behaviour)
             endpoints[fault.name] = endpoint
-            subscribers.append({"id": _sub_id(fault), "url": endpoint.url, "timeout": LONG,
-                                **fault.options})
+            subscribers.append(
+                {"id": _sub_id(fault), "url": endpoint.url, "timeout": LONG, **fault.options}
+            )
         # The breaker would let one probe at a time through to a dead endpoint: right for
         # production, but here it only stretches each fault's schedule. Keep it out of the way.
-        cfg = make(subscribers, retry={"schedule": SCHEDULE, "jitter": 0.0},
-                   breaker={"failure_threshold": 10_000})
+        cfg = make(
+            subscribers,
+            retry={"schedule": SCHEDULE, "jitter": 0.0},
+            breaker={"failure_threshold": 10_000},
+        )
         ledgers = {f.name: Ledger(f"receiver: {f.name}") for f in FAULTS}
         everything = Ledger("receiver faults (all subscribers)")
         for fault in FAULTS:
@@ -179,15 +228,24 @@ async def test_receiver_faults_each_end_as_the_contract_says(make) -> None:
         problems.append(f"{len(failures)} messages broke the pipeline, e.g. {failures[0]}")
     control_ids = sorted(control.receipts)
     if control_ids != ids:
-        problems.append(f"control subscriber got {len(control_ids)} receipts for "
-                        f"{len(set(control_ids))} events, expected each of {len(ids)} once")
+        problems.append(
+            f"control subscriber got {len(control_ids)} receipts for "
+            f"{len(set(control_ids))} events, expected each of {len(ids)} once"
+        )
     assert not problems, "\n".join(problems)
 
 
-async def _publish_and_settle(pub: Publisher, ids: list[str], down_server: EndpointServer,
-                              everything: Ledger, receipts: Any, cfg: Any) -> None:
-    await pub.publish_many([event_body("Message.Bounced", n=i, event_id=event_id)
-                            for i, event_id in enumerate(ids)])
+async def _publish_and_settle(
+    pub: Publisher,
+    ids: list[str],
+    down_server: EndpointServer,
+    everything: Ledger,
+    receipts: Any,
+    cfg: Any,
+) -> None:
+    await pub.publish_many(
+        [event_body("Message.Bounced", n=i, event_id=event_id) for i, event_id in enumerate(ids)]
+    )
     await asyncio.sleep(DOWN_FOR)
     await down_server.up()
     await await_settled(everything, receipts, cfg, timeout=pick(60, 300))
@@ -219,12 +277,15 @@ def _ending(fault: Fault, endpoint: Endpoint, letters: list[Any], ids: list[str]
         if endpoint.receipts:
             problems.append(f"{len(endpoint.receipts)} receipts for a fault that never accepts")
     if fault.attempts is not None:
-        wrong = {i: endpoint.attempts[i] for i in ids
-                 if not _attempts_ok(fault, endpoint.attempts[i])}
+        wrong = {
+            i: endpoint.attempts[i] for i in ids if not _attempts_ok(fault, endpoint.attempts[i])
+        }
         if wrong:
-            problems.append(f"attempts per event should be {'>= ' * fault.at_least}"
-                            f"{fault.attempts}: "
-                            f"{dict(list(wrong.items())[:5])}")
+            problems.append(
+                f"attempts per event should be {'>= ' * fault.at_least}"
+                f"{fault.attempts}: "
+                f"{dict(list(wrong.items())[:5])}"
+            )
     if fault.check is not None:
         problems += fault.check(endpoint, ids)
     return problems[:10]

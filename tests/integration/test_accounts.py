@@ -34,7 +34,10 @@ from tests.support.harness import (
 
 def sub(sub_id: str, account: str | None = None, events=("*",), rules=None) -> SubscriberConfig:
     return SubscriberConfig(
-        id=sub_id, url=f"https://{sub_id}.example/h", events=tuple(events), account=account,
+        id=sub_id,
+        url=f"https://{sub_id}.example/h",
+        events=tuple(events),
+        account=account,
         filter=tuple((tuple(p.split(".")), frozenset(v)) for p, v in (rules or {}).items()),
     )
 
@@ -71,8 +74,11 @@ def test_an_event_reaches_its_account_and_the_provider_only(account, event_type,
 @pytest.mark.parametrize(
     ("rules", "doc", "passes"),
     [
-        ({"data.bounce_type": ["HardBounce", "Blocked"]}, {"data": {"bounce_type": "Blocked"}},
-         True),
+        (
+            {"data.bounce_type": ["HardBounce", "Blocked"]},
+            {"data": {"bounce_type": "Blocked"}},
+            True,
+        ),
         ({"data.bounce_type": ["HardBounce"]}, {"data": {"bounce_type": "SoftBounce"}}, False),
         ({"data.bounce_type": ["HardBounce"]}, {"data": {}}, False),  # missing: no pass
         ({"data.bounce_type": ["HardBounce"]}, {"data": "x"}, False),
@@ -101,9 +107,7 @@ def test_filter_table(rules, doc, passes) -> None:
 
 ACCOUNTS = st.sampled_from(["acme", "globex", "initech", "a.b-c_1"])
 SUB_ACCOUNTS = st.one_of(st.none(), st.just("*"), ACCOUNTS)
-PATTERNS = st.lists(
-    st.sampled_from(["*", "Message.*", *KNOWN_EVENT_TYPES]), min_size=1, max_size=3
-)
+PATTERNS = st.lists(st.sampled_from(["*", "Message.*", *KNOWN_EVENT_TYPES]), min_size=1, max_size=3)
 BOUNCE = st.sampled_from(["HardBounce", "SoftBounce", "Blocked", "Undetermined"])
 
 
@@ -197,28 +201,41 @@ filter = { "data.bounce_type" = ["HardBounce", "Blocked"] }
 @pytest.mark.parametrize(
     ("included", "message"),
     [
-        ('[[subscribers]]\nid = "suppression"\nurl = "http://127.0.0.1:9/x"\n',
-         r"bad\.toml: subscribers\[0\]\.id: duplicate subscriber id 'suppression' \(first in"),
-        ('[[subscribers]]\nid = "x"\nurl = "ftp://h/x"\n',
-         r"bad\.toml: subscribers\[0\]\.url: bad URL"),
-        (X + 'account = "a b"\n',
-         r'bad\.toml: subscribers\[0\]\.account: must be "\*" or 1-64 characters'),
-        (X + 'account = ""\n',
-         r"bad\.toml: subscribers\[0\]\.account: must not be empty"),
-        (X + 'filter = { "data.tags" = [] }\n',
-         r'bad\.toml: subscribers\[0\]\.filter\."data\.tags": an empty list can never match'),
-        (X + 'filter = { "data..x" = ["a"] }\n',
-         r'bad\.toml: subscribers\[0\]\.filter\."data\.\.x": bad path'),
-        (X + 'filter = { "event.x" = ["a"] }\n',
-         r"filter\.\"event\.x\": can never match: 'event' is a string"),
-        (X + 'filter = { "data.n" = [1] }\n',
-         r'filter\."data\.n": expected a list of strings'),
-        (X + 'filter = {}\n',
-         r"subscribers\[0\]\.filter: must name at least one field"),
-        (X + 'algorithm = "HS256"\n',
-         r"subscribers\[0\]\.algorithm: must be one of EdDSA, ES256, RS256"),
-        ('[broker]\nqueue = "x"\n',
-         r"bad\.toml: broker: unknown key \(an included file holds only"),
+        (
+            '[[subscribers]]\nid = "suppression"\nurl = "http://127.0.0.1:9/x"\n',
+            r"bad\.toml: subscribers\[0\]\.id: duplicate subscriber id 'suppression' \(first in",
+        ),
+        (
+            '[[subscribers]]\nid = "x"\nurl = "ftp://h/x"\n',
+            r"bad\.toml: subscribers\[0\]\.url: bad URL",
+        ),
+        (
+            X + 'account = "a b"\n',
+            r'bad\.toml: subscribers\[0\]\.account: must be "\*" or 1-64 characters',
+        ),
+        (X + 'account = ""\n', r"bad\.toml: subscribers\[0\]\.account: must not be empty"),
+        (
+            X + 'filter = { "data.tags" = [] }\n',
+            r'bad\.toml: subscribers\[0\]\.filter\."data\.tags": an empty list can never match',
+        ),
+        (
+            X + 'filter = { "data..x" = ["a"] }\n',
+            r'bad\.toml: subscribers\[0\]\.filter\."data\.\.x": bad path',
+        ),
+        (
+            X + 'filter = { "event.x" = ["a"] }\n',
+            r"filter\.\"event\.x\": can never match: 'event' is a string",
+        ),
+        (X + 'filter = { "data.n" = [1] }\n', r'filter\."data\.n": expected a list of strings'),
+        (X + "filter = {}\n", r"subscribers\[0\]\.filter: must name at least one field"),
+        (
+            X + 'algorithm = "HS256"\n',
+            r"subscribers\[0\]\.algorithm: must be one of EdDSA, ES256, RS256",
+        ),
+        (
+            '[broker]\nqueue = "x"\n',
+            r"bad\.toml: broker: unknown key \(an included file holds only",
+        ),
         ("[[subscribers]\n", r"bad\.toml: invalid TOML"),
     ],
 )
@@ -244,13 +261,18 @@ def test_subscriber_batch_config() -> None:
     doc = {
         "allow_private_networks": True,
         "subscribers": [
-            {"id": "b", "url": "http://127.0.0.1:9/b",
-             "batch": {"max_events": 50, "max_wait": "250ms", "max_bytes": "512KiB"}},
+            {
+                "id": "b",
+                "url": "http://127.0.0.1:9/b",
+                "batch": {"max_events": 50, "max_wait": "250ms", "max_bytes": "512KiB"},
+            },
         ],
     }
     batch = parse_config(doc, env={}).subscribers[0].batch
     assert batch is not None and (batch.max_events, batch.max_wait, batch.max_bytes) == (
-        50, 0.25, 512 * 1024,
+        50,
+        0.25,
+        512 * 1024,
     )
     doc["subscribers"][0]["batch"] = {"max_events": 0}
     with pytest.raises(ConfigError, match=r"subscribers\[0\]\.batch\.max_events: must be 1 to"):
@@ -274,8 +296,12 @@ async def test_each_account_gets_its_own_events_and_the_provider_gets_all(
     cfg = make(
         [
             {"id": "acme", "url": acme.url, "account": "acme"},
-            {"id": "acme-bounces", "url": acme_bounces.url, "account": "acme",
-             "events": ["Message.Bounced"]},
+            {
+                "id": "acme-bounces",
+                "url": acme_bounces.url,
+                "account": "acme",
+                "events": ["Message.Bounced"],
+            },
             {"id": "globex", "url": globex.url, "account": "globex"},
             {"id": "plain", "url": plain.url},
             {"id": "provider", "url": provider.url, "account": "*"},
@@ -309,8 +335,13 @@ async def test_filters_select_exactly(make, receivers: ReceiverServer) -> None:
     vip = receivers.add("vip")
     cfg = make(
         [
-            {"id": "hard", "url": hard.url, "account": "acme", "events": ["Message.Bounced"],
-             "filter": {"data.bounce_type": ["HardBounce", "Blocked"]}},
+            {
+                "id": "hard",
+                "url": hard.url,
+                "account": "acme",
+                "events": ["Message.Bounced"],
+                "filter": {"data.bounce_type": ["HardBounce", "Blocked"]},
+            },
             {"id": "vip", "url": vip.url, "account": "acme", "filter": {"data.tags": ["vip"]}},
         ]
     )
@@ -339,8 +370,7 @@ async def test_an_invalid_account_is_dead_lettered_naming_it(make, receivers) ->
         assert await wait_until(lambda: provider.count == 1)
     assert provider.ids() == ["ok"]
     assert letters[0].record.reason == (
-        "invalid_event: \"account\" must be 1-64 characters of A-Z a-z 0-9 . _ -, "
-        "got 'acme; DROP'"
+        "invalid_event: \"account\" must be 1-64 characters of A-Z a-z 0-9 . _ -, got 'acme; DROP'"
     )
 
 
@@ -361,16 +391,17 @@ async def test_a_token_names_its_account_and_another_accounts_verifier_refuses_i
         letters = await wait_for_dead_letters(cfg, 1)
         jwks = disp.keyring.jwks()
     got = acme.requests[0]
-    for_acme = WebhookVerifier(jwks=jwks, audience=acme.url, issuer=cfg.signing.issuer,
-                               account="acme")
+    for_acme = WebhookVerifier(
+        jwks=jwks, audience=acme.url, issuer=cfg.signing.issuer, account="acme"
+    )
     claims = await for_acme.verify(got.headers, got.body)
     assert isinstance(claims, dict) and claims["account"] == "acme"
-    for_globex = WebhookVerifier(jwks=jwks, audience=acme.url, issuer=cfg.signing.issuer,
-                                 account="globex")
+    for_globex = WebhookVerifier(
+        jwks=jwks, audience=acme.url, issuer=cfg.signing.issuer, account="globex"
+    )
     with pytest.raises(VerificationError) as info:
         await for_globex.verify(got.headers, got.body)
     assert info.value.reason == "wrong_account"
     # The dead letter names the account its event belongs to.
     assert letters[0].record.account == "acme"
     assert [dl.record.account for dl in await dead_letters(cfg)] == ["acme"]
-

@@ -128,9 +128,19 @@ async def test_ten_dead_letters_survive_fifty_listings_shows_and_exports_in_orde
             if i % 10 == 9:  # the command line does the same
                 listed = await asyncio.to_thread(
                     subprocess.run,
-                    [sys.executable, "-m", "dispatcher", "dlq", "list", "--json", "--config",
-                     str(toml)],
-                    capture_output=True, timeout=60)
+                    [
+                        sys.executable,
+                        "-m",
+                        "dispatcher",
+                        "dlq",
+                        "list",
+                        "--json",
+                        "--config",
+                        str(toml),
+                    ],
+                    capture_output=True,
+                    timeout=60,
+                )
                 assert listed.returncode == 0, listed.stderr
                 assert [orjson.loads(x)["id"] for x in listed.stdout.splitlines()] == order
         assert (await depths(cfg))["dead"] == 10
@@ -231,7 +241,9 @@ async def test_a_parked_delivery_handed_back_thirty_times_is_delivered_once_its_
 def _start(toml: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "dispatcher", "run", "--workers", "1", "--config", str(toml)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 async def test_a_message_that_kills_the_dispatcher_every_time_ends_as_a_dead_letter_with_a_reason(
@@ -250,8 +262,12 @@ async def test_a_message_that_kills_the_dispatcher_every_time_ends_as_a_dead_let
     rec = receivers.add("slow", hang)
     port = free_port()
     toml = tmp_path / "d.toml"
-    cfg = make([{"id": "slow", "url": rec.url, "timeout": "30s"}], toml=toml,
-               broker={"queue_type": "quorum"}, http={"listen": f"127.0.0.1:{port}"})
+    cfg = make(
+        [{"id": "slow", "url": rec.url, "timeout": "30s"}],
+        toml=toml,
+        broker={"queue_type": "quorum"},
+        http={"listen": f"127.0.0.1:{port}"},
+    )
     async with Publisher(cfg) as pub:
         kills = 0
         for _ in range(2):
@@ -278,15 +294,17 @@ async def test_a_message_that_kills_the_dispatcher_every_time_ends_as_a_dead_let
                 break
             tries += 1
             assert tries <= WORK_DELIVERY_LIMIT + 1, "the broker let it loop past its limit"
-        assert (await channel.declare_queue(work.name, passive=True)).declaration_result \
-            .message_count == 0
+        assert (
+            await channel.declare_queue(work.name, passive=True)
+        ).declaration_result.message_count == 0
     assert tries == WORK_DELIVERY_LIMIT + 1  # 20 hand-backs, dead-lettered at the 21st
 
     [dead] = await wait_for_dead_letters(cfg, 1)
     assert dead.record.event_id == "killer"
     assert dead.record.reason == (
         "broker_delivery_limit: delivered until the queue's delivery limit, never settled: the "
-        f"dispatcher crashed or lost its channel on every try, in {cfg.broker.queue}")
+        f"dispatcher crashed or lost its channel on every try, in {cfg.broker.queue}"
+    )
     # The same record however often it is read.
     assert [dl.record for dl in await dead_letters(cfg)] == [dead.record]
     assert dead.body == event_body(event_id="killer")
@@ -319,16 +337,23 @@ def _old_arguments(cfg: Config) -> dict[str, dict[str, Any]]:
     """What the previous release declared: no delivery limits, no dead-letter exchange on the
     dead-letter and parking queues."""
     q, qt = cfg.broker.queue, cfg.broker.queue_type
-    safe = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"} \
-        if qt == "quorum" else {}
+    safe = (
+        {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+        if qt == "quorum"
+        else {}
+    )
     out: dict[str, dict[str, Any]] = {
         q: {"x-queue-type": qt, "x-dead-letter-exchange": f"{q}.dead", **safe},
         f"{q}.dead": {"x-queue-type": qt},
     }
     for k in range(LEVELS):
         below = f"{q}.delay.{k - 1}" if k else f"{q}.retry.due"
-        out[f"{q}.retry.{2**k}ms"] = {"x-queue-type": qt, "x-message-ttl": 2**k,
-                                      "x-dead-letter-exchange": below, **safe}
+        out[f"{q}.retry.{2**k}ms"] = {
+            "x-queue-type": qt,
+            "x-message-ttl": 2**k,
+            "x-dead-letter-exchange": below,
+            **safe,
+        }
     for sub in cfg.subscribers:
         out[parking_queue(q, sub.id)] = {"x-queue-type": qt}
     return out
@@ -337,7 +362,8 @@ def _old_arguments(cfg: Config) -> dict[str, dict[str, Any]]:
 async def _ctl(*args: str) -> str:
     assert RABBITMQCTL is not None
     done = await asyncio.to_thread(
-        subprocess.run, [*RABBITMQCTL, *args], capture_output=True, timeout=120)
+        subprocess.run, [*RABBITMQCTL, *args], capture_output=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr.decode()
     return done.stdout.decode()
 
@@ -348,9 +374,14 @@ async def _raw_dead_letters(cfg: Config, n: int, tag: str) -> None:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(f"{cfg.broker.queue}.dead", ensure=False)
         for i in range(n):
-            await exchange.publish(aio_pika.Message(
-                b"{}", delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                headers={"x-dead-id": f"{tag}{i}", "x-dead-reason": "test"}), routing_key="")
+            await exchange.publish(
+                aio_pika.Message(
+                    b"{}",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    headers={"x-dead-id": f"{tag}{i}", "x-dead-reason": "test"},
+                ),
+                routing_key="",
+            )
 
 
 @QUEUE_TYPES
@@ -398,16 +429,28 @@ async def test_queues_declared_the_old_way_start_and_the_migration_brings_them_u
     try:
         migrated = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "dispatcher", "migrate-queues", "--apply", "--rabbitmqctl",
-             ctl, "--config", str(toml)],
-            capture_output=True, timeout=300)
+            [
+                sys.executable,
+                "-m",
+                "dispatcher",
+                "migrate-queues",
+                "--apply",
+                "--rabbitmqctl",
+                ctl,
+                "--config",
+                str(toml),
+            ],
+            capture_output=True,
+            timeout=300,
+        )
         assert migrated.returncode == 0, migrated.stderr
         assert migrated.stdout.decode().count("policy ") == len(names)
         listing = await _ctl("list_queues", "-q", "--no-table-headers", "name", "policy")
         policy_of = dict(line.split("\t")[:2] for line in listing.splitlines() if "\t" in line)
         for name in _old_arguments(cfg):
-            wanted = [p.name for p in migration_policies(cfg.broker)
-                      if re.fullmatch(p.pattern, name)]
+            wanted = [
+                p.name for p in migration_policies(cfg.broker) if re.fullmatch(p.pattern, name)
+            ]
             assert policy_of.get(name, "") == (wanted[0] if wanted else ""), name
 
         # The dead letters now survive any number of reads, in order.

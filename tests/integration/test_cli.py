@@ -22,10 +22,20 @@ from tests.support.harness import (
 SECRET = "whsec_" + "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"
 
 
-def dispatcher(*args: str, env: dict[str, str] | None = None, stdin: bytes | None = None,
-               cwd: str | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "dispatcher", *args], capture_output=True,
-                          timeout=120, input=stdin, env={**os.environ, **(env or {})}, cwd=cwd)
+def dispatcher(
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdin: bytes | None = None,
+    cwd: str | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "dispatcher", *args],
+        capture_output=True,
+        timeout=120,
+        input=stdin,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
 
 
 def one_line(stderr: bytes) -> str:
@@ -36,11 +46,25 @@ def one_line(stderr: bytes) -> str:
 
 def test_check_config_masks_secrets(make, tmp_path: Path) -> None:
     toml = tmp_path / "c.toml"
-    make([{"id": "h", "url": "https://hooks.example.com/x", "auth": "hmac",
-           "hmac_secret_env": "H_SECRET"}], toml=toml, env={"H_SECRET": SECRET})
+    make(
+        [
+            {
+                "id": "h",
+                "url": "https://hooks.example.com/x",
+                "auth": "hmac",
+                "hmac_secret_env": "H_SECRET",
+            }
+        ],
+        toml=toml,
+        env={"H_SECRET": SECRET},
+    )
     url = broker_url(password="topsecret").replace("guest:", "u:", 1)
-    result = dispatcher("--config", str(toml), "check-config",
-                        env={"H_SECRET": SECRET, "DISPATCHER_BROKER_URL": url})
+    result = dispatcher(
+        "--config",
+        str(toml),
+        "check-config",
+        env={"H_SECRET": SECRET, "DISPATCHER_BROKER_URL": url},
+    )
     assert result.returncode == 0, result.stderr
     shown = orjson.loads(result.stdout)
     assert shown["broker"]["url"] == url.replace("topsecret", "***")
@@ -55,7 +79,8 @@ def test_bad_config_and_usage_exit_2_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert one_line(result.stderr) == (
         "dispatcher: config: subscribers[0].timeout: bad duration '10 sec' (use ms, s, m or h, "
-        'e.g. "30s")')
+        'e.g. "30s")'
+    )
     missing = dispatcher("--config", str(tmp_path / "none.toml"), "run")
     assert missing.returncode == 2 and "config file not found" in one_line(missing.stderr)
     usage = dispatcher("frobnicate")
@@ -65,8 +90,14 @@ def test_bad_config_and_usage_exit_2_with_one_line(tmp_path: Path) -> None:
 def test_unreachable_broker_is_a_runtime_failure_in_one_line(make, tmp_path: Path) -> None:
     toml = tmp_path / "c.toml"
     make([], toml=toml)
-    result = dispatcher("--config", str(toml), "publish", "-", stdin=event_body(),
-                        env={"DISPATCHER_BROKER_URL": "amqp://guest:guest@127.0.0.1:1/"})
+    result = dispatcher(
+        "--config",
+        str(toml),
+        "publish",
+        "-",
+        stdin=event_body(),
+        env={"DISPATCHER_BROKER_URL": "amqp://guest:guest@127.0.0.1:1/"},
+    )
     assert result.returncode == 1
     assert one_line(result.stderr).startswith("dispatcher: broker: ")
 
@@ -78,19 +109,28 @@ async def test_publish_file_and_stdin(make, receivers: ReceiverServer, tmp_path:
     lines = tmp_path / "events.jsonl"
     lines.write_bytes(b"\n".join(event_body(n=i, event_id=f"p{i}") for i in range(5)) + b"\n")
     async with running(cfg):
-        from_file = await asyncio.to_thread(dispatcher, "--config", str(toml), "publish",
-                                            str(lines))
+        from_file = await asyncio.to_thread(
+            dispatcher, "--config", str(toml), "publish", str(lines)
+        )
         assert from_file.returncode == 0 and b"published 5 events" in from_file.stderr
-        pretty = orjson.dumps(orjson.loads(event_body(n=9, event_id="p9")),
-                              option=orjson.OPT_INDENT_2)
-        from_stdin = await asyncio.to_thread(dispatcher, "--config", str(toml), "publish", "-",
-                                             stdin=pretty)
+        pretty = orjson.dumps(
+            orjson.loads(event_body(n=9, event_id="p9")), option=orjson.OPT_INDENT_2
+        )
+        from_stdin = await asyncio.to_thread(
+            dispatcher, "--config", str(toml), "publish", "-", stdin=pretty
+        )
         assert from_stdin.returncode == 0
         assert await wait_until(lambda: rec.count == 6)
     assert sorted(rec.ids()) == ["p0", "p1", "p2", "p3", "p4", "p9"]
     assert pretty in [r.body for r in rec.requests]  # published exactly as given
-    broken = await asyncio.to_thread(dispatcher, "--config", str(toml), "publish", "-",
-                                     stdin=b'{"event": "Message.Bounced"}\nnot json\n')
+    broken = await asyncio.to_thread(
+        dispatcher,
+        "--config",
+        str(toml),
+        "publish",
+        "-",
+        stdin=b'{"event": "Message.Bounced"}\nnot json\n',
+    )
     assert broken.returncode == 2
     assert one_line(broken.stderr) == "dispatcher: publish: line 2: not valid JSON"
 
@@ -116,8 +156,13 @@ def test_keys_generate_rotate_jwks_prune(make, tmp_path: Path) -> None:
 def test_demo_runs_the_whole_loop(tmp_path: Path) -> None:
     config = Path(__file__).resolve().parents[2] / "config" / "dispatcher.toml"
     # The demo's own config, on the broker the tests use (the daemon honours the env override).
-    result = dispatcher("--config", str(config), "demo", cwd=str(tmp_path),
-                        env={"DISPATCHER_BROKER_URL": BROKER_URL})
+    result = dispatcher(
+        "--config",
+        str(config),
+        "demo",
+        cwd=str(tmp_path),
+        env={"DISPATCHER_BROKER_URL": BROKER_URL},
+    )
     out = result.stdout.decode()
     assert result.returncode == 0, out + result.stderr.decode()
     assert "demo OK" in out and "forged webhook              401 refused" in out
@@ -140,6 +185,7 @@ def test_config_is_accepted_before_or_after_the_command(make, names, tmp_path: P
     listed = dispatcher("dlq", "list", "--config", str(toml))
     assert listed.returncode == 1 and one_line(listed.stderr) == (  # not declared yet
         f"dispatcher: dlq: there is no queue {names.queue}.dead on the broker (the dispatcher "
-        "declares it when it first starts with this config)")
+        "declares it when it first starts with this config)"
+    )
     policies = dispatcher("migrate-queues", "--config", str(toml))
     assert policies.returncode == 0 and policies.stdout.startswith(b"rabbitmqctl set_policy")

@@ -172,15 +172,23 @@ async def put_dead_letters(cfg, letters, *, body: bytes | None = None) -> None:
         exchange = await channel.get_exchange(f"{cfg.broker.queue}.dead", ensure=False)
         pending = []
         for dead_id, sub, account, reason in letters:
-            headers = {H_DEAD_ID: dead_id, H_REASON: reason, H_EVENT_ID: f"ev-{dead_id}",
-                       H_EVENT_TYPE: "Message.Bounced", H_DEAD_AT: "2026-12-01T08:00:00.000Z"}
+            headers = {
+                H_DEAD_ID: dead_id,
+                H_REASON: reason,
+                H_EVENT_ID: f"ev-{dead_id}",
+                H_EVENT_TYPE: "Message.Bounced",
+                H_DEAD_AT: "2026-12-01T08:00:00.000Z",
+            }
             if sub:
                 headers.update(Delivery(sub, 3, time.time(), last_status=500).headers())
             if account:
                 headers[H_ACCOUNT] = account
-            message = aio_pika.Message(body or event_body(event_id=f"ev-{dead_id}"),
-                                       headers=headers, message_id=f"ev-{dead_id}",
-                                       delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            message = aio_pika.Message(
+                body or event_body(event_id=f"ev-{dead_id}"),
+                headers=headers,
+                message_id=f"ev-{dead_id}",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
             pending.append(exchange.publish(message, routing_key=""))
             if len(pending) >= 500:
                 await asyncio.gather(*pending)
@@ -195,8 +203,11 @@ def ids(result: subprocess.CompletedProcess[bytes]) -> list[str]:
 
 def after(toml, *args: str) -> subprocess.CompletedProcess[bytes]:
     """``dispatcher dlq ARGS --config TOML``: the config given after the command."""
-    return subprocess.run([sys.executable, "-m", "dispatcher", "dlq", *args, "--config", str(toml)],
-                          capture_output=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "dispatcher", "dlq", *args, "--config", str(toml)],
+        capture_output=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("queue_type", ["quorum", "classic"])
@@ -214,21 +225,47 @@ async def test_filters_pick_dead_letters_and_a_filtered_purge_keeps_the_rest_in_
     listed = await run("list", "--json")
     records = [orjson.loads(line) for line in listed.stdout.splitlines()]
     assert [r["id"] for r in records] == ["d0", "d1", "d2", "d3", "d4"]
-    assert list(records[0]) == ["id", "event_id", "event", "subscriber", "account", "attempts",
-                                "reason", "last_status", "last_error", "dead_lettered_at"]
+    assert list(records[0]) == [
+        "id",
+        "event_id",
+        "event",
+        "subscriber",
+        "account",
+        "attempts",
+        "reason",
+        "last_status",
+        "last_error",
+        "dead_lettered_at",
+    ]
     assert [(r["subscriber"], r["account"]) for r in records] == [
-        ("acme", "a1"), ("acme", "a2"), (None, "a1"), ("beta", None), ("acme", "a1")]
+        ("acme", "a1"),
+        ("acme", "a2"),
+        (None, "a1"),
+        ("beta", None),
+        ("acme", "a1"),
+    ]
     assert ids(await run("list", "--json", "--subscriber", "acme")) == ["d0", "d1", "d4"]
     assert ids(await run("list", "--json", "--account", "a1")) == ["d0", "d2", "d4"]
     assert ids(await run("list", "--json", "--reason", "invalid_event")) == ["d2", "d4"]
-    assert ids(await run("list", "--json", "--subscriber", "acme", "--account", "a1",
-                         "--reason", "attempts")) == ["d0"]
+    assert ids(
+        await run(
+            "list", "--json", "--subscriber", "acme", "--account", "a1", "--reason", "attempts"
+        )
+    ) == ["d0"]
     assert ids(await run("list", "--json", "--account", "a1", "--limit", "2")) == ["d0", "d2"]
     text = await run("list", "--account", "a2")
     assert text.returncode == 0
     header, row, total = text.stdout.decode().splitlines()
-    assert header.split() == ["id", "event", "subscriber", "account", "attempts", "reason",
-                              "last_status", "dead_lettered_at"]
+    assert header.split() == [
+        "id",
+        "event",
+        "subscriber",
+        "account",
+        "attempts",
+        "reason",
+        "last_status",
+        "dead_lettered_at",
+    ]
     assert row.split()[:4] == ["d1", "Message.Bounced", "acme", "a2"]
     assert total == "1 dead letters"
 
@@ -237,7 +274,8 @@ async def test_filters_pick_dead_letters_and_a_filtered_purge_keeps_the_rest_in_
     assert result.returncode == 0 and b"exported 3" in result.stdout
     lines = [orjson.loads(x) for x in exported.read_bytes().splitlines()]
     assert [(x["id"], x["account"], x["body"]) for x in lines] == [
-        (i, "a1", event_body(event_id=f"ev-{i}").decode()) for i in ("d0", "d2", "d4")]
+        (i, "a1", event_body(event_id=f"ev-{i}").decode()) for i in ("d0", "d2", "d4")
+    ]
 
     refused = await run("purge", "--reason", "invalid_event")
     assert refused.returncode == 2
@@ -264,8 +302,18 @@ async def _watched_listing(toml) -> tuple[int, int, float, float]:
     to the last)."""
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "dispatcher", "dlq", "list", "--json", "--config", str(toml),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, limit=1 << 20)
+        sys.executable,
+        "-m",
+        "dispatcher",
+        "dlq",
+        "list",
+        "--json",
+        "--config",
+        str(toml),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        limit=1 << 20,
+    )
     assert proc.stdout is not None
     watched = psutil.Process(proc.pid)
     peak, count, first_at = 0, 0, 0.0
@@ -286,15 +334,19 @@ async def test_list_streams_its_output_in_constant_memory(make, names, keys_dir,
     the process is no bigger for 2500 dead letters than for 10."""
     small_toml, big_toml = tmp_path / "small.toml", tmp_path / "big.toml"
     small = make([], toml=small_toml, broker={"queue_type": "classic"})
-    await put_dead_letters(small, [(f"s{i}", "acme", "a1", "attempts_exhausted")
-                                   for i in range(10)], body=b"x" * 8192)
+    await put_dead_letters(
+        small, [(f"s{i}", "acme", "a1", "attempts_exhausted") for i in range(10)], body=b"x" * 8192
+    )
     other = Names(prefix=names.prefix + "-big")
     write_toml(big_toml, config_doc(other, keys_dir, [], broker={"queue_type": "classic"}))
     big = make_config(other, keys_dir, [], broker={"queue_type": "classic"})
     n = 2500
     try:
-        await put_dead_letters(big, [(f"m{i:05}", "acme", "a1", "attempts_exhausted")
-                                     for i in range(n)], body=b"x" * 8192)
+        await put_dead_letters(
+            big,
+            [(f"m{i:05}", "acme", "a1", "attempts_exhausted") for i in range(n)],
+            body=b"x" * 8192,
+        )
         count, small_peak, _, _ = await _watched_listing(small_toml)
         assert count == 10
         count, big_peak, first_at, last_at = await _watched_listing(big_toml)

@@ -29,9 +29,14 @@ REPO = Path(__file__).resolve().parents[2]
 def _loadtest(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     """``python -m loadtest <args>`` in its own process group, so that a run that overstays
     its timeout is stopped together with the dispatcher and receivers it started."""
-    proc = subprocess.Popen([sys.executable, "-m", "loadtest", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loadtest", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -42,15 +47,29 @@ def _loadtest(args: list[str], timeout: float) -> subprocess.CompletedProcess[st
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
         raise AssertionError(
-            f"loadtest overstayed {timeout:g}s: {out[-2000:]}{err[-2000:]}") from None
+            f"loadtest overstayed {timeout:g}s: {out[-2000:]}{err[-2000:]}"
+        ) from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.mark.timeout(90)
 def test_smoke_scenario_accounts_for_every_event(tmp_path: Path) -> None:
     report, png = tmp_path / "smoke.json", tmp_path / "smoke.png"
-    proc = _loadtest(["run", "--scenario", "smoke", "--quiet", "--json", str(report),
-                      "--plot", str(png), "--out", str(tmp_path)], timeout=60)
+    proc = _loadtest(
+        [
+            "run",
+            "--scenario",
+            "smoke",
+            "--quiet",
+            "--json",
+            str(report),
+            "--plot",
+            str(png),
+            "--out",
+            str(tmp_path),
+        ],
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(report.read_text())
     assert png.stat().st_size > 10_000
@@ -66,11 +85,16 @@ def test_smoke_scenario_accounts_for_every_event(tmp_path: Path) -> None:
         assert acc["lost"] == 0
         assert acc["published"] > 0
         assert acc["delivered"] + acc["dead_lettered"] == (
-            acc["expected_deliveries"] + acc["invalid_published"])
+            acc["expected_deliveries"] + acc["invalid_published"]
+        )
         assert set(phase["latency_ms"]) >= {"p50", "p90", "p99", "max", "count"}
         assert phase["throughput"]["deliveries_per_s"] > 0
-        assert set(phase["process"]) >= {"cpu_percent", "cpu_seconds_window", "peak_rss_mib",
-                                         "cpu_ms_per_1k_deliveries"}
+        assert set(phase["process"]) >= {
+            "cpu_percent",
+            "cpu_seconds_window",
+            "peak_rss_mib",
+            "cpu_ms_per_1k_deliveries",
+        }
         assert phase["process"]["peak_rss_mib"] > 0
         assert phase["timeline"]
         assert phase["per_subscriber"]
@@ -90,15 +114,39 @@ def test_accounts_scenario_small(tmp_path: Path) -> None:
     census, /metrics sizes and a reload while traffic flows. Timings are reported, not
     asserted; isolation and accounting are."""
     report = tmp_path / "accounts.json"
-    proc = _loadtest(["run", "--scenario", "accounts", "--quiet", "--subscribers", "200",
-                      "--active-accounts", "20", "--events", "600", "--rounds", "1",
-                      "--duration", "4", "--json", str(report), "--plot",
-                      str(tmp_path / "a.png"), "--out", str(tmp_path)], timeout=90)
+    proc = _loadtest(
+        [
+            "run",
+            "--scenario",
+            "accounts",
+            "--quiet",
+            "--subscribers",
+            "200",
+            "--active-accounts",
+            "20",
+            "--events",
+            "600",
+            "--rounds",
+            "1",
+            "--duration",
+            "4",
+            "--json",
+            str(report),
+            "--plot",
+            str(tmp_path / "a.png"),
+            "--out",
+            str(tmp_path),
+        ],
+        timeout=90,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(report.read_text())
     assert doc["ok"] is True and doc["lost"] == 0
     assert [p["name"] for p in doc["phases"]] == [
-        "2-subscribers-1", "200-subscribers-1", "200-subscribers-reload"]
+        "2-subscribers-1",
+        "200-subscribers-1",
+        "200-subscribers-reload",
+    ]
     checks = {c["name"].split(" (")[0]: c for c in doc["checks"]}
     assert checks["cross-account deliveries"]["ok"] is True
     assert checks["events that missed one of their account's two endpoints"]["ok"] is True
@@ -126,9 +174,25 @@ def test_batch_scenario_small(tmp_path: Path) -> None:
     """The batch scenario at 1,000 events: every event to the batched subscriber arrives in a
     batch (verified once over the array, counted per member), none to the unbatched one."""
     report = tmp_path / "batch.json"
-    proc = _loadtest(["run", "--scenario", "batch", "--quiet", "--events", "1000",
-                      "--rounds", "1", "--json", str(report), "--plot",
-                      str(tmp_path / "b.png"), "--out", str(tmp_path)], timeout=60)
+    proc = _loadtest(
+        [
+            "run",
+            "--scenario",
+            "batch",
+            "--quiet",
+            "--events",
+            "1000",
+            "--rounds",
+            "1",
+            "--json",
+            str(report),
+            "--plot",
+            str(tmp_path / "b.png"),
+            "--out",
+            str(tmp_path),
+        ],
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(report.read_text())
     assert doc["ok"] is True and doc["lost"] == 0 and doc["duplicates"] == 0
@@ -144,8 +208,9 @@ def test_batch_scenario_small(tmp_path: Path) -> None:
     assert checks["batched phases got every event in a batch, unbatched none"]["ok"] is True
 
 
-def _pub(event_id: str, event_type: str = "Message.Bounced", valid: bool = True,
-         acct: str | None = None) -> Published:
+def _pub(
+    event_id: str, event_type: str = "Message.Bounced", valid: bool = True, acct: str | None = None
+) -> Published:
     return Published(event_id, event_type, 0.0, valid, acct)
 
 
@@ -156,54 +221,90 @@ SUBS = [SubscriberSpec("all", ("*",)), SubscriberSpec("bounces", ("Message.Bounc
     ("published", "received", "dead", "expect"),
     [
         # Delivered everywhere it is owed; a Delivered event is owed to "all" only.
-        ([_pub("a"), _pub("b", "Message.Delivered")], [["a", "b"], ["a"]], [],
-         {"expected_deliveries": 3, "delivered": 3, "lost": 0}),
+        (
+            [_pub("a"), _pub("b", "Message.Delivered")],
+            [["a", "b"], ["a"]],
+            [],
+            {"expected_deliveries": 3, "delivered": 3, "lost": 0},
+        ),
         # A missing delivery is lost unless a dead letter for that subscriber pays for it.
         ([_pub("a")], [["a"], []], [], {"lost": 1, "lost_sample": ["a -> bounces"]}),
-        ([_pub("a")], [["a"], []], [DeadRecord("a", "bounces", "endpoint_gone: 410 Gone")],
-         {"lost": 0, "dead_lettered": 1, "dead_letter_reasons": {"endpoint_gone": 1}}),
+        (
+            [_pub("a")],
+            [["a"], []],
+            [DeadRecord("a", "bounces", "endpoint_gone: 410 Gone")],
+            {"lost": 0, "dead_lettered": 1, "dead_letter_reasons": {"endpoint_gone": 1}},
+        ),
         # A dead letter for another subscriber does not pay.
-        ([_pub("a")], [[], ["a"]], [DeadRecord("a", "bounces", "attempts_exhausted")],
-         {"lost": 1}),
+        ([_pub("a")], [[], ["a"]], [DeadRecord("a", "bounces", "attempts_exhausted")], {"lost": 1}),
         # An invalid event is paid only by a dead letter without a subscriber.
-        ([_pub("x", valid=False)], [[], []], [DeadRecord("x", None, "invalid_event: bad")],
-         {"lost": 0, "invalid_published": 1, "expected_deliveries": 0}),
+        (
+            [_pub("x", valid=False)],
+            [[], []],
+            [DeadRecord("x", None, "invalid_event: bad")],
+            {"lost": 0, "invalid_published": 1, "expected_deliveries": 0},
+        ),
         ([_pub("x", valid=False)], [[], []], [], {"lost": 1}),
         # Duplicates are counted, receipts nobody owes are unexpected.
-        ([_pub("a", "Message.Delivered")], [["a", "a", "zzz"], ["a"]], [],
-         {"duplicates": 1, "unexpected": 2, "lost": 0}),
+        (
+            [_pub("a", "Message.Delivered")],
+            [["a", "a", "zzz"], ["a"]],
+            [],
+            {"duplicates": 1, "unexpected": 2, "lost": 0},
+        ),
     ],
 )
-def test_accounting_rules(published: list[Published], received: list[list[str]],
-                          dead: list[DeadRecord], expect: dict[str, object]) -> None:
+def test_accounting_rules(
+    published: list[Published],
+    received: list[list[str]],
+    dead: list[DeadRecord],
+    expect: dict[str, object],
+) -> None:
     got = account(published, SUBS, received, dead).as_dict()
     assert {k: got[k] for k in expect} == expect
 
 
-ACCOUNT_SUBS = [SubscriberSpec("a.0", account="a"), SubscriberSpec("a.1", account="a"),
-                SubscriberSpec("b.0", account="b"), SubscriberSpec("none"),
-                SubscriberSpec("all", account="*")]
+ACCOUNT_SUBS = [
+    SubscriberSpec("a.0", account="a"),
+    SubscriberSpec("a.1", account="a"),
+    SubscriberSpec("b.0", account="b"),
+    SubscriberSpec("none"),
+    SubscriberSpec("all", account="*"),
+]
 
 
 @pytest.mark.parametrize(
     ("published", "received", "expect"),
     [
         # An account's event is owed to its own endpoints and to "*", not to others.
-        ([_pub("e", acct="a")], [["e"], ["e"], [], [], ["e"]],
-         {"expected_deliveries": 3, "delivered": 3, "lost": 0, "complete_events": 1}),
+        (
+            [_pub("e", acct="a")],
+            [["e"], ["e"], [], [], ["e"]],
+            {"expected_deliveries": 3, "delivered": 3, "lost": 0, "complete_events": 1},
+        ),
         # An event without an account is owed to subscribers without one (and "*").
-        ([_pub("e")], [[], [], [], ["e"], ["e"]],
-         {"expected_deliveries": 2, "lost": 0, "cross_account": 0}),
+        (
+            [_pub("e")],
+            [[], [], [], ["e"], ["e"]],
+            {"expected_deliveries": 2, "lost": 0, "cross_account": 0},
+        ),
         # Another account's event at an endpoint is unexpected and cross-account.
-        ([_pub("e", acct="a")], [["e"], ["e"], ["e"], ["e"], ["e"]],
-         {"unexpected": 2, "cross_account": 2, "lost": 0}),
+        (
+            [_pub("e", acct="a")],
+            [["e"], ["e"], ["e"], ["e"], ["e"]],
+            {"unexpected": 2, "cross_account": 2, "lost": 0},
+        ),
         # One endpoint of the account missing: lost, and the event is not complete.
-        ([_pub("e", acct="a")], [["e"], [], [], [], ["e"]],
-         {"lost": 1, "complete_events": 0, "lost_sample": ["e -> a.1"]}),
+        (
+            [_pub("e", acct="a")],
+            [["e"], [], [], [], ["e"]],
+            {"lost": 1, "complete_events": 0, "lost_sample": ["e -> a.1"]},
+        ),
     ],
 )
-def test_accounting_by_account(published: list[Published], received: list[list[str]],
-                               expect: dict[str, object]) -> None:
+def test_accounting_by_account(
+    published: list[Published], received: list[list[str]], expect: dict[str, object]
+) -> None:
     got = account(published, ACCOUNT_SUBS, received).as_dict()
     assert {k: got[k] for k in expect} == expect
 
@@ -212,8 +313,11 @@ def test_account_layout_files_and_reload_file() -> None:
     layout = AccountLayout(accounts=10, endpoints=2, files=5, active=4)
     tables = layout.tables([8001, 8002, 8003])
     assert len(tables) == 20
-    assert tables[3] == {"id": "acct-00001.1", "account": "acct-00001",
-                         "url": "http://127.0.0.1:8001/a/acct-00001/1"}
+    assert tables[3] == {
+        "id": "acct-00001.1",
+        "account": "acct-00001",
+        "url": "http://127.0.0.1:8001/a/acct-00001/1",
+    }
     files = layout.files_of(tables)
     assert list(files) == [f"part-0{i}.toml" for i in range(1, 6)]
     assert all(len(t) == 4 for t in files.values())
@@ -226,8 +330,16 @@ def test_account_layout_files_and_reload_file() -> None:
 def test_reload_takes_effect_from_the_first_probe_after_the_last_miss() -> None:
     probes = [Probe(f"p{i}", "n", 100.0 + i / 10) for i in range(6)]
     both = {"/a/n/0": {}, "/a/n/1": {}}
-    for i, (a, b) in enumerate([(None, None), (100.15, None), (None, None), (100.35, 100.36),
-                                (100.45, 100.47), (100.55, 100.55)]):
+    for i, (a, b) in enumerate(
+        [
+            (None, None),
+            (100.15, None),
+            (None, None),
+            (100.35, 100.36),
+            (100.45, 100.47),
+            (100.55, 100.55),
+        ]
+    ):
         if a is not None:
             both["/a/n/0"][f"p{i}"] = a
         if b is not None:
@@ -259,14 +371,20 @@ async def test_receivers_verify_batches_and_account_endpoints(tmp_path: Path) ->
     receiver = ReceiverApp(1)
     async with TestServer(keys) as jwks, TestClient(TestServer(receiver.app)) as client:
         receiver.endpoints[0].url = str(client.make_url("/hooks/0"))
-        await client.post("/control/phase", json={
-            "verify": True, "jwks_url": str(jwks.make_url("/jwks")), "issuer": "iss"})
+        await client.post(
+            "/control/phase",
+            json={"verify": True, "jwks_url": str(jwks.make_url("/jwks")), "issuer": "iss"},
+        )
 
-        def headers(url: str, wid: str, body: bytes, account: str | None = None,
-                    size: int | None = None) -> dict[str, str]:
+        def headers(
+            url: str, wid: str, body: bytes, account: str | None = None, size: int | None = None
+        ) -> dict[str, str]:
             token = minter.mint(audience=url, webhook_id=wid, body=body, account=account)
-            h = {"Authorization": f"Bearer {token}", "webhook-id": wid,
-                 "Content-Type": "application/json"}
+            h = {
+                "Authorization": f"Bearer {token}",
+                "webhook-id": wid,
+                "Content-Type": "application/json",
+            }
             if size is not None:
                 h["webhook-batch-size"] = str(size)
             return h
@@ -280,7 +398,11 @@ async def test_receivers_verify_batches_and_account_endpoints(tmp_path: Path) ->
         assert r.status == 400
         stats = (await (await client.get("/control/stats")).json())[0]
         assert (stats["received"], stats["unique"], stats["requests"], stats["batched"]) == (
-            3, 3, 1, 3)
+            3,
+            3,
+            1,
+            3,
+        )
         assert stats["verify_failures"] == 1
 
         path = "/a/acct-1/0"

@@ -52,24 +52,31 @@ class _Tty(io.StringIO):
         return True
 
 
-JWT = ("eyJhbGciOiJFZERTQSIsImtpZCI6ImsxIiwidHlwIjoid2ViaG9vaytqd3QifQ"
-       ".eyJpc3MiOiJodHRwczovL21haWwuZXhhbXBsZS5jb20iLCJzdWIiOiJhZ2VudCJ9"
-       ".c2lnbmF0dXJlLWJ5dGVzLXNpZ25hdHVyZS1ieXRlcw")
+JWT = (
+    "eyJhbGciOiJFZERTQSIsImtpZCI6ImsxIiwidHlwIjoid2ViaG9vaytqd3QifQ"
+    ".eyJpc3MiOiJodHRwczovL21haWwuZXhhbXBsZS5jb20iLCJzdWIiOiJhZ2VudCJ9"
+    ".c2lnbmF0dXJlLWJ5dGVzLXNpZ25hdHVyZS1ieXRlcw"
+)
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 SIGNATURE = "v1," + base64.b64encode(b"s" * 32).decode()
-PEM = ("-----BEGIN PRIVATE KEY-----\n"
-       "MC4CAQAwBQYDK2VwBCIEIHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4\n"
-       "-----END PRIVATE KEY-----\n")
+PEM = (
+    "-----BEGIN PRIVATE KEY-----\n"
+    "MC4CAQAwBQYDK2VwBCIEIHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4\n"
+    "-----END PRIVATE KEY-----\n"
+)
 
 
-@pytest.mark.parametrize("text, leaked", [
-    (f"http 401: Bearer {JWT}", JWT),
-    (f"token={JWT}", JWT),
-    (f"secret {SECRET} in a message", SECRET),
-    (f"webhook-signature: {SIGNATURE}", SIGNATURE),
-    (f"key: {PEM}", "MC4CAQAwBQYDK2VwBCIEIHh4"),
-    ("amqp://dispatcher:s3cr3t-pw@rabbitmq:5672/mail", "s3cr3t-pw"),
-])
+@pytest.mark.parametrize(
+    "text, leaked",
+    [
+        (f"http 401: Bearer {JWT}", JWT),
+        (f"token={JWT}", JWT),
+        (f"secret {SECRET} in a message", SECRET),
+        (f"webhook-signature: {SIGNATURE}", SIGNATURE),
+        (f"key: {PEM}", "MC4CAQAwBQYDK2VwBCIEIHh4"),
+        ("amqp://dispatcher:s3cr3t-pw@rabbitmq:5672/mail", "s3cr3t-pw"),
+    ],
+)
 def test_scrub_removes_secret_shapes(text: str, leaked: str) -> None:
     out = scrub(text)
     assert leaked not in out and "[redacted]" in out
@@ -84,8 +91,10 @@ def test_json_by_default_and_console_on_a_terminal(restore_logging: None) -> Non
     log.debug("hidden")
     logging.getLogger("aio_pika").warning("Connection to %s closed", "amqp://u:pw123456@h/")
     lines = [orjson.loads(line) for line in pipe.getvalue().splitlines()]
-    assert [line["event"] for line in lines] == ["delivery_retry_scheduled",
-                                                  "Connection to amqp://[redacted]@h/ closed"]
+    assert [line["event"] for line in lines] == [
+        "delivery_retry_scheduled",
+        "Connection to amqp://[redacted]@h/ closed",
+    ]
     assert lines[0]["subscriber"] == "acme" and lines[0]["level"] == "info"
     assert "timestamp" in lines[0] and JWT not in pipe.getvalue()
     assert lines[1]["logger"] == "aio_pika" and lines[1]["level"] == "warning"
@@ -118,21 +127,30 @@ def test_level_and_format_come_from_config_or_env() -> None:
 
 
 def start_dispatcher(toml: Path, log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    child_env = {k: v for k, v in os.environ.items()
-                 if not k.startswith(("PROMETHEUS_", "DISPATCHER_"))}
+    child_env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PROMETHEUS_", "DISPATCHER_"))
+    }
     child_env.update(env)
     with open(log_path, "wb") as log_file:
         return subprocess.Popen(
             [sys.executable, "-m", "dispatcher", "--config", str(toml), "run", "--workers", "2"],
-            cwd=ROOT, env=child_env, stdout=log_file, stderr=subprocess.STDOUT)
+            cwd=ROOT,
+            env=child_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def key_material(keys_dir: str) -> set[str]:
     """Every base64 line of every private key PEM."""
     pems = list(Path(keys_dir).glob("*.pem"))
     assert pems
-    return {ln for pem in pems for ln in pem.read_text().splitlines()
-            if ln and not ln.startswith("-----")}
+    return {
+        ln
+        for pem in pems
+        for ln in pem.read_text().splitlines()
+        if ln and not ln.startswith("-----")
+    }
 
 
 def _free_port() -> int:
@@ -150,14 +168,20 @@ async def test_a_full_run_logs_no_secret_or_token(
         async def behaviour(_: Receiver, request: web.Request, __: int) -> web.StreamResponse:
             seen.append(dict(request.headers))
             return web.Response(status=status)
+
         return behaviour
 
     async def echo(_: Receiver, request: web.Request, __: int) -> web.StreamResponse:
         # A subscriber that echoes its credentials into the error body (which is logged).
         seen.append(dict(request.headers))
-        return web.Response(status=401, text=" ".join(
-            f"{k}: {v}" for k, v in request.headers.items()
-            if k.lower() in ("authorization", "webhook-signature")))
+        return web.Response(
+            status=401,
+            text=" ".join(
+                f"{k}: {v}"
+                for k, v in request.headers.items()
+                if k.lower() in ("authorization", "webhook-signature")
+            ),
+        )
 
     retried: set[str] = set()
 
@@ -181,15 +205,28 @@ async def test_a_full_run_logs_no_secret_or_token(
     make(
         [
             {"id": "jwt", "url": jwt_rec.url, "auth": "jwt"},
-            {"id": "hmac", "url": hmac_rec.url, "auth": "jwt+hmac",
-             "hmac_secret_env": "LOGTEST_SECRET"},
-            {"id": "flaky", "url": flaky_rec.url, "auth": "jwt+hmac",
-             "hmac_secret_env": "LOGTEST_SECRET"},
-            {"id": "echo", "url": echo_rec.url, "auth": "jwt+hmac",
-             "hmac_secret_env": "LOGTEST_SECRET"},
+            {
+                "id": "hmac",
+                "url": hmac_rec.url,
+                "auth": "jwt+hmac",
+                "hmac_secret_env": "LOGTEST_SECRET",
+            },
+            {
+                "id": "flaky",
+                "url": flaky_rec.url,
+                "auth": "jwt+hmac",
+                "hmac_secret_env": "LOGTEST_SECRET",
+            },
+            {
+                "id": "echo",
+                "url": echo_rec.url,
+                "auth": "jwt+hmac",
+                "hmac_secret_env": "LOGTEST_SECRET",
+            },
             {"id": "broken", "url": broken.url, "events": ["Message.Complained"]},
         ],
-        toml=toml, env=env,
+        toml=toml,
+        env=env,
         http={"listen": f"127.0.0.1:{port}"},
         retry={"schedule": ["20ms", "40ms"], "jitter": 0.0},
         breaker={"failure_threshold": 100},
@@ -202,6 +239,7 @@ async def test_a_full_run_logs_no_secret_or_token(
         import aiohttp
 
         async with aiohttp.ClientSession() as http:
+
             async def ready() -> bool:
                 try:
                     async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
@@ -219,11 +257,19 @@ async def test_a_full_run_logs_no_secret_or_token(
             for i in range(5):
                 await pub.publish(event_body(n=i, event_id=f"log-{i}"))
             await pub.publish(event_body("Message.Complained", n=7, event_id="log-c"))
-            await pub.publish(b'{"event": "Message.Bounced", "data": 5}',
-                              routing_key="Message.Bounced")
+            await pub.publish(
+                b'{"event": "Message.Bounced", "data": 5}', routing_key="Message.Bounced"
+            )
         assert await wait_until(
-            lambda: jwt_rec.count == 6 and hmac_rec.count == 6 and flaky_rec.count == 6
-            and echo_rec.attempts == 18 and broken.attempts == 3, timeout=20)
+            lambda: (
+                jwt_rec.count == 6
+                and hmac_rec.count == 6
+                and flaky_rec.count == 6
+                and echo_rec.attempts == 18
+                and broken.attempts == 3
+            ),
+            timeout=20,
+        )
         await asyncio.sleep(0.3)  # the last dead letters are confirmed and logged
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 30) == 0
@@ -235,8 +281,14 @@ async def test_a_full_run_logs_no_secret_or_token(
     raw = log_path.read_text()
     lines = [orjson.loads(line) for line in raw.splitlines() if line.strip()]
     events = {line["event"] for line in lines}
-    assert {"dispatcher_started", "delivery_retry_scheduled", "delivery_dead_lettered",
-            "event_invalid", "drained", "supervisor_stopped"} <= events, events
+    assert {
+        "dispatcher_started",
+        "delivery_retry_scheduled",
+        "delivery_dead_lettered",
+        "event_invalid",
+        "drained",
+        "supervisor_stopped",
+    } <= events, events
     assert all({"event", "level", "timestamp"} <= line.keys() for line in lines)
 
     # Everything that must never appear.

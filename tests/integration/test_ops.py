@@ -89,15 +89,20 @@ async def test_metrics_count_a_run_with_successes_retries_and_dead_letters(
             await pub.publish(event_body("Message.Bounced", n=i, event_id=f"b{i}"))
         await pub.publish(event_body("Message.Complained", n=9, event_id="c0"))
         await pub.publish(b"not json", routing_key="Message.Bounced")
-        assert await wait_until(lambda: ok.count == 4 and flaky.count == 3
-                                and broken.attempts == 9 and gone.attempts == 1)
+        assert await wait_until(
+            lambda: (
+                ok.count == 4 and flaky.count == 3 and broken.attempts == 9 and gone.attempts == 1
+            )
+        )
 
         # Settled: every dead letter confirmed, nothing held, a depth sample taken since.
         for _ in range(100):
             samples = await scrape(http, disp)
-            if (value(samples, "dispatcher_dead_letters_total", reason="attempts_exhausted") == 3
-                    and value(samples, "dispatcher_prefetch_in_use") == 0
-                    and value(samples, "dispatcher_queue_depth", queue="dead") == 5):
+            if (
+                value(samples, "dispatcher_dead_letters_total", reason="attempts_exhausted") == 3
+                and value(samples, "dispatcher_prefetch_in_use") == 0
+                and value(samples, "dispatcher_queue_depth", queue="dead") == 5
+            ):
                 break
             await asyncio.sleep(0.05)
 
@@ -151,11 +156,19 @@ def test_every_documented_metric_is_exported() -> None:
     m.breaker_changed("s", 0)
     names = {f.name for f in text_string_to_metric_families(render_metrics(m).decode())}
     documented = {
-        "dispatcher_events", "dispatcher_attempts", "dispatcher_deliveries",
-        "dispatcher_retries_scheduled", "dispatcher_dead_letters",
-        "dispatcher_delivery_latency_seconds", "dispatcher_request_duration_seconds",
-        "dispatcher_token_mint_seconds", "dispatcher_in_flight", "dispatcher_breaker_state",
-        "dispatcher_prefetch_in_use", "dispatcher_prefetch_limit", "dispatcher_queue_depth",
+        "dispatcher_events",
+        "dispatcher_attempts",
+        "dispatcher_deliveries",
+        "dispatcher_retries_scheduled",
+        "dispatcher_dead_letters",
+        "dispatcher_delivery_latency_seconds",
+        "dispatcher_request_duration_seconds",
+        "dispatcher_token_mint_seconds",
+        "dispatcher_in_flight",
+        "dispatcher_breaker_state",
+        "dispatcher_prefetch_in_use",
+        "dispatcher_prefetch_limit",
+        "dispatcher_queue_depth",
         "dispatcher_ready",
     }
     assert documented <= names

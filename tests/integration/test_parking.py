@@ -187,9 +187,9 @@ async def test_parking_consumers_are_capped_and_take_turns(make, receivers) -> N
         watcher = asyncio.create_task(watch())
         try:
             await pub.publish_many([event_body(n=i, event_id=f"c{i}") for i in range(n)])
-            assert await wait_until(
-                lambda: all(r.count == n for r in recs.values()), timeout=60
-            ), {k: r.count for k, r in recs.items()}
+            assert await wait_until(lambda: all(r.count == n for r in recs.values()), timeout=60), {
+                k: r.count for k, r in recs.items()
+            }
         finally:
             watcher.cancel()
         parked = sum(

@@ -52,23 +52,39 @@ class Supervised:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dispatcher", "--config", str(self.config),
-                 "run", "--workers", "2"],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                [
+                    sys.executable,
+                    "-m",
+                    "dispatcher",
+                    "--config",
+                    str(self.config),
+                    "run",
+                    "--workers",
+                    "2",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def workers(self) -> set[int]:
         assert self.proc is not None
         try:
-            return {c.pid for c in psutil.Process(self.proc.pid).children()
-                    if c.status() != psutil.STATUS_ZOMBIE}
+            return {
+                c.pid
+                for c in psutil.Process(self.proc.pid).children()
+                if c.status() != psutil.STATUS_ZOMBIE
+            }
         except psutil.NoSuchProcess:
             return set()
 
     async def get(self, path: str) -> tuple[int, bytes]:
         assert self.http is not None
         try:
-            async with self.http.get(self.base + path,
-                                     timeout=aiohttp.ClientTimeout(total=2)) as resp:
+            async with self.http.get(
+                self.base + path, timeout=aiohttp.ClientTimeout(total=2)
+            ) as resp:
                 return resp.status, await resp.read()
         except (aiohttp.ClientError, TimeoutError):
             return 0, b""
@@ -84,12 +100,16 @@ class Supervised:
     async def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         status, body = await self.get("/metrics")
         assert status == 200
-        return {(s.name, frozenset(s.labels.items())): s.value
-                for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for f in text_string_to_metric_families(body.decode())
+            for s in f.samples
+        }
 
     def log_lines(self) -> list[dict[str, Any]]:
-        return [orjson.loads(line) for line in self.log_path.read_bytes().splitlines()
-                if line.strip()]
+        return [
+            orjson.loads(line) for line in self.log_path.read_bytes().splitlines() if line.strip()
+        ]
 
 
 async def test_two_workers_deliver_everything_survive_a_kill_and_stop_cleanly(
@@ -98,10 +118,13 @@ async def test_two_workers_deliver_everything_survive_a_kill_and_stop_cleanly(
     rec = receivers.add("r", slowly(0.002))
     toml = tmp_path / "dispatcher.toml"
     port = free_port()
-    cfg = make([{"id": "r", "url": rec.url, "max_in_flight": 32}], toml=toml,
-               http={"listen": f"127.0.0.1:{port}"},
-               broker={"prefetch": 64},
-               dispatcher={"log_level": "info", "log_format": "json", "drain_timeout": "5s"})
+    cfg = make(
+        [{"id": "r", "url": rec.url, "max_in_flight": 32}],
+        toml=toml,
+        http={"listen": f"127.0.0.1:{port}"},
+        broker={"prefetch": 64},
+        dispatcher={"log_level": "info", "log_format": "json", "drain_timeout": "5s"},
+    )
     sup = Supervised(toml, tmp_path / "dispatcher.log", port)
     async with aiohttp.ClientSession() as http:
         sup.http = http
@@ -121,7 +144,8 @@ async def test_two_workers_deliver_everything_survive_a_kill_and_stop_cleanly(
             os.kill(victim, signal.SIGKILL)
 
             assert await wait_until(lambda: set(ids) <= set(rec.ids()), timeout=30), (
-                f"lost {len(set(ids) - set(rec.ids()))} events")
+                f"lost {len(set(ids) - set(rec.ids()))} events"
+            )
             # Restarted: a new worker pid, and ready again with both workers.
             assert await wait_until(lambda: len(sup.workers() - first) == 1, timeout=15)
             assert victim not in sup.workers() and len(sup.workers()) == 2
@@ -135,8 +159,12 @@ async def test_two_workers_deliver_everything_survive_a_kill_and_stop_cleanly(
 
             # Merged metrics: both live workers, the dead one's counts kept.
             m = await sup.metrics()
-            delivered = m[("dispatcher_deliveries_total",
-                           frozenset({("subscriber", "r"), ("outcome", "delivered")}))]
+            delivered = m[
+                (
+                    "dispatcher_deliveries_total",
+                    frozenset({("subscriber", "r"), ("outcome", "delivered")}),
+                )
+            ]
             # At least once: requests in flight in the killed worker were delivered again.
             assert 600 <= delivered <= rec.count
             assert m[("dispatcher_ready", frozenset())] == 2
@@ -150,8 +178,11 @@ async def test_two_workers_deliver_everything_survive_a_kill_and_stop_cleanly(
             sup.proc.send_signal(signal.SIGHUP)
 
             def reloaded() -> set[int]:
-                return {line.get("worker") for line in sup.log_lines()
-                        if line.get("event") == "reloaded"}
+                return {
+                    line.get("worker")
+                    for line in sup.log_lines()
+                    if line.get("event") == "reloaded"
+                }
 
             assert await wait_until(lambda: reloaded() == {0, 1}, timeout=10), reloaded()
             assert sup.workers() == workers_now
@@ -160,8 +191,10 @@ async def test_two_workers_deliver_everything_survive_a_kill_and_stop_cleanly(
             sup.proc.send_signal(signal.SIGTERM)
             code = await asyncio.to_thread(sup.proc.wait, 30)
             assert code == 0, sup.log_path.read_text()[-3000:]
-            assert not any(psutil.pid_exists(p) and psutil.Process(p).status()
-                           != psutil.STATUS_ZOMBIE for p in workers_now)
+            assert not any(
+                psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                for p in workers_now
+            )
             events = [line.get("event") for line in sup.log_lines()]
             assert events.count("drained") == 2
             assert "worker_exited" in events and "supervisor_stopped" in events

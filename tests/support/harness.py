@@ -47,15 +47,14 @@ RABBITMQCTL: list[str] | None = shlex.split(os.environ.get("DISPATCHER_TEST_RABB
 RABBITMQCTL_FROM_ENV = bool(os.environ.get("DISPATCHER_TEST_RABBITMQCTL", "").strip())
 
 
-def broker_url(
-    *, port: int | None = None, password: str | None = None, query: str = ""
-) -> str:
+def broker_url(*, port: int | None = None, password: str | None = None, query: str = "") -> str:
     """`BROKER_URL` through another port (a proxy in front of the broker), with another
     password, and/or with query options (``"reconnect_interval=0.3"``)."""
     user = _BROKER.username or "guest"
     secret = (_BROKER.password or "guest") if password is None else password
     netloc = f"{user}:{secret}@{BROKER_HOST}:{port or BROKER_PORT}"
     return urlunsplit((_BROKER.scheme, netloc, _BROKER.path or "/", query.lstrip("?"), ""))
+
 
 SEED_EVENT = (
     b'{"event": "Message.Bounced", "timestamp": "2026-03-12T09:14:02Z", "data": '

@@ -22,17 +22,52 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 
 # The Compose Specification's keys (top level, service, healthcheck, depends_on conditions).
-TOP_KEYS = {"version", "name", "services", "networks", "volumes", "configs", "secrets",
-            "include"}
+TOP_KEYS = {"version", "name", "services", "networks", "volumes", "configs", "secrets", "include"}
 SERVICE_KEYS = {
-    "build", "image", "command", "entrypoint", "environment", "env_file", "ports", "volumes",
-    "depends_on", "healthcheck", "restart", "stop_grace_period", "stop_signal", "hostname",
-    "networks", "labels", "user", "working_dir", "deploy", "logging", "init", "expose",
-    "profiles", "secrets", "configs", "ulimits", "tmpfs", "read_only", "cap_drop",
-    "security_opt", "container_name", "extra_hosts", "pull_policy", "scale",
+    "build",
+    "image",
+    "command",
+    "entrypoint",
+    "environment",
+    "env_file",
+    "ports",
+    "volumes",
+    "depends_on",
+    "healthcheck",
+    "restart",
+    "stop_grace_period",
+    "stop_signal",
+    "hostname",
+    "networks",
+    "labels",
+    "user",
+    "working_dir",
+    "deploy",
+    "logging",
+    "init",
+    "expose",
+    "profiles",
+    "secrets",
+    "configs",
+    "ulimits",
+    "tmpfs",
+    "read_only",
+    "cap_drop",
+    "security_opt",
+    "container_name",
+    "extra_hosts",
+    "pull_policy",
+    "scale",
 }
-HEALTHCHECK_KEYS = {"test", "interval", "timeout", "retries", "start_period",
-                    "start_interval", "disable"}
+HEALTHCHECK_KEYS = {
+    "test",
+    "interval",
+    "timeout",
+    "retries",
+    "start_period",
+    "start_interval",
+    "disable",
+}
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 DURATION = re.compile(r"^(\d+(us|ms|s|m|h))+$")
 RESTART = {"no", "always", "on-failure", "unless-stopped"}
@@ -162,15 +197,17 @@ def test_prometheus_scrapes_the_dispatcher(compose: dict[str, Any]) -> None:
 
 def test_dockerfile(compose: dict[str, Any]) -> None:
     text = (ROOT / "Dockerfile").read_text()
-    lines = [ln for ln in text.replace("\\\n", " ").splitlines()
-             if ln.strip() and not ln.lstrip().startswith("#")]
+    lines = [
+        ln
+        for ln in text.replace("\\\n", " ").splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     instructions = [ln.split(None, 1)[0].upper() for ln in lines]
     assert lines[0].split() == ["FROM", "python:3.11-slim"]
     assert "HEALTHCHECK" in instructions and "USER" in instructions
     user = next(ln for ln in lines if ln.startswith("USER")).split()[1]
     assert user not in ("root", "0")
-    assert instructions.index("USER") > max(i for i, ins in enumerate(instructions)
-                                            if ins == "RUN")
+    assert instructions.index("USER") > max(i for i, ins in enumerate(instructions) if ins == "RUN")
     health = next(ln for ln in lines if ln.startswith("HEALTHCHECK"))
     assert "/healthz" in health and "curl" not in health
     assert any(ln.startswith("VOLUME") and "keys" in ln for ln in lines)

@@ -96,11 +96,21 @@ def test_migration_policies_carry_what_old_declarations_lack() -> None:
     for name in names:
         matching = [p.name for p in policies.values() if re.fullmatch(p.pattern, name)]
         assert len(matching) == 1, (name, matching)
-    assert not any(re.fullmatch(p.pattern, "q2") or re.fullmatch(p.pattern, "xq.dead")
-                   for p in policies.values())
+    assert not any(
+        re.fullmatch(p.pattern, "q2") or re.fullmatch(p.pattern, "xq.dead")
+        for p in policies.values()
+    )
     line = policies["q.dead"].rabbitmqctl("/")
-    assert line[:8] == ["set_policy", "-p", "/", "--priority", "10", "--apply-to", "queues",
-                        "q.dead"]
+    assert line[:8] == [
+        "set_policy",
+        "-p",
+        "/",
+        "--priority",
+        "10",
+        "--apply-to",
+        "queues",
+        "q.dead",
+    ]
     assert json.loads(line[-1]) == policies["q.dead"].definition
     # Classic queues: no delivery limits to set, dead-letter exchanges only.
     for policy in migration_policies(_broker("classic")):
