@@ -44,7 +44,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
@@ -116,12 +115,10 @@ def _binding(level: int, bit: str) -> str:
 
 @dataclass(slots=True)
 class Topology:
-    """Handles to what `declare` set up, on one channel."""
+    """Handles to what `declare` set up, on one channel: the work queue (the rest is reached
+    by name, from dispatcher.names)."""
 
-    events: AbstractExchange
     work: AbstractQueue
-    dead: AbstractQueue
-    dead_exchange: AbstractExchange
 
 
 def _queue_args(cfg: BrokerConfig, **extra: FieldValue) -> FieldTable:
@@ -263,7 +260,7 @@ async def _declare(
             await lower.bind(exchange, routing_key=_binding(level, "0"))
         else:
             await due.bind(exchange, routing_key=_binding(level, "0"))
-    return Topology(events=events, work=work, dead=dead, dead_exchange=dead_fanout)
+    return Topology(work=work)
 
 
 PARK_TTL_DEFAULT = 600.0  # seconds a parked delivery waits before it returns to the work queue
@@ -443,10 +440,6 @@ async def queue_depths(
         with contextlib.suppress(Exception):
             await probe.close()
     return out
-
-
-def persistent_message(body: bytes, **kwargs: object) -> aio_pika.Message:
-    return aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **kwargs)  # type: ignore[arg-type]
 
 
 # --- the control plane (dispatcher/broker/cluster.py) ---------------------------------------------

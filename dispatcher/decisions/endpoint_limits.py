@@ -59,6 +59,9 @@ _CATCH_UP = 0.75
 
 @dataclass(frozen=True, slots=True)
 class Deferred:
+    """Not admitted: how long until the lane could take it (0 when that depends on others) and
+    why (``breaker_open``, ``lane_full``, ``rate_limited``, ``no_share``)."""
+
     delay: float
     why: str
 
@@ -563,9 +566,6 @@ class LaneSet:
 
     def get(self, sub_id: str) -> Lane | None:
         return self._lanes.get(sub_id)
-
-    def lanes(self) -> list[Lane]:
-        return list(self._lanes.values())
 
     def retain(self, ids: set[str], current: Mapping[str, SubscriberConfig] | None = None) -> None:
         """Keep the lanes of these subscribers only, and size them for how many there are.

@@ -87,9 +87,8 @@ class Retry:
 
 @dataclass(frozen=True, slots=True)
 class Park:
-    """Wait in the subscriber's parking queue; the attempt that was due is still due."""
-
-    attempt: int
+    """Wait in the subscriber's parking queue; the attempt that was due is still due (the
+    delivery keeps its attempt number: nothing to carry here)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +134,7 @@ def decide(
 
     age = max(0.0, now - first_attempt_at)
     if outcome.kind is OutcomeKind.DEFERRED:
-        return DeadLetter("max_age_exceeded") if age > policy.max_age else Park(attempt)
+        return DeadLetter("max_age_exceeded") if age > policy.max_age else Park()
 
     # FAILED
     if attempt >= policy.max_attempts:

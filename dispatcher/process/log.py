@@ -25,7 +25,7 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
-__all__ = ["configure_logging", "get_logger", "scrub"]
+__all__ = ["configure_logging", "scrub"]
 
 _SECRETISH = re.compile(
     r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # a JWS/JWT
@@ -129,7 +129,3 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     root.addHandler(_ToStructlog())
     # Libraries are chatty below WARNING (aiormq at DEBUG logs every frame).
     root.setLevel(max(logging.WARNING, numeric))
-
-
-def get_logger(name: str | None = None) -> Any:
-    return structlog.get_logger(name) if name else structlog.get_logger()

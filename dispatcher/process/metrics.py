@@ -109,9 +109,8 @@ class Metrics:
         )
         self.retries = Counter(
             "dispatcher_retries_scheduled_total",
-            "Failed attempts whose retry was scheduled in the delay tiers, by subscriber "
-            "(why is always failed).",
-            ["subscriber", "why"],
+            "Failed attempts whose retry was scheduled in the delay tiers, by subscriber.",
+            ["subscriber"],
             registry=reg,
         )
         self.parked = Counter(

@@ -524,7 +524,7 @@ class Pipeline:
                 delay=decision.delay,
                 carry=carry,
             )
-            self._metrics.retries.labels(delivery.subscriber, why).inc()
+            self._metrics.retries.labels(delivery.subscriber).inc()
             log.info(
                 "delivery_retry_scheduled",
                 why=why,

@@ -123,9 +123,9 @@ async def test_metrics_count_a_run_with_successes_retries_and_dead_letters(
     assert (v("dispatcher_deliveries_total", subscriber="broken", outcome="delivered") or 0) == 0
     assert v("dispatcher_deliveries_total", subscriber="gone", outcome="dead_lettered") == 1
     # Retries and dead letters.
-    assert v("dispatcher_retries_scheduled_total", subscriber="flaky", why="failed") == 3
-    assert v("dispatcher_retries_scheduled_total", subscriber="broken", why="failed") == 6
-    assert v("dispatcher_retries_scheduled_total", subscriber="ok", why="failed") is None
+    assert v("dispatcher_retries_scheduled_total", subscriber="flaky") == 3
+    assert v("dispatcher_retries_scheduled_total", subscriber="broken") == 6
+    assert v("dispatcher_retries_scheduled_total", subscriber="ok") is None
     assert v("dispatcher_dead_letters_total", reason="attempts_exhausted") == 3
     assert v("dispatcher_dead_letters_total", reason="endpoint_gone") == 1
     assert v("dispatcher_dead_letters_total", reason="invalid_event") == 1

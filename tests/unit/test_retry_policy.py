@@ -50,8 +50,8 @@ DEFERRED = Outcome(OutcomeKind.DEFERRED, error="breaker_open")
             0,
             DeadLetter("max_age_exceeded"),
         ),
-        (2, DEFERRED, 0, Park(2)),  # parked: the attempt that was due stays due
-        (1, DEFERRED, 3600, Park(1)),  # at max_age exactly: still parked
+        (2, DEFERRED, 0, Park()),  # parked: the attempt that was due stays due
+        (1, DEFERRED, 3600, Park()),  # at max_age exactly: still parked
         (2, DEFERRED, 3601, DeadLetter("max_age_exceeded")),
     ],
 )
