@@ -5,7 +5,7 @@
 
 Cases: event parse (`parse_event`), the fan-out decision (`RoutingTable.targets`), token mint
 (`TokenMinter.mint`, target <= 50 us median), the full per-delivery header building (the
-pipeline's `_request_headers`: timestamp, token, metrics), and a whole message through
+http layer's `RequestHeaders.build`: timestamp, token, HMAC), and a whole message through
 `Pipeline.handle` with a stub sender that answers at once and a stub message whose ack does
 nothing, so the cost of everything that is not the HTTP request or the broker is in one table.
 Token minting against PyJWT is in bench_signing.py.
@@ -31,7 +31,7 @@ import orjson
 import structlog
 
 from dispatcher.config import Config, parse_config
-from dispatcher.decisions.events import Event, parse_event
+from dispatcher.decisions.events import parse_event
 from dispatcher.decisions.records import Delivery
 from dispatcher.decisions.retry_policy import Outcome, OutcomeKind
 from dispatcher.decisions.routing import RoutingTable
@@ -253,7 +253,7 @@ def run(iterations: int, ablation: bool = True) -> list[Result]:
         table4 = RoutingTable(cfg.subscribers)
         event = parse_event(body, message_id="lt-bench-1")
         sub = cfg.subscribers[0]
-        headers_of: Callable[[Event, Any], dict[str, str]] = pipeline._request_headers
+        headers_of = pipeline._headers.build
         amqp_headers = {"x-published-at": int(time.time() * 1000)}
         results = [
             _measure(
@@ -286,8 +286,8 @@ def run(iterations: int, ablation: bool = True) -> list[Result]:
                 iterations,
             ),
             _measure(
-                "per-delivery headers (_request_headers)",
-                lambda: headers_of(event, sub),
+                "per-delivery headers (RequestHeaders.build)",
+                lambda: headers_of(sub, event.id, event.body),
                 iterations,
             ),
         ]
@@ -345,7 +345,7 @@ def test_bench_mint(benchmark: Any) -> None:
 def test_bench_request_headers(benchmark: Any) -> None:
     with _fixture() as (cfg, _, pipeline, body):
         event = parse_event(body, message_id="lt-bench-1")
-        benchmark(lambda: pipeline._request_headers(event, cfg.subscribers[0]))
+        benchmark(lambda: pipeline._headers.build(cfg.subscribers[0], event.id, event.body))
 
 
 def test_bench_pipeline_handle(benchmark: Any) -> None:

@@ -26,6 +26,7 @@ from dispatcher.decisions.batching import Batch, Batcher, Member, batch_body, ne
 from dispatcher.decisions.circuit_breaker import BreakerState
 from dispatcher.decisions.endpoint_limits import Admitted, Lane, LaneSet
 from dispatcher.decisions.events import Event, InvalidEvent, parse_event
+from dispatcher.http.headers import RequestHeaders
 from dispatcher.http.sender import HttpSender
 from dispatcher.process.metrics import Metrics
 
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     from dispatcher.broker.parking import ParkingLots
 from dispatcher.broker.settlement import Settlement
 from dispatcher.broker.work_consumer import InboundMessage
-from dispatcher.config import ALL_ACCOUNTS
 from dispatcher.decisions.records import Delivery, published_at
 from dispatcher.decisions.retry_policy import (
     DeadLetter,
@@ -53,15 +53,11 @@ from dispatcher.names import (
     H_BATCH_SIZE,
     H_PUBLISHED_AT,
     H_ROUTING_KEY,
-    WEBHOOK_BATCH_SIZE,
-    WEBHOOK_ID,
-    WEBHOOK_SIGNATURE,
-    WEBHOOK_TIMESTAMP,
     due_exchange,
     is_delay_exchange,
     parking_exchange,
 )
-from signing import TokenMinter, sign_hmac
+from signing import TokenMinter
 
 __all__ = ["Pipeline"]
 
@@ -100,7 +96,7 @@ class Pipeline:
     ) -> None:
         self._sender = sender
         self._settlement = settlement
-        self._minter = minter
+        self._headers = RequestHeaders(minter, clock=clock, observe_mint=metrics.mint_time.observe)
         self._metrics = metrics
         self._clock = clock
         self._rng = rng or random.Random()
@@ -445,7 +441,8 @@ class Pipeline:
         m = self._metrics.for_subscriber(sub.id)
         m.started()
         try:
-            headers = self._request_headers(event, sub)
+            size = event.size if isinstance(event, Batch) else None
+            headers = self._headers.build(sub, event.id, event.body, size)
             started = time.perf_counter()
             outcome = await self._sender.post(sub.url, event.body, headers, sub.timeout)
             m.request_time.observe(time.perf_counter() - started)
@@ -455,31 +452,6 @@ class Pipeline:
         finally:
             m.finished()
             lane.release(slot, verdict)
-
-    def _request_headers(self, event: Event | Batch, sub: SubscriberConfig) -> dict[str, str]:
-        ts = int(self._clock())
-        headers = {
-            "Content-Type": "application/json",
-            WEBHOOK_ID: event.id,
-            WEBHOOK_TIMESTAMP: str(ts),
-        }
-        if isinstance(event, Batch):
-            headers[WEBHOOK_BATCH_SIZE] = str(event.size)
-        if sub.uses_jwt and self._minter is not None:
-            started = time.perf_counter()
-            token = self._minter.mint(
-                audience=sub.url,
-                webhook_id=event.id,
-                body=event.body,
-                now=ts,
-                account=None if sub.account == ALL_ACCOUNTS else sub.account,
-                algorithm=sub.algorithm,
-            )
-            self._metrics.mint_time.observe(time.perf_counter() - started)
-            headers["Authorization"] = f"Bearer {token}"
-        if sub.uses_hmac:
-            headers[WEBHOOK_SIGNATURE] = sign_hmac(sub.hmac_secrets, event.id, ts, event.body)
-        return headers
 
     async def _settle(
         self,
