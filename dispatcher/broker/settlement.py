@@ -15,6 +15,7 @@ import datetime as dt
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from aio_pika.abc import AbstractChannel
@@ -24,6 +25,7 @@ from pamqp.commands import Basic
 from dispatcher.broker.topology import delay_route
 from dispatcher.config import BrokerConfig
 from dispatcher.decisions.records import Delivery, iso_now
+from dispatcher.decisions.retry_policy import DeadLetter, Park, Retry
 from dispatcher.names import (
     CARRIED_HEADERS,
     H_DEAD_AT,
@@ -62,6 +64,45 @@ class Settlement:
         )
         if self._observe is not None:
             self._observe(kind, time.perf_counter() - started)
+
+    async def settle(
+        self,
+        decision: Retry | Park | DeadLetter,
+        body: bytes,
+        *,
+        event_id: str,
+        event_type: str,
+        delivery: Delivery,
+        carry: Mapping[str, Any],
+    ) -> str | None:
+        """Publish what a decision calls for and return once the broker confirmed it: a retry
+        into the delay tiers (carrying the attempt it is due for), a park in the subscriber's
+        own queue (one deferral more) or a dead letter (whose id is returned)."""
+        if isinstance(decision, Retry):
+            due = replace(delivery, attempt=decision.next_attempt)
+            await self.retry(
+                body,
+                event_id=event_id,
+                event_type=event_type,
+                delivery=due,
+                delay=decision.delay,
+                carry=carry,
+            )
+            return None
+        if isinstance(decision, Park):
+            deferred = replace(delivery, deferrals=delivery.deferrals + 1)
+            await self.park(
+                body, event_id=event_id, event_type=event_type, delivery=deferred, carry=carry
+            )
+            return None
+        return await self.dead_letter(
+            body,
+            reason=decision.reason,
+            event_id=event_id,
+            event_type=event_type,
+            delivery=delivery,
+            carry=carry,
+        )
 
     async def retry(
         self,

@@ -12,9 +12,10 @@ with a table. The rules:
   ``schedule[attempt - 1]`` (+/- jitter), or at least Retry-After when the endpoint sent one,
   until the schedule is used up (``attempts_exhausted``) or the delivery would outlive
   ``max_age`` (``max_age_exceeded``).
-* ``deferred``   -- not attempted at all (the endpoint's lane is full, its breaker is open, its
-  rate limit is reached): park it in the subscriber's own queue without spending an attempt,
-  until the subscriber can take it; bounded by ``max_age`` alone.
+
+A delivery that was not attempted at all (the endpoint's lane is full, its breaker is open, its
+rate limit is reached) has no outcome: `deferred` parks it in the subscriber's own queue without
+spending an attempt, until the subscriber can take it; bounded by ``max_age`` alone.
 
 And before an attempt: a delivery that comes back (from the delay tiers or its parking queue)
 older than ``max_age`` is dead-lettered ``max_age_exceeded`` without being attempted.
@@ -39,6 +40,7 @@ __all__ = [
     "Park",
     "Retry",
     "decide",
+    "deferred",
     "expired",
     "jittered",
 ]
@@ -52,12 +54,11 @@ class OutcomeKind(enum.Enum):
     GONE = "gone"
     BLOCKED = "blocked"
     FAILED = "failed"
-    DEFERRED = "deferred"
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What one attempt (or non-attempt) produced, in the project's own terms."""
+    """What one attempt produced, in the project's own terms."""
 
     kind: OutcomeKind
     status: int | None = None  # the HTTP status, when a response came back
@@ -122,21 +123,17 @@ def decide(
     now: float,
     policy: RetryConfig,
     rng: random.Random | None = None,
-) -> Decision:
-    """Decide the next step for one (event, subscriber) delivery.
+) -> Delivered | Retry | DeadLetter:
+    """Decide the next step for one (event, subscriber) delivery after an attempt.
 
-    ``attempt`` is the 1-based number of the attempt that produced ``outcome`` (for a
-    deferral, the attempt that was due and did not happen).
+    ``attempt`` is the 1-based number of the attempt that produced ``outcome``.
     """
     if outcome.kind in _TERMINAL:
         reason = _TERMINAL[outcome.kind]
         return Delivered() if reason is None else DeadLetter(reason)
 
-    age = max(0.0, now - first_attempt_at)
-    if outcome.kind is OutcomeKind.DEFERRED:
-        return DeadLetter("max_age_exceeded") if age > policy.max_age else Park()
-
     # FAILED
+    age = max(0.0, now - first_attempt_at)
     if attempt >= policy.max_attempts:
         return DeadLetter("attempts_exhausted")
     delay = jittered(policy.schedule[attempt - 1], policy.jitter, rng)
@@ -145,6 +142,14 @@ def decide(
     if delay > MAX_DELAY or age + delay > policy.max_age:
         return DeadLetter("max_age_exceeded")
     return Retry(delay=delay, next_attempt=attempt + 1)
+
+
+def deferred(*, first_attempt_at: float, now: float, policy: RetryConfig) -> Park | DeadLetter:
+    """A delivery its lane turned away, not attempted: park it (the attempt that was due stays
+    due), unless it is already older than ``max_age``."""
+    if expired(first_attempt_at=first_attempt_at, now=now, policy=policy):
+        return DeadLetter("max_age_exceeded")
+    return Park()
 
 
 def expired(*, first_attempt_at: float, now: float, policy: RetryConfig) -> bool:

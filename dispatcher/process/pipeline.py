@@ -37,13 +37,13 @@ from dispatcher.broker.work_consumer import InboundMessage
 from dispatcher.decisions.records import Delivery, published_at
 from dispatcher.decisions.retry_policy import (
     DeadLetter,
-    Decision,
     Delivered,
     Outcome,
     OutcomeKind,
     Park,
     Retry,
     decide,
+    deferred,
     expired,
 )
 from dispatcher.decisions.routing import RoutingTable
@@ -403,19 +403,26 @@ class Pipeline:
     ) -> None:
         lane = self._lanes.lane(sub)
         slot = await lane.acquire(patient=patient)
+        outcome: Outcome | None = None
+        turned_away: str | None = None  # why the lane did not admit it
+        decision: Delivered | Retry | Park | DeadLetter
         if isinstance(slot, Admitted):
             outcome = await self._attempt(event, sub, delivery, lane_release=(lane, slot))
-        else:
-            outcome = Outcome(OutcomeKind.DEFERRED, error=slot.why)
-        now = self._clock()
-        decision = decide(
-            attempt=delivery.attempt,
-            outcome=outcome,
-            first_attempt_at=delivery.first_attempt_at,
-            now=now,
-            policy=self.config.retry,
-            rng=self._rng,
-        )
+            now = self._clock()
+            decision = decide(
+                attempt=delivery.attempt,
+                outcome=outcome,
+                first_attempt_at=delivery.first_attempt_at,
+                now=now,
+                policy=self.config.retry,
+                rng=self._rng,
+            )
+        else:  # not attempted: parked (or too old for that), no outcome
+            turned_away = slot.why
+            now = self._clock()
+            decision = deferred(
+                first_attempt_at=delivery.first_attempt_at, now=now, policy=self.config.retry
+            )
         if isinstance(decision, Delivered):
             m = self._metrics.for_subscriber(sub.id)
             stamp = carry.get(H_PUBLISHED_AT)
@@ -427,7 +434,7 @@ class Pipeline:
         with structlog.contextvars.bound_contextvars(
             event_id=event.id, subscriber=sub.id, attempt=delivery.attempt
         ):
-            await self._settle(event, sub, delivery, decision, carry, outcome)
+            await self._settle(event, sub, delivery, decision, carry, outcome, turned_away)
 
     async def _attempt(
         self,
@@ -458,62 +465,47 @@ class Pipeline:
         event: Event | Batch,
         sub: SubscriberConfig | None,
         delivery: Delivery,
-        decision: Decision,
+        decision: Retry | Park | DeadLetter,
         carry: dict[str, Any],
         outcome: Outcome | None = None,
+        turned_away: str | None = None,
     ) -> None:
-        """Publish the retry, parked delivery or dead letter a decision calls for; returns once
-        the broker confirmed it."""
-        if isinstance(decision, Park):
-            why = outcome.error if outcome is not None and outcome.error else "deferred"
-            if self.parking is not None:
-                await self.parking.ensure(delivery.subscriber)
-            try:
-                await self._settlement.park(
-                    event.body,
-                    event_id=event.id,
-                    event_type=event.type,
-                    delivery=replace(delivery, deferrals=delivery.deferrals + 1),
-                    carry=carry,
-                )
-            except Exception:
-                if self.parking is not None:
-                    self.parking.forget(delivery.subscriber)
-                raise
-            self._metrics.parked.labels(delivery.subscriber, why).inc()
-            log.debug("delivery_parked", why=why, deferrals=delivery.deferrals + 1)
-            return
-        if outcome is not None and outcome.kind is not OutcomeKind.DEFERRED:
+        """Have the settlement publish the retry, parked delivery or dead letter a decision calls
+        for (it returns once the broker confirmed it), then count and log it. ``outcome`` is the
+        attempt's, when there was one; ``turned_away`` why the lane deferred the delivery."""
+        parking = self.parking if isinstance(decision, Park) else None
+        if parking is not None:
+            await parking.ensure(delivery.subscriber)
+        elif outcome is not None:
             delivery = replace(delivery, last_status=outcome.status, last_error=outcome.error)
-        if isinstance(decision, Retry):
-            why = "failed"
-            nxt = replace(delivery, attempt=decision.next_attempt)
-            await self._settlement.retry(
+        try:
+            dead_id = await self._settlement.settle(
+                decision,
                 event.body,
-                event_id=event.id,
-                event_type=event.type,
-                delivery=nxt,
-                delay=decision.delay,
-                carry=carry,
-            )
-            self._metrics.retries.labels(delivery.subscriber).inc()
-            log.info(
-                "delivery_retry_scheduled",
-                why=why,
-                delay=round(decision.delay, 3),
-                next_attempt=decision.next_attempt,
-                status=delivery.last_status,
-                error=delivery.last_error,
-            )
-        elif isinstance(decision, DeadLetter):
-            dead_id = await self._settlement.dead_letter(
-                event.body,
-                reason=decision.reason,
                 event_id=event.id,
                 event_type=event.type,
                 delivery=delivery,
                 carry=carry,
             )
+        except Exception:
+            if parking is not None:
+                parking.forget(delivery.subscriber)
+            raise
+        if isinstance(decision, Park):
+            why = turned_away or "deferred"
+            self._metrics.parked.labels(delivery.subscriber, why).inc()
+            log.debug("delivery_parked", why=why, deferrals=delivery.deferrals + 1)
+        elif isinstance(decision, Retry):
+            self._metrics.retries.labels(delivery.subscriber).inc()
+            log.info(
+                "delivery_retry_scheduled",
+                why="failed",
+                delay=round(decision.delay, 3),
+                next_attempt=decision.next_attempt,
+                status=delivery.last_status,
+                error=delivery.last_error,
+            )
+        else:
             self._metrics.dead_letters.labels(decision.reason).inc()
             self._metrics.deliveries.labels(delivery.subscriber, "dead_lettered").inc(
                 event.size if isinstance(event, Batch) else 1

@@ -17,6 +17,7 @@ from dispatcher.decisions.retry_policy import (
     Park,
     Retry,
     decide,
+    deferred,
     expired,
 )
 
@@ -27,7 +28,6 @@ TIMEOUT = Outcome(OutcomeKind.FAILED, error="timeout: no response within 10s")
 GONE = Outcome(OutcomeKind.GONE, status=410)
 BLOCKED = Outcome(OutcomeKind.BLOCKED, error="blocked_destination: x")
 THROTTLED = Outcome(OutcomeKind.FAILED, status=429, retry_after=90)
-DEFERRED = Outcome(OutcomeKind.DEFERRED, error="breaker_open")
 
 
 @pytest.mark.parametrize(
@@ -50,9 +50,6 @@ DEFERRED = Outcome(OutcomeKind.DEFERRED, error="breaker_open")
             0,
             DeadLetter("max_age_exceeded"),
         ),
-        (2, DEFERRED, 0, Park()),  # parked: the attempt that was due stays due
-        (1, DEFERRED, 3600, Park()),  # at max_age exactly: still parked
-        (2, DEFERRED, 3601, DeadLetter("max_age_exceeded")),
     ],
 )
 def test_decision_table(attempt, outcome, age, expected) -> None:
@@ -66,6 +63,18 @@ def test_decision_table(attempt, outcome, age, expected) -> None:
         )
         == expected
     )
+
+
+@pytest.mark.parametrize(
+    ("age", "expected"),
+    [
+        (0, Park()),  # parked: the attempt that was due stays due
+        (3600, Park()),  # at max_age exactly: still parked
+        (3601, DeadLetter("max_age_exceeded")),
+    ],
+)
+def test_a_delivery_the_lane_turned_away_is_parked_until_max_age(age, expected) -> None:
+    assert deferred(first_attempt_at=1000.0, now=1000.0 + age, policy=POLICY) == expected
 
 
 def test_jitter_stays_within_its_band_and_varies() -> None:
