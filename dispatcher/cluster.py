@@ -67,7 +67,7 @@ from dispatcher.cluster_shares import (
 from dispatcher.config import BrokerConfig
 from dispatcher.endpoint_limits import Lane, LaneSet
 from dispatcher.metrics import Metrics
-from dispatcher.topology import declare_control, presence_queue
+from dispatcher.topology import declare_control, presence_queue, side_channel
 
 __all__ = ["ClusterMember"]
 
@@ -379,9 +379,8 @@ class ClusterMember:
         count: int | None = None
         try:
             assert self._channel is not None
-            raw = await self._channel.get_underlay_channel()
             # A channel of its own: a failed passive declare closes the channel it runs on.
-            probe = await raw.connection.channel()
+            probe = await side_channel(self._channel)
             try:
                 declared = await probe.queue_declare(presence_queue(self._cfg.queue), passive=True)
                 count = int(declared.consumer_count or 0) or None

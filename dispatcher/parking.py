@@ -51,6 +51,7 @@ from dispatcher.topology import (
     declare_parking_index,
     parking_index,
     parking_queue,
+    side_channel,
 )
 
 __all__ = ["ParkingLots", "parking_prefetch"]
@@ -469,8 +470,7 @@ class ParkingLots:
     async def _throwaway(self) -> AsyncIterator[Any]:
         """A raw channel of its own: a failed passive declare closes the channel it runs on,
         and must not take the parking consumers' channel with it."""
-        raw = await self._channel.get_underlay_channel()
-        channel = await raw.connection.channel()
+        channel = await side_channel(self._channel)
         try:
             yield channel
         finally:

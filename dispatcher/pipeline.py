@@ -66,6 +66,15 @@ log = structlog.get_logger("dispatcher.pipeline")
 _TRANSIENT_HOLD = 2.0  # seconds a message is held before it is handed back for a broker error
 
 
+def _channel_lost(message: InboundMessage) -> bool:
+    """Whether the channel ``message`` came on has closed (a reconnect is under way)."""
+    try:
+        channel = message.channel
+    except ChannelInvalidStateError:
+        return True
+    return bool(getattr(channel, "is_closed", False))
+
+
 class _Verdict(enum.Enum):
     ACK = "ack"
     REQUEUE = "requeue"
@@ -186,10 +195,12 @@ class Pipeline:
     async def _poisoned(self, message: InboundMessage, exc: Exception) -> _Verdict:
         """A message that breaks the pipeline twice is dead-lettered, not requeued forever.
 
-        Broker and connection errors are transient: those messages always go back.
+        Broker and connection errors are transient: those messages always go back. So does a
+        message whose channel closed while it was processed, whatever the error: the link broke
+        under it, and the broker hands it out again anyway.
         """
         transient = isinstance(exc, AMQPError | ConnectionError | ChannelInvalidStateError)
-        if transient:
+        if transient or _channel_lost(message):
             # The broker link is down (a retry or park could not be confirmed): hand back, but
             # not at once. An immediate hand-back comes straight back and fails again, several
             # times a second, and on a quorum work queue each time counts toward its delivery
