@@ -28,6 +28,7 @@ from dispatcher.delivery import HttpSender
 from dispatcher.endpoint_limits import Admitted, Lane, LaneSet
 from dispatcher.events import Event, InvalidEvent, parse_event
 from dispatcher.metrics import Metrics
+from dispatcher.minting import ThreadedMinter
 
 if TYPE_CHECKING:
     from dispatcher.parking import ParkingLots
@@ -104,7 +105,8 @@ class Pipeline:
     ) -> None:
         self._sender = sender
         self._settlement = settlement
-        self._minter = minter
+        # Signatures are made on a thread of its own (the signing library releases the GIL).
+        self._minter = ThreadedMinter(minter) if minter is not None else None
         self._metrics = metrics
         self._clock = clock
         self._rng = rng or random.Random()
@@ -159,6 +161,8 @@ class Pipeline:
         if pending:
             await asyncio.wait(pending, timeout=5)
         await self.acks.close()
+        if self._minter is not None:
+            self._minter.close()
         return len(pending)
 
     # --- one message -------------------------------------------------------------------------
@@ -452,7 +456,7 @@ class Pipeline:
         m = self._metrics.for_subscriber(sub.id)
         m.started()
         try:
-            headers = self._request_headers(event, sub)
+            headers = await self._request_headers(event, sub)
             started = time.perf_counter()
             outcome = await self._sender.post(sub.url, event.body, headers, sub.timeout)
             m.request_time.observe(time.perf_counter() - started)
@@ -463,7 +467,7 @@ class Pipeline:
             m.finished()
             lane.release(slot, verdict)
 
-    def _request_headers(self, event: Event | Batch, sub: SubscriberConfig) -> dict[str, str]:
+    async def _request_headers(self, event: Event | Batch, sub: SubscriberConfig) -> dict[str, str]:
         ts = int(self._clock())
         headers = {
             "Content-Type": "application/json",
@@ -473,8 +477,7 @@ class Pipeline:
         if isinstance(event, Batch):
             headers["webhook-batch-size"] = str(event.size)
         if sub.uses_jwt and self._minter is not None:
-            started = time.perf_counter()
-            token = self._minter.mint(
+            token = await self._minter.mint(
                 audience=sub.url,
                 webhook_id=event.id,
                 body=event.body,
@@ -482,7 +485,7 @@ class Pipeline:
                 account=None if sub.account == ALL_ACCOUNTS else sub.account,
                 algorithm=sub.algorithm,
             )
-            self._metrics.mint_time.observe(time.perf_counter() - started)
+            self._metrics.mint_time.observe(self._minter.last_seconds)
             headers["Authorization"] = f"Bearer {token}"
         if sub.uses_hmac:
             headers["webhook-signature"] = sign_hmac(sub.hmac_secrets, event.id, ts, event.body)
