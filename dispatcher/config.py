@@ -7,17 +7,20 @@ Everything is checked here, once, before any socket opens. Each problem becomes 
 
 from __future__ import annotations
 
-import ipaddress
+import hashlib
 import os
 import re
+import threading
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from dispatcher.decisions.events import ACCOUNT_PATTERN, KNOWN_EVENT_TYPES
+from dispatcher.http.ssrf import BlockedDestination, check_literal
+from signing import parse_secrets
 
 __all__ = [
     "BatchConfig",
@@ -27,6 +30,7 @@ __all__ = [
     "ConfigError",
     "DispatcherConfig",
     "HttpConfig",
+    "IncludeCache",
     "RetryConfig",
     "SigningConfig",
     "SubscriberConfig",
@@ -183,6 +187,20 @@ class SubscriberConfig:
     def uses_hmac(self) -> bool:
         return "hmac" in self.auth
 
+    def masked(self, default_algorithm: str) -> dict[str, Any]:
+        """As plain data: secrets masked, the effective algorithm, the file it came from."""
+        out = {
+            f.name: _plain(getattr(self, f.name))
+            for f in fields(self)
+            if f.name not in ("hmac_secrets", "source")
+        }
+        out["hmac_secrets"] = ["***"] * len(self.hmac_secrets)
+        out["filter"] = {".".join(path): sorted(values) for path, values in self.filter}
+        out["algorithm"] = self.algorithm or default_algorithm
+        if self.source:
+            out["file"] = self.source
+        return out
+
 
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -216,72 +234,23 @@ class Config:
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration as plain data, with secrets masked."""
-        return {
-            "source": self.source,
-            "include": list(self.include),
-            "allow_private_networks": self.allow_private_networks,
-            "broker": {
-                "url": _mask_url(self.broker.url),
-                "exchange": self.broker.exchange,
-                "queue": self.broker.queue,
-                "binding_keys": list(self.broker.binding_keys),
-                "prefetch": self.broker.prefetch,
-                "queue_type": self.broker.queue_type,
-                "max_event_bytes": self.broker.max_event_bytes,
-            },
-            "http": {"listen": self.http.listen},
-            "signing": {
-                "issuer": self.signing.issuer,
-                "subject": self.signing.subject,
-                "keys_dir": self.signing.keys_dir,
-                "algorithm": self.signing.algorithm,
-                "token_ttl": self.signing.token_ttl,
-                "jwks_max_age": self.signing.jwks_max_age,
-            },
-            "retry": {
-                "schedule": list(self.retry.schedule),
-                "jitter": self.retry.jitter,
-                "max_age": self.retry.max_age,
-                "park_ttl": self.retry.park_ttl,
-            },
-            "breaker": {
-                "failure_threshold": self.breaker.failure_threshold,
-                "cooldown": self.breaker.cooldown,
-                "max_cooldown": self.breaker.max_cooldown,
-            },
-            "dispatcher": {
-                "drain_timeout": self.dispatcher.drain_timeout,
-                "workers": self.dispatcher.workers,
-                "log_level": self.dispatcher.log_level,
-                "log_format": self.dispatcher.log_format,
-                "max_response_bytes": self.dispatcher.max_response_bytes,
-            },
-            "subscribers": [
-                {
-                    "id": s.id,
-                    "url": s.url,
-                    "events": list(s.events),
-                    "auth": s.auth,
-                    "hmac_secret_env": s.hmac_secret_env,
-                    "hmac_secrets": ["***"] * len(s.hmac_secrets),
-                    "timeout": s.timeout,
-                    "max_in_flight": s.max_in_flight,
-                    "rate_limit": s.rate_limit,
-                    "account": s.account,
-                    "filter": {".".join(path): sorted(values) for path, values in s.filter},
-                    "algorithm": s.algorithm or self.signing.algorithm,
-                    "batch": None
-                    if s.batch is None
-                    else {
-                        "max_events": s.batch.max_events,
-                        "max_wait": s.batch.max_wait,
-                        "max_bytes": s.batch.max_bytes,
-                    },
-                    **({"file": s.source} if s.source else {}),
-                }
-                for s in self.subscribers
-            ],
-        }
+        out = _plain_fields(self)
+        out["broker"]["url"] = _mask_url(self.broker.url)
+        out["subscribers"] = [s.masked(self.signing.algorithm) for s in self.subscribers]
+        return out
+
+
+def _plain_fields(obj: Any) -> dict[str, Any]:
+    """A config dataclass as plain data, field by field (private fields left out)."""
+    return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj) if not f.name.startswith("_")}
+
+
+def _plain(value: object) -> object:
+    if is_dataclass(value) and not isinstance(value, type):
+        return _plain_fields(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _mask_url(url: str) -> str:
@@ -493,7 +462,9 @@ _SUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PATTERN = re.compile(r"^(\*|[A-Za-z]+\.\*|[A-Za-z]+\.[A-Za-z]+)$")
 
 
-def _subscriber(t: _Table, env: Mapping[str, str], allow_private: bool) -> SubscriberConfig:
+def _subscriber(
+    t: _Table, env: Mapping[str, str], allow_private: bool, source: str
+) -> SubscriberConfig:
     sub_id = t.take("id", str, "")
     _check(
         bool(_SUB_ID.match(sub_id)),
@@ -547,6 +518,7 @@ def _subscriber(t: _Table, env: Mapping[str, str], allow_private: bool) -> Subsc
         filter=_filter(t),
         algorithm=_algorithm(t, t.key("algorithm"), t.take("algorithm", str, "") or None),
         batch=_batch(t),
+        source=source,
     )
     t.finish()
     _check(0 < cfg.timeout <= 300, t.key("timeout"), "must be more than 0 and at most 5m")
@@ -645,20 +617,12 @@ def _batch(t: _Table) -> BatchConfig | None:
 
 
 def _parse_hmac_secrets(value: str, key: str) -> tuple[bytes, ...]:
-    import base64
-    import binascii
-
-    out = []
-    for token in value.split():
-        raw = token.removeprefix("whsec_")
-        try:
-            decoded = base64.b64decode(raw, validate=True)
-        except (binascii.Error, ValueError):
-            raise ConfigError(f"{key}: secret is not whsec_<base64>") from None
-        if len(decoded) < 16:
-            raise ConfigError(f"{key}: secret is shorter than 16 bytes")
-        out.append(decoded)
-    return tuple(out)
+    try:
+        secrets = parse_secrets(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc} (expected whsec_<base64>)") from None
+    _check(all(len(s) >= 16 for s in secrets), key, "secret is shorter than 16 bytes")
+    return tuple(secrets)
 
 
 def _check_subscriber_url(url: str, key: str, allow_private: bool) -> None:
@@ -676,21 +640,14 @@ def _check_subscriber_url(url: str, key: str, allow_private: bool) -> None:
     if allow_private:
         return
     host = parts.hostname or ""
-    _check(
-        host.lower() not in ("localhost", "localhost.localdomain")
-        and not host.lower().endswith(".localhost"),
-        key,
-        f"{host} is a loopback name (set allow_private_networks = true for local targets)",
-    )
     try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return  # a name: checked again at connect time
-    _check(
-        ip.is_global,
-        key,
-        f"{ip} is not a public address (set allow_private_networks = true for local targets)",
-    )
+        check_literal(host)
+        # The one loopback name the guard leaves to the resolver (it maps to 127.0.0.1 there).
+        if host.lower().rstrip(".") == "localhost.localdomain":
+            raise BlockedDestination(f"{host} is a loopback name")
+    except BlockedDestination as exc:
+        hint = "set allow_private_networks = true for local targets"
+        raise ConfigError(f"{key}: {exc} ({hint})") from None
 
 
 # --- entry points -----------------------------------------------------------------------------
@@ -702,11 +659,14 @@ def parse_config(
     source: str = "<memory>",
     *,
     base_dir: Path | None = None,
+    cache: IncludeCache | None = None,
 ) -> Config:
     """Validate a parsed TOML document into a `Config`; raise `ConfigError` on any problem.
 
     ``include`` globs are read relative to ``base_dir`` (the main file's directory; the
-    current directory for a document from memory).
+    current directory for a document from memory). With a ``cache``, an included file read
+    before is validated again only if its bytes (or what its subscribers read from ``env``)
+    changed.
     """
     env = os.environ if env is None else env
     root = _Table(data, "")
@@ -720,9 +680,12 @@ def parse_config(
     disp = _dispatcher(_Table(root.take_raw("dispatcher", {}), "dispatcher"), env)
     subs = list(_subscribers(root.take_raw("subscribers", []), env, allow_private, ""))
     root.finish()
+    files = IncludeCache() if cache is None else cache
+    read: list[str] = []
     for i, pattern in enumerate(include):
         for path in _included_files(pattern, base_dir or Path.cwd(), f"include[{i}]"):
-            subs.extend(_included_subscribers(path, env, allow_private))
+            subs.extend(files.subscribers(path, env, allow_private))
+            read.append(str(path))
     seen: dict[str, SubscriberConfig] = {}
     for i, s in enumerate(subs):
         first = seen.get(s.id)
@@ -734,6 +697,7 @@ def parse_config(
                 f"duplicate subscriber id {s.id!r}{earlier}"
             )
         seen[s.id] = s
+    files.retain(read)
     return Config(
         broker=broker,
         http=http,
@@ -755,8 +719,7 @@ def _subscribers(
         raise ConfigError("subscribers: expected [[subscribers]] tables")
     out = []
     for i, item in enumerate(raw):
-        sub = _subscriber(_Table(item, f"subscribers[{i}]"), env, allow_private)
-        out.append(replace(sub, source=source) if source else sub)
+        out.append(_subscriber(_Table(item, f"subscribers[{i}]"), env, allow_private, source))
     return out
 
 
@@ -778,14 +741,89 @@ def _included_files(pattern: str, base: Path, key: str) -> list[Path]:
     return [p for p in found if p.is_file()]
 
 
+@dataclass(frozen=True, slots=True)
+class _IncludedFile:
+    digest: bytes  # of the file's bytes
+    allow_private: bool
+    env: tuple[tuple[str, str | None], ...]  # the variables its subscribers read, and values
+    subscribers: tuple[SubscriberConfig, ...]
+
+
+class IncludeCache:
+    """Included files already read and validated, by path.
+
+    A file whose bytes, ``allow_private_networks`` and secret variables are as they were
+    gives back the same subscribers without being parsed again, so a reload that adds one
+    file to fifty validates one. A file that is not included any more is forgotten after
+    the next successful load; a file with a mistake is never kept, so the mistake is
+    reported on every load until it is fixed. Safe to use from one thread at a time per
+    load (the daemon reloads in a worker thread, one reload after the other).
+    """
+
+    def __init__(self) -> None:
+        self._files: dict[str, _IncludedFile] = {}
+        self._lock = threading.Lock()
+        self.parsed = 0  # files parsed and validated (the rest came from the cache)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __contains__(self, path: object) -> bool:
+        return str(path) in self._files
+
+    def subscribers(
+        self, path: Path, env: Mapping[str, str], allow_private: bool
+    ) -> list[SubscriberConfig]:
+        """The subscribers of one included file (which holds only ``[[subscribers]]``)."""
+        name = str(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{name}: cannot read included file ({exc})") from None
+        digest = hashlib.blake2b(raw, digest_size=20).digest()
+        with self._lock:
+            known = self._files.get(name)
+        if (
+            known is not None
+            and known.digest == digest
+            and known.allow_private == allow_private
+            and all(env.get(var) == value for var, value in known.env)
+        ):
+            return list(known.subscribers)
+        subs = _included_subscribers(name, raw, env, allow_private)
+        used = tuple(
+            sorted(
+                {
+                    (s.hmac_secret_env, env.get(s.hmac_secret_env))
+                    for s in subs
+                    if s.uses_hmac and s.hmac_secret_env
+                }
+            )
+        )
+        with self._lock:
+            self.parsed += 1
+            self._files[name] = _IncludedFile(digest, allow_private, used, tuple(subs))
+        return subs
+
+    def retain(self, paths: Iterable[str]) -> None:
+        """Forget every file but these (the ones the last successful load included)."""
+        keep = set(paths)
+        with self._lock:
+            self._files = {k: v for k, v in self._files.items() if k in keep}
+
+
+# The daemon's: `load_config` uses it unless told otherwise.
+INCLUDE_CACHE = IncludeCache()
+
+
 def _included_subscribers(
-    path: Path, env: Mapping[str, str], allow_private: bool
+    name: str, raw: bytes, env: Mapping[str, str], allow_private: bool
 ) -> list[SubscriberConfig]:
-    """An included file holds ``[[subscribers]]`` tables and nothing else."""
-    name = str(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
+        # As a text-mode read would: UTF-8, universal newlines.
+        text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+        data = tomllib.loads(text)
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"{name}: cannot read included file ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{name}: invalid TOML ({exc})") from None
@@ -804,9 +842,14 @@ def _included_subscribers(
 
 
 def load_config(
-    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    cache: IncludeCache | None = INCLUDE_CACHE,
 ) -> Config:
-    """Read and validate the config file (``--config``, ``DISPATCHER_CONFIG`` or the default)."""
+    """Read and validate the config file (``--config``, ``DISPATCHER_CONFIG`` or the default).
+
+    Included files go through ``cache`` (the process's own by default; None: read them all)."""
     env = os.environ if env is None else env
     chosen = Path(path or env.get("DISPATCHER_CONFIG") or DEFAULT_CONFIG_PATH)
     try:
@@ -819,7 +862,7 @@ def load_config(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{chosen}: invalid TOML ({exc})") from None
-    cfg = parse_config(data, env, source=str(chosen), base_dir=chosen.parent)
+    cfg = parse_config(data, env, source=str(chosen), base_dir=chosen.parent, cache=cache)
     keys_dir = Path(cfg.signing.keys_dir)
     if not keys_dir.is_absolute():
         # keys_dir is relative to the config file's directory's parent project, i.e. the cwd.

@@ -63,7 +63,10 @@ class AckWindow:
         self._clock = clock
         self._order: collections.deque[int] = collections.deque()  # outstanding tags, in order
         self._state: dict[int, int] = {}
-        self._settled_at: dict[int, float] = {}  # acked tags behind one still in flight
+        # Acked tags behind one still in flight, in the order they were settled (so oldest
+        # first: a scan for the overdue ones stops at the first that is not).
+        self._settled_at: dict[int, float] = {}
+        self._nacks: list[int] = []  # handed back, frame not sent yet
         self.frames = 0  # frames sent (metrics and tests)
         self._next = 1  # the tag a run must start at: a channel's tags count from 1
         self.single = False  # a gap was found: no multiple acks on this channel any more
@@ -93,6 +96,8 @@ class AckWindow:
         self._state[tag] = _ACK if ack else _NACK
         if ack:
             self._settled_at[tag] = self._clock()
+        else:
+            self._nacks.append(tag)
 
     @property
     def pending(self) -> int:
@@ -110,10 +115,13 @@ class AckWindow:
         """
         now = self._clock() if now is None else now
         frames: list[tuple[str, int, bool]] = []
-        for tag, state in self._state.items():
-            if state == _NACK:
+        # Per loop pass, so nothing here walks every outstanding delivery: with a full
+        # prefetch window and one settled per pass, that walk cost more than the ack.
+        for tag in self._nacks:
+            if self._state.get(tag) == _NACK:
                 frames.append(("nack", tag, False))
                 self._state[tag] = _SENT
+        self._nacks.clear()
         # The run must be of consecutive tags from the channel's first: a gap is a delivery
         # this window never saw (aiormq drops deliveries that arrive for a cancelled
         # consumer), and a multiple ack would settle it unseen. A gap that outlasts max_delay
@@ -144,17 +152,26 @@ class AckWindow:
                 return frames + self.plan(now)
         else:
             self._gap_since = None
-        for tag, at in list(self._settled_at.items()):
-            if now - at >= self.max_delay and self._state.get(tag) == _ACK:
-                frames.append(("ack", tag, False))
-                self._state[tag] = _SENT
+        if self._settled_at:
+            cutoff = now - self.max_delay
+            overdue = []
+            for tag, at in self._settled_at.items():
+                if at > cutoff:
+                    break
+                overdue.append(tag)
+            for tag in overdue:
                 del self._settled_at[tag]
+                if self._state.get(tag) == _ACK:
+                    frames.append(("ack", tag, False))
+                    self._state[tag] = _SENT
         self.frames += len(frames)
         return frames
 
     def next_deadline(self) -> float | None:
         """When the oldest straggler must go out, if any waits."""
-        return min(self._settled_at.values()) + self.max_delay if self._settled_at else None
+        for at in self._settled_at.values():
+            return at + self.max_delay  # the first is the oldest
+        return None
 
 
 class Acks:

@@ -54,7 +54,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from dispatcher.broker.topology import declare_control
+from dispatcher.broker.topology import declare_control, side_channel
 from dispatcher.config import BrokerConfig
 from dispatcher.decisions.circuit_breaker import Signal
 from dispatcher.decisions.cluster_shares import (
@@ -380,9 +380,8 @@ class ClusterMember:
         count: int | None = None
         try:
             assert self._channel is not None
-            raw = await self._channel.get_underlay_channel()
             # A channel of its own: a failed passive declare closes the channel it runs on.
-            probe = await raw.connection.channel()
+            probe = await side_channel(self._channel)
             try:
                 declared = await probe.queue_declare(presence_queue(self._cfg.queue), passive=True)
                 count = int(declared.consumer_count or 0) or None

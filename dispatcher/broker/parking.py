@@ -43,7 +43,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from dispatcher.broker.topology import declare_parking, declare_parking_index
+from dispatcher.broker.topology import declare_parking, declare_parking_index, side_channel
 from dispatcher.config import BrokerConfig
 from dispatcher.decisions.circuit_breaker import BreakerState
 from dispatcher.decisions.endpoint_limits import LaneSet
@@ -465,8 +465,7 @@ class ParkingLots:
     async def _throwaway(self) -> AsyncIterator[Any]:
         """A raw channel of its own: a failed passive declare closes the channel it runs on,
         and must not take the parking consumers' channel with it."""
-        raw = await self._channel.get_underlay_channel()
-        channel = await raw.connection.channel()
+        channel = await side_channel(self._channel)
         try:
             yield channel
         finally:

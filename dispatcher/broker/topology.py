@@ -156,6 +156,22 @@ def tier_arguments(cfg: BrokerConfig, level: int) -> FieldTable:
 _INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)'")
 
 
+async def side_channel(channel: AbstractChannel) -> aiormq.abc.AbstractChannel:
+    """A raw channel of its own on ``channel``'s connection, for a passive declare that may fail
+    (a refused declare closes the channel it ran on).
+
+    During a reconnect the robust channel may still hold the old connection, and aiormq opens
+    no channel on a closed one with a bare `RuntimeError`. That is a broken link, and callers
+    treat broker errors as transient (the message goes back, it is not dead-lettered), so it is
+    raised as `ConnectionClosed`.
+    """
+    raw = await channel.get_underlay_channel()
+    try:
+        return await raw.connection.channel(publisher_confirms=False)
+    except RuntimeError as exc:
+        raise aiormq.exceptions.ConnectionClosed(320, str(exc)) from exc
+
+
 @dataclass
 class _Declarer:
     """Declares queues on ``channel``, trying their arguments on a throwaway channel first.
@@ -176,8 +192,7 @@ class _Declarer:
 
     async def _accepted(self, name: str, arguments: FieldTable) -> bool:
         if self._side is None or self._side.is_closed:
-            raw = await self.channel.get_underlay_channel()
-            self._side = await raw.connection.channel(publisher_confirms=False)
+            self._side = await side_channel(self.channel)
         try:
             await self._side.queue_declare(name, durable=True, arguments=arguments)
         except ChannelPreconditionFailed as exc:

@@ -67,6 +67,15 @@ log = structlog.get_logger("dispatcher.pipeline")
 _TRANSIENT_HOLD = 2.0  # seconds a message is held before it is handed back for a broker error
 
 
+def _channel_lost(message: InboundMessage) -> bool:
+    """Whether the channel ``message`` came on has closed (a reconnect is under way)."""
+    try:
+        channel = message.channel
+    except ChannelInvalidStateError:
+        return True
+    return bool(getattr(channel, "is_closed", False))
+
+
 class _Verdict(enum.Enum):
     ACK = "ack"
     REQUEUE = "requeue"
@@ -151,6 +160,7 @@ class Pipeline:
         if pending:
             await asyncio.wait(pending, timeout=5)
         await self.acks.close()
+        self._headers.close()
         return len(pending)
 
     # --- one message -------------------------------------------------------------------------
@@ -187,10 +197,12 @@ class Pipeline:
     async def _poisoned(self, message: InboundMessage, exc: Exception) -> _Verdict:
         """A message that breaks the pipeline twice is dead-lettered, not requeued forever.
 
-        Broker and connection errors are transient: those messages always go back.
+        Broker and connection errors are transient: those messages always go back. So does a
+        message whose channel closed while it was processed, whatever the error: the link broke
+        under it, and the broker hands it out again anyway.
         """
         transient = isinstance(exc, AMQPError | ConnectionError | ChannelInvalidStateError)
-        if transient:
+        if transient or _channel_lost(message):
             # The broker link is down (a retry or park could not be confirmed): hand back, but
             # not at once. An immediate hand-back comes straight back and fails again, several
             # times a second, and on a quorum work queue each time counts toward its delivery
@@ -449,7 +461,7 @@ class Pipeline:
         m.started()
         try:
             size = event.size if isinstance(event, Batch) else None
-            headers = self._headers.build(sub, event.id, event.body, size)
+            headers = await self._headers.build(sub, event.id, event.body, size)
             started = time.perf_counter()
             outcome = await self._sender.post(sub.url, event.body, headers, sub.timeout)
             m.request_time.observe(time.perf_counter() - started)

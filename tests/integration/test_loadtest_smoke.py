@@ -416,3 +416,15 @@ async def test_receivers_verify_batches_and_account_endpoints(tmp_path: Path) ->
         assert paths["cross_account"] == 1 and paths["own_unique"] == 0
         assert paths["reasons"] == {"wrong_account": 1}
         await receiver.close()
+
+
+def test_hot_path_bench_runs_every_case() -> None:
+    """The no-I/O bench drives `Pipeline.handle` through stubs; it fails (RuntimeError) when the
+    stubs no longer match what the pipeline reads, so it must run here to stay usable."""
+    from loadtest import bench_hot_path
+
+    results = bench_hot_path.run(iterations=300, ablation=True)
+    names = [r.name for r in results]
+    assert any(n.startswith("Pipeline.handle, 1 subscriber") for n in names), names
+    assert any("no token" in n for n in names), names
+    assert all(r.median_us > 0 for r in results)
