@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 from . import jws
 from .errors import VerificationError
 from .hmac_signature import parse_secrets, verify_hmac
+from .jose import ALGORITHMS
 from .jwks import JwksCache, PinnedKey
 from .jwks_sync import SyncJwksClient
 from .replay import MemoryReplayCache, ReplayCache, SyncReplayCache
@@ -81,7 +82,7 @@ class WebhookVerifier:
         hmac_secrets: str | Sequence[str] | None = None,
         leeway: float = 30.0,
         max_lifetime: float = DEFAULT_MAX_LIFETIME,
-        algorithms: Collection[str] = ("EdDSA", "ES256", "RS256"),
+        algorithms: Collection[str] = ALGORITHMS,
         replay_cache: ReplayCache | SyncReplayCache | None = None,
         require_scope: str = "webhooks:deliver",
         session: aiohttp.ClientSession | None = None,
@@ -113,9 +114,9 @@ class WebhookVerifier:
             raise ValueError("account must not be empty")
         if not require_scope or require_scope.strip() != require_scope:
             raise ValueError("require_scope must be a single non-empty scope")
-        unknown = set(algorithms) - jws.ALGORITHMS
+        unknown = set(algorithms).difference(ALGORITHMS)
         if unknown or not algorithms or isinstance(algorithms, str):
-            raise ValueError(f"algorithms must be a list drawn from {sorted(jws.ALGORITHMS)}")
+            raise ValueError(f"algorithms must be a list drawn from {list(ALGORITHMS)}")
         self._uses_tokens = uses_tokens
         self._algorithms = frozenset(algorithms)
         self._policy = jws.ClaimsPolicy(
