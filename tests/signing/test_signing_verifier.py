@@ -667,7 +667,7 @@ def _whsec(secret: bytes) -> str:
 async def test_hmac_only_returns_the_webhook_id() -> None:
     secret = os.urandom(32)
     async with WebhookVerifier(hmac_secrets=_whsec(secret)) as verifier:
-        assert await verify(verifier, _hmac_headers(secret), BODY) == WEBHOOK_ID
+        assert await verify(verifier, _hmac_headers(secret), BODY) == {"webhook_id": WEBHOOK_ID}
         assert await _reason(verifier, _hmac_headers(secret), BODY + b"!") == "bad_signature"
         assert await _reason(verifier, {"webhook-id": WEBHOOK_ID}) == "missing_header"
 
@@ -675,8 +675,28 @@ async def test_hmac_only_returns_the_webhook_id() -> None:
 async def test_hmac_secret_rotation_list() -> None:
     old, new = os.urandom(32), os.urandom(32)
     async with WebhookVerifier(hmac_secrets=[_whsec(old), _whsec(new)]) as verifier:
-        assert await verify(verifier, _hmac_headers(old), BODY) == WEBHOOK_ID
-        assert await verify(verifier, _hmac_headers(new), BODY) == WEBHOOK_ID
+        assert await verify(verifier, _hmac_headers(old), BODY) == {"webhook_id": WEBHOOK_ID}
+        assert await verify(verifier, _hmac_headers(new), BODY) == {"webhook_id": WEBHOOK_ID}
+
+
+@pytest.mark.parametrize("configured", ["token", "hmac", "token and hmac"])
+async def test_every_configuration_answers_a_dict_with_the_webhook_id(
+    ring: KeyRing, minter: TokenMinter, configured: str
+) -> None:
+    secret = os.urandom(32)
+    options: dict[str, Any] = {}
+    headers: dict[str, str] = {}
+    if "token" in configured:
+        options.update(jwks=ring.jwks(), audience=AUDIENCE)
+        headers.update(headers_for(_mint(minter)))
+    if "hmac" in configured:
+        options.update(hmac_secrets=_whsec(secret))
+        headers.update(_hmac_headers(secret))
+    async with WebhookVerifier(**options) as verifier:
+        result = await verify(verifier, headers, BODY)
+    assert type(result) is dict
+    assert result["webhook_id"] == WEBHOOK_ID
+    assert ("jti" in result) == ("token" in configured)
 
 
 async def test_token_and_hmac_both_required_when_both_configured(
