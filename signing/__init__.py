@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import VerificationError
 from .hmac_signature import parse_secrets
 from .hmac_signature import sign as sign_hmac
-from .keys import ALGORITHMS, KeyRing, KeyRingError, SigningKey, generate_key, prune, rotate
+from .jose import ALGORITHMS
+from .keys import KeyRing, KeyRingError, SigningKey, generate_key, prune, rotate
 from .replay import MemoryReplayCache, ReplayCache, SyncReplayCache
 from .tokens import TokenMinter
 from .verifier import WebhookVerifier

@@ -1,7 +1,8 @@
 """aiohttp glue: verify incoming webhooks before the handler runs.
 
-The verified claims (or, HMAC only, the webhook id) are stored at ``request[WEBHOOK]``; a request
-that fails verification gets ``401 {"error": "<reason>"}`` and never reaches the handler.
+What `verify` returns (the token's claims; with HMAC alone, ``{"webhook_id": ...}``) is stored at
+``request[WEBHOOK]``; a request that fails verification gets ``401 {"error": "<reason>"}`` and
+never reaches the handler.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .verifier import WebhookVerifier
 
 __all__ = ["WEBHOOK", "verified", "webhook_middleware"]
 
-WEBHOOK: web.RequestKey[dict[str, Any] | str] = web.RequestKey("webhook")
+WEBHOOK: web.RequestKey[dict[str, Any]] = web.RequestKey("webhook")
 
 
 async def _verify_then(

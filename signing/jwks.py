@@ -1,15 +1,14 @@
 """The sender's public keys (JWKS): parsing, each key pinned to one algorithm, and the cache rules.
 
 The algorithm of a key comes from its type and curve, never from a token: OKP/Ed25519 is EdDSA,
-EC/P-256 is ES256 and RSA (2048 to 8192 bits) is RS256; other keys are ignored. `JwksCache`
-decides when to fetch and what to answer, without doing any I/O: the async client
-(`jwks_client`) and the sync one (`jwks_sync`) share it, so both follow the same rules.
+EC/P-256 is ES256 and RSA (2048 to 8192 bits) is RS256; other keys, and keys whose members are
+not canonical unpadded base64url, are ignored. `JwksCache` decides when to fetch and what to
+answer, without doing any I/O: the async client (`jwks_client`) and the sync one (`jwks_sync`)
+share it, so both follow the same rules.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,10 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .errors import VerificationError
+from .jose import PublicKey, b64url_decode
 
 __all__ = ["MAX_JWKS_BYTES", "JwksCache", "PinnedKey", "PublicKey", "parse_jwks", "valid_kid"]
-
-PublicKey = Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 _KID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*(\d{1,9})\s*(?:,|$)", re.IGNORECASE)
@@ -45,14 +43,14 @@ def valid_kid(kid: object) -> TypeGuard[str]:
     return isinstance(kid, str) and _KID.fullmatch(kid) is not None
 
 
-def _b64url_decode(value: object, size: int) -> bytes | None:
-    """Decode a base64url member of exactly `size` bytes (or, size < 0, of at most -size)."""
+def _member(jwk: Mapping[str, Any], name: str, size: int) -> bytes | None:
+    """A base64url member of exactly `size` bytes (or, size < 0, of at most -size bytes)."""
+    value = jwk.get(name)
     limit = abs(size)
-    if not isinstance(value, str) or len(value) > 2 * limit or not value:
+    if not isinstance(value, str) or not value or len(value) > 2 * limit:
         return None
-    try:
-        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-    except (binascii.Error, ValueError):
+    raw = b64url_decode(value)
+    if raw is None:
         return None
     if size < 0:
         return raw if len(raw) <= limit else None
@@ -60,8 +58,8 @@ def _b64url_decode(value: object, size: int) -> bytes | None:
 
 
 def _rsa_key(jwk: Mapping[str, Any]) -> rsa.RSAPublicKey | None:
-    n_raw = _b64url_decode(jwk.get("n"), -(_RSA_BITS[1] // 8))
-    e_raw = _b64url_decode(jwk.get("e"), -8)
+    n_raw = _member(jwk, "n", -(_RSA_BITS[1] // 8))
+    e_raw = _member(jwk, "e", -8)
     if n_raw is None or e_raw is None:
         return None
     n, e = int.from_bytes(n_raw, "big"), int.from_bytes(e_raw, "big")
@@ -79,11 +77,11 @@ def _parse_jwk(jwk: Mapping[str, Any]) -> PinnedKey | None:
     try:
         if kty == "OKP" and crv == "Ed25519":
             alg = "EdDSA"
-            x = _b64url_decode(jwk.get("x"), 32)
+            x = _member(jwk, "x", 32)
             key = None if x is None else Ed25519PublicKey.from_public_bytes(x)
         elif kty == "EC" and crv == "P-256":
             alg = "ES256"
-            x, y = _b64url_decode(jwk.get("x"), 32), _b64url_decode(jwk.get("y"), 32)
+            x, y = _member(jwk, "x", 32), _member(jwk, "y", 32)
             if x is None or y is None:
                 return None
             numbers = ec.EllipticCurvePublicNumbers(

@@ -18,7 +18,6 @@ publishes the keys of every algorithm.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import json
@@ -36,6 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from .jose import ALGORITHMS, PublicKey, b64url_encode
+
 __all__ = [
     "ALGORITHMS",
     "KeyRing",
@@ -47,7 +48,6 @@ __all__ = [
     "rotate",
 ]
 
-ALGORITHMS = ("EdDSA", "ES256", "RS256")
 RSA_KEY_BITS = 2048  # new RS256 keys; hand-placed ones may be larger
 _MIN_RSA_BITS = 2048
 MANIFEST_NAME = "keyring.json"
@@ -55,35 +55,30 @@ RETIRED_DIR = "retired"
 _LOCK_NAME = ".keyring.lock"
 
 PrivateKey = Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-PublicKey = Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 
 class KeyRingError(Exception):
     """A keys directory or key file cannot be used; the message says which and why."""
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def _public_members(public_key: PublicKey) -> dict[str, str]:
     """The RFC 7638 required members of a public JWK, in lexicographic order."""
     if isinstance(public_key, Ed25519PublicKey):
         raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return {"crv": "Ed25519", "kty": "OKP", "x": _b64url(raw)}
+        return {"crv": "Ed25519", "kty": "OKP", "x": b64url_encode(raw)}
     if isinstance(public_key, rsa.RSAPublicKey):
         rsa_numbers = public_key.public_numbers()
         return {
-            "e": _b64url(_int_bytes(rsa_numbers.e)),
+            "e": b64url_encode(_int_bytes(rsa_numbers.e)),
             "kty": "RSA",
-            "n": _b64url(_int_bytes(rsa_numbers.n)),
+            "n": b64url_encode(_int_bytes(rsa_numbers.n)),
         }
     numbers = public_key.public_numbers()
     return {
         "crv": "P-256",
         "kty": "EC",
-        "x": _b64url(numbers.x.to_bytes(32, "big")),
-        "y": _b64url(numbers.y.to_bytes(32, "big")),
+        "x": b64url_encode(numbers.x.to_bytes(32, "big")),
+        "y": b64url_encode(numbers.y.to_bytes(32, "big")),
     }
 
 
@@ -95,7 +90,7 @@ def _int_bytes(value: int) -> bytes:
 def jwk_thumbprint(public_key: PublicKey) -> str:
     """RFC 7638 JWK thumbprint (SHA-256, base64url without padding) of a public key."""
     members = json.dumps(_public_members(public_key), sort_keys=True, separators=(",", ":"))
-    return _b64url(hashlib.sha256(members.encode("utf-8")).digest())
+    return b64url_encode(hashlib.sha256(members.encode("utf-8")).digest())
 
 
 def _algorithm_of(private_key: object) -> str | None:
@@ -112,7 +107,8 @@ def _algorithm_of(private_key: object) -> str | None:
 
 def _check_algorithm(algorithm: str) -> None:
     if algorithm not in ALGORITHMS:
-        raise KeyRingError(f"unsupported algorithm {algorithm!r}; use EdDSA, ES256 or RS256")
+        choices = ", ".join(ALGORITHMS[:-1]) + " or " + ALGORITHMS[-1]
+        raise KeyRingError(f"unsupported algorithm {algorithm!r}; use {choices}")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ any JOSE library given the published JWKS.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import time
@@ -18,18 +17,17 @@ from dataclasses import dataclass
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from .jose import b64url_encode
 from .keys import KeyRing, SigningKey
 
 __all__ = ["TOKEN_TYPE", "TokenMinter", "body_sha256"]
 
 TOKEN_TYPE = "webhook+jwt"
 
-_b64 = base64.urlsafe_b64encode
-
 
 def body_sha256(body: bytes) -> str:
     """base64url (no padding) of SHA-256 over the exact body bytes, as in the body_sha256 claim."""
-    return _b64(hashlib.sha256(body).digest()).rstrip(b"=").decode("ascii")
+    return b64url_encode(hashlib.sha256(body).digest())
 
 
 class TokenMinter:
@@ -106,17 +104,17 @@ class TokenMinter:
             "aud": audience,
             "iat": iat,
             "exp": iat + self._ttl,
-            "jti": _b64(os.urandom(12)).decode("ascii"),
+            "jti": b64url_encode(os.urandom(12)),
             "scope": self._scope,
             "webhook_id": webhook_id,
-            "body_sha256": _b64(hashlib.sha256(body).digest()).rstrip(b"=").decode("ascii"),
+            "body_sha256": body_sha256(body),
         }
         if account is not None:
             claims["account"] = account
-        signing_input = signer.header + b"." + _b64(orjson.dumps(claims)).rstrip(b"=")
-        signature = _b64(signer.sign(signing_input)).rstrip(b"=")
+        signing_input = f"{signer.header}.{b64url_encode(orjson.dumps(claims))}"
+        signature = b64url_encode(signer.sign(signing_input.encode("ascii")))
         self._last_kid = signer.key.kid
-        return (signing_input + b"." + signature).decode("ascii")
+        return f"{signing_input}.{signature}"
 
 
 @dataclass(frozen=True)
@@ -124,7 +122,7 @@ class _Signer:
     """One key's encoded JOSE header and signing method."""
 
     key: SigningKey
-    header: bytes
+    header: str
     sign: Callable[[bytes], bytes]
 
     @classmethod
@@ -133,4 +131,4 @@ class _Signer:
         private = key.private_key
         # Ed25519 signatures are already in JWS form; bind the method directly.
         sign = private.sign if isinstance(private, Ed25519PrivateKey) else key.sign
-        return cls(key, _b64(orjson.dumps(header)).rstrip(b"="), sign)
+        return cls(key, b64url_encode(orjson.dumps(header)), sign)

@@ -15,14 +15,16 @@ Every failure is a `VerificationError` whose `.reason` says what was wrong; noth
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 from . import jws
 from .errors import VerificationError
 from .hmac_signature import parse_secrets, verify_hmac
+from .jose import ALGORITHMS
 from .jwks import JwksCache, PinnedKey
 from .jwks_sync import SyncJwksClient
 from .replay import MemoryReplayCache, ReplayCache, SyncReplayCache
@@ -58,8 +60,9 @@ class WebhookVerifier:
 
     With JWKS (a URL or a static document) it checks the agent token and returns its claims. With
     `hmac_secrets` (``whsec_...``, space-separated or a list, for rotation) it checks the
-    `webhook-signature` header; with HMAC alone it returns the webhook id. With both configured,
-    both are required. Token ids are remembered until expiry to refuse replays; the default cache
+    `webhook-signature` header; with HMAC alone it returns ``{"webhook_id": <the header>}``, so
+    ``["webhook_id"]`` is the verified webhook id in either case. With both configured, both are
+    required. Token ids are remembered until expiry to refuse replays; the default cache
     is per process.
 
     `account`: the token's `account` claim must equal it. `max_lifetime`: a token whose exp - iat
@@ -81,7 +84,7 @@ class WebhookVerifier:
         hmac_secrets: str | Sequence[str] | None = None,
         leeway: float = 30.0,
         max_lifetime: float = DEFAULT_MAX_LIFETIME,
-        algorithms: Collection[str] = ("EdDSA", "ES256", "RS256"),
+        algorithms: Collection[str] = ALGORITHMS,
         replay_cache: ReplayCache | SyncReplayCache | None = None,
         require_scope: str = "webhooks:deliver",
         session: aiohttp.ClientSession | None = None,
@@ -113,9 +116,9 @@ class WebhookVerifier:
             raise ValueError("account must not be empty")
         if not require_scope or require_scope.strip() != require_scope:
             raise ValueError("require_scope must be a single non-empty scope")
-        unknown = set(algorithms) - jws.ALGORITHMS
+        unknown = set(algorithms).difference(ALGORITHMS)
         if unknown or not algorithms or isinstance(algorithms, str):
-            raise ValueError(f"algorithms must be a list drawn from {sorted(jws.ALGORITHMS)}")
+            raise ValueError(f"algorithms must be a list drawn from {list(ALGORITHMS)}")
         self._uses_tokens = uses_tokens
         self._algorithms = frozenset(algorithms)
         self._policy = jws.ClaimsPolicy(
@@ -130,30 +133,21 @@ class WebhookVerifier:
 
     # -- async ---------------------------------------------------------------------------------
 
-    async def verify(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any] | str:
-        """The token's claims (or, HMAC only, the webhook id); raises VerificationError."""
+    async def verify(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+        """What the request proves: the token's claims, or with HMAC alone ``{"webhook_id": id}``.
+
+        Either way ``["webhook_id"]`` is the webhook id vouched for. Raises VerificationError.
+        """
         keys = self._async_client()
-        try:
+        with _refusals():
             h, token = self._credentials(headers)
-            claims = None
-            if token is not None:
-                parsed = jws.parse(token, self._algorithms)
-                if keys is not None:
-                    pinned = await keys.get(parsed.kid)
-                else:
-                    pinned = self._static_key(parsed)
-                claims = self._check_token(parsed, pinned, h, body)
-            self._check_hmac(h, body)
-            if claims is None:
-                return h["webhook-id"]
+            if token is None:
+                return self._verified(h, body, None)
+            pinned = await keys.get(token.kid) if keys is not None else self._static_key(token)
+            claims = self._verified(h, body, (token, pinned))
             # Last, so a request that fails any other check does not use up its token id.
-            if await self._seen(claims):
-                raise VerificationError("replayed", "token id already used")
+            _refuse_replay(await self._seen(claims))
             return claims
-        except VerificationError:
-            raise
-        except Exception as exc:
-            raise VerificationError("malformed_token", type(exc).__name__) from exc
 
     def _async_client(self) -> JwksClient | None:
         if self._jwks_url is None:
@@ -170,11 +164,10 @@ class WebhookVerifier:
         return self._async_keys
 
     async def _seen(self, claims: dict[str, Any]) -> bool:
-        expires_at = float(claims["exp"]) + self._policy.leeway
         replay = self._replay
         if hasattr(replay, "seen"):
-            return bool(await replay.seen(claims["jti"], expires_at))
-        return bool(replay.seen_sync(claims["jti"], expires_at))
+            return bool(await replay.seen(*self._replay_entry(claims)))
+        return bool(replay.seen_sync(*self._replay_entry(claims)))
 
     async def aclose(self) -> None:
         """Release what the async path holds; the verifier may still be used afterwards."""
@@ -199,7 +192,7 @@ class WebhookVerifier:
 
     # -- sync ----------------------------------------------------------------------------------
 
-    def verify_sync(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any] | str:
+    def verify_sync(self, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
         """`verify` for synchronous code (WSGI); thread-safe. Raises VerificationError.
 
         Fetches the JWKS with the standard library, by the same cache and refetch rules. A custom
@@ -208,49 +201,43 @@ class WebhookVerifier:
         replay = self._replay
         if not hasattr(replay, "seen_sync"):
             raise TypeError("verify_sync needs a replay cache with a seen_sync() method")
-        try:
+        with _refusals():
             h, token = self._credentials(headers)
-            claims = None
-            if token is not None:
-                parsed = jws.parse(token, self._algorithms)
-                keys = self._sync_keys
-                pinned = keys.get(parsed.kid) if keys is not None else self._static_key(parsed)
-                claims = self._check_token(parsed, pinned, h, body)
-            self._check_hmac(h, body)
-            if claims is None:
-                return h["webhook-id"]
-            expires_at = float(claims["exp"]) + self._policy.leeway
-            if replay.seen_sync(claims["jti"], expires_at):
-                raise VerificationError("replayed", "token id already used")
+            if token is None:
+                return self._verified(h, body, None)
+            keys = self._sync_keys
+            pinned = keys.get(token.kid) if keys is not None else self._static_key(token)
+            claims = self._verified(h, body, (token, pinned))
+            _refuse_replay(replay.seen_sync(*self._replay_entry(claims)))
             return claims
-        except VerificationError:
-            raise
-        except Exception as exc:
-            raise VerificationError("malformed_token", type(exc).__name__) from exc
 
     # -- shared, no I/O ------------------------------------------------------------------------
 
-    def _credentials(self, headers: Mapping[str, str]) -> tuple[dict[str, str], str | None]:
-        """Lower-cased headers and the bearer token, which must be there when tokens are used."""
+    def _credentials(self, headers: Mapping[str, str]) -> tuple[dict[str, str], jws.Token | None]:
+        """Lower-cased headers and the parsed bearer token, which must be there with tokens."""
         h = {str(name).lower(): value for name, value in headers.items()}
         token = _bearer_token(h.get("authorization"))
         if self._uses_tokens and self._secrets and token is None and "webhook-signature" not in h:
             raise VerificationError("no_credentials", "neither a token nor a signature was sent")
         if self._uses_tokens and token is None:
             raise VerificationError("missing_token", "no Authorization: Bearer token")
-        return h, token if self._uses_tokens else None
+        if token is None or not self._uses_tokens:
+            return h, None
+        return h, jws.parse(token, self._algorithms)
 
     def _static_key(self, token: jws.Token) -> PinnedKey:
         assert self._static is not None
         return self._static.lookup(token.kid)
 
-    def _check_token(
-        self, token: jws.Token, pinned: PinnedKey, h: Mapping[str, str], body: bytes
+    def _verified(
+        self, h: Mapping[str, str], body: bytes, keyed: tuple[jws.Token, PinnedKey] | None
     ) -> dict[str, Any]:
-        jws.check_signature(token, pinned)
-        return jws.check_claims(token, self._policy, h.get("webhook-id"), body, time.time())
-
-    def _check_hmac(self, h: Mapping[str, str], body: bytes) -> None:
+        """The token's claims (if `keyed`: the token and its key), once HMAC holds too."""
+        claims = None
+        if keyed is not None:
+            token, pinned = keyed
+            jws.check_signature(token, pinned)
+            claims = jws.check_claims(token, self._policy, h.get("webhook-id"), body, time.time())
         if self._secrets:
             verify_hmac(
                 self._secrets,
@@ -260,3 +247,24 @@ class WebhookVerifier:
                 body,
                 tolerance=_HMAC_TOLERANCE,
             )
+        return {"webhook_id": h["webhook-id"]} if claims is None else claims
+
+    def _replay_entry(self, claims: Mapping[str, Any]) -> tuple[str, float]:
+        """The token id to remember, and until when: its expiry plus the leeway."""
+        return claims["jti"], float(claims["exp"]) + self._policy.leeway
+
+
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
+    """Let a VerificationError through; any other error on hostile input is malformed_token."""
+    try:
+        yield
+    except VerificationError:
+        raise
+    except Exception as exc:
+        raise VerificationError("malformed_token", type(exc).__name__) from exc
+
+
+def _refuse_replay(seen: bool) -> None:
+    if seen:
+        raise VerificationError("replayed", "token id already used")
