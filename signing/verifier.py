@@ -41,11 +41,19 @@ DEFAULT_MAX_LIFETIME: Final = 900.0  # 15 minutes
 
 
 def _bearer_token(authorization: str | None) -> str | None:
-    """The token of an `Authorization: Bearer` header, "" if empty, None if there is none."""
+    """The token of an `Authorization: Bearer` header, "" if empty, None if there is none.
+
+    Only HTTP's own white space is taken off: spaces and tabs around the value, spaces between
+    the scheme and the token. Any other character next to the token (a CR, a no-break space)
+    stays part of it, and the token is refused as malformed.
+    """
     if authorization is None:
         return None
-    scheme, _, token = authorization.strip().partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
+    scheme, _, token = authorization.strip(_OWS).partition(" ")
+    return token.lstrip(" ") if scheme.lower() == "bearer" else None
+
+
+_OWS = " \t"
 
 
 def _secrets_from(value: str | Sequence[str] | None) -> list[bytes]:

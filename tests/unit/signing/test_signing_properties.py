@@ -116,6 +116,12 @@ mutations = st.one_of(
 )
 
 
+def _unchanged(mutated: str, body: bytes, token: str) -> bool:
+    """The request still carries the token and body: spaces or tabs around the token are
+    HTTP's white space in the Authorization header, not part of the token."""
+    return (mutated.strip(" \t"), body) == (token, BODY)
+
+
 def _mutate(token: str, body: bytes, mutation: tuple[Any, ...]) -> tuple[str, bytes]:
     kind = mutation[0]
     if kind == "flip":
@@ -146,7 +152,7 @@ def test_mutated_token_or_body_is_never_accepted(
         mutated, body = _mutate(mutated, body, mutation)
     verifier = _verifier(ring)
     with asyncio.Runner() as runner:
-        if (mutated, body) == (token, BODY):
+        if _unchanged(mutated, body, token):
             assert isinstance(runner.run(verifier.verify(headers_for(token), BODY)), dict)
         else:
             _refused(runner, verifier, headers_for(mutated), body)
@@ -166,7 +172,31 @@ def test_mutated_request_with_token_and_hmac_is_never_accepted(
     headers["webhook-signature"] = sign_hmac([secret], WEBHOOK_ID, timestamp, BODY)
     verifier = _verifier(ring, secret)
     with asyncio.Runner() as runner:
-        if (mutated, body) == (token, BODY):
+        if _unchanged(mutated, body, token):
             assert isinstance(runner.run(verifier.verify(headers, body)), dict)
         else:
             _refused(runner, verifier, headers, body)
+
+
+@pytest.mark.parametrize("around", ["\r", "\n", "\x0b", "\x0c", "\xa0", "\u2003"])
+def test_a_token_with_other_white_space_beside_it_is_refused(
+    setup: tuple[KeyRing, TokenMinter, bytes], around: str
+) -> None:
+    ring, minter, _ = setup
+    token = minter.mint(audience=AUDIENCE, webhook_id=WEBHOOK_ID, body=BODY)
+    with asyncio.Runner() as runner:
+        for mutated in (around + token, token + around):
+            assert _refused(runner, _verifier(ring), headers_for(mutated), BODY) == (
+                "malformed_token"
+            )
+
+
+def test_spaces_and_tabs_around_the_token_are_http_white_space(
+    setup: tuple[KeyRing, TokenMinter, bytes],
+) -> None:
+    ring, minter, _ = setup
+    token = minter.mint(audience=AUDIENCE, webhook_id=WEBHOOK_ID, body=BODY)
+    with asyncio.Runner() as runner:
+        for mutated in (" " + token, token + " ", token + "\t", "  " + token + " \t"):
+            claims = runner.run(_verifier(ring).verify(headers_for(mutated), BODY))
+            assert claims["webhook_id"] == WEBHOOK_ID
