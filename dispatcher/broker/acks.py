@@ -177,8 +177,11 @@ class AckWindow:
 class Acks:
     """The ack windows of every channel a worker consumes on, flushed once per loop pass."""
 
-    def __init__(self, *, max_delay: float = 0.02) -> None:
+    def __init__(
+        self, *, max_delay: float = 0.02, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._max_delay = max_delay
+        self._clock = clock
         self._windows: dict[int, AckWindow] = {}
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
@@ -187,7 +190,9 @@ class Acks:
     def _window(self, channel: Any) -> AckWindow:
         window = self._windows.get(id(channel))
         if window is None or window.channel is not channel:
-            window = self._windows[id(channel)] = AckWindow(channel, max_delay=self._max_delay)
+            window = self._windows[id(channel)] = AckWindow(
+                channel, max_delay=self._max_delay, clock=self._clock
+            )
         return window
 
     def received(self, channel: Any, tag: int | None) -> None:
@@ -208,7 +213,7 @@ class Acks:
 
     def _flush(self) -> None:
         self._scheduled = False
-        now = time.monotonic()
+        now = self._clock()
         deadline: float | None = None
         for key, window in list(self._windows.items()):
             frames = window.plan(now)

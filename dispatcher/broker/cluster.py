@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +54,7 @@ from aio_pika.abc import (
 )
 
 from dispatcher.broker.topology import declare_control, side_channel
+from dispatcher.clock import SYSTEM_CLOCK, Clock
 from dispatcher.config import BrokerConfig
 from dispatcher.decisions.circuit_breaker import Signal
 from dispatcher.decisions.cluster_shares import (
@@ -106,6 +106,7 @@ class ClusterMember:
         gone: float = GONE,
         isolated: float = ISOLATED,
         discover: float = DISCOVER,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.id = secrets.token_hex(6)
         self._connection = connection
@@ -114,7 +115,7 @@ class ClusterMember:
         self._metrics = metrics
         self._interval = heartbeat
         self._isolated = isolated
-        self._clock: Callable[[], float] = time.monotonic
+        self._clock: Callable[[], float] = clock.monotonic
         self._view = MemberView(self.id, gone=gone, isolated=isolated, discover=discover)
         self._standing: Standing | None = None
         self._outbox: asyncio.Queue[tuple[str, bytes, int | None]] = asyncio.Queue()

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -44,9 +43,10 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from dispatcher.broker.topology import declare_parking, declare_parking_index, side_channel
+from dispatcher.clock import SYSTEM_CLOCK, Clock
 from dispatcher.config import BrokerConfig
 from dispatcher.decisions.circuit_breaker import BreakerState
-from dispatcher.decisions.endpoint_limits import LaneSet
+from dispatcher.decisions.endpoint_limits import Lane, LaneSet
 from dispatcher.names import parking_index, parking_queue
 
 __all__ = ["ParkingLots", "parking_prefetch"]
@@ -81,7 +81,6 @@ class _Lot:
         "queue",
         "sub",
         "tag",
-        "wanted",
     )
 
     def __init__(
@@ -98,7 +97,6 @@ class _Lot:
 
         self.on_message = on_message
         self.queue = queue
-        self.wanted = True  # consume unless the breaker says stay away
         self.tag: str | None = None
         self.lock = asyncio.Lock()
         self.probe_timer: asyncio.TimerHandle | None = None
@@ -109,7 +107,12 @@ class _Lot:
 
 
 class ParkingLots:
-    """The parking queues one worker knows of, consumed as the subscribers' breakers allow."""
+    """The parking queues one worker knows of, consumed as the subscribers' breakers allow.
+
+    The lanes own the breakers (and this process's shares): the lots keep no copy of either.
+    Whether a lot is consumed is asked of its lane each time (`_may_consume`); the lots follow
+    the lane set's breaker changes directly (`LaneSet.watch_breakers`) and its share changes.
+    """
 
     def __init__(
         self,
@@ -119,7 +122,7 @@ class ParkingLots:
         handler: Handler,
         lanes: LaneSet,
         park_ttl: float,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
         idle: float = IDLE,
         max_consumers: int = MAX_CONSUMERS,
     ) -> None:
@@ -128,7 +131,7 @@ class ParkingLots:
         self._handler = handler
         self._lanes = lanes
         self._ttl = park_ttl
-        self._clock = clock
+        self._clock = clock.monotonic
         self.idle_after = idle
         self.max_consumers = max_consumers
         self._waiting: dict[str, _Lot] = {}  # lots that want a consumer slot, oldest first
@@ -138,6 +141,9 @@ class ParkingLots:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
+        lanes.watch_breakers(self._breaker_changed)
+        lanes.on_share_change = self.share_changed
+        lanes.on_parked_elsewhere = self.join_parked
 
     # --- what the pipeline tells -----------------------------------------------------------------
 
@@ -171,8 +177,7 @@ class ParkingLots:
                 if lot.probe_timer is not None:
                     lot.probe_timer.cancel()
                     lot.probe_timer = None
-                if not lot.wanted:
-                    lot.wanted = True
+                if lot.tag is None:  # its lane is gone: nothing holds it back any more
                     self._spawn(self._reconcile(lot))
 
     @property
@@ -186,23 +191,27 @@ class ParkingLots:
 
     # --- breaker -------------------------------------------------------------------------------
 
-    def breaker_changed(self, sub: str, new: BreakerState, reopen_in: float) -> None:
-        """Follow a subscriber's breaker: consume while closed; probe when a cooldown ends."""
+    def _breaker_changed(self, lane: Lane, old: BreakerState, new: BreakerState, why: str) -> None:
+        """A current lane's breaker changed (the lane set tells): follow it."""
+        self._follow(lane)
+
+    def _follow(self, lane: Lane) -> None:
+        """Follow a subscriber's breaker, as its lane holds it now: consume while closed; probe
+        when a cooldown ends."""
+        sub, state = lane.sub.id, lane.breaker.state
         lot = self._lots.get(sub)
-        lane = self._lanes.get(sub)
-        if lot is None and new is BreakerState.OPEN and lane is not None and lane.breaker.prober:
+        if lot is None and state is BreakerState.OPEN and lane.breaker.prober:
             # This process probes for the cluster (dispatcher/decisions/cluster_shares.py): it
             # needs the queue, even if it never parked a delivery of its own there.
             self._spawn(self._ensure_quietly(sub))
             return
-        if lot is None or self._closed or new is BreakerState.HALF_OPEN:
+        if lot is None or self._closed or state is BreakerState.HALF_OPEN:
             return
-        lot.wanted = new is BreakerState.CLOSED and (lane is None or lane.takes_parked)
         if lot.probe_timer is not None:
             lot.probe_timer.cancel()
             lot.probe_timer = None
-        if new is BreakerState.OPEN:
-            self._arm(lot, reopen_in)
+        if state is BreakerState.OPEN:
+            self._arm(lot, lane.breaker.open_until - self._clock())
         self._spawn(self._reconcile(lot))
 
     def share_changed(self, sub: str) -> None:
@@ -212,11 +221,10 @@ class ParkingLots:
         if lane is None or self._closed:
             return
         if lane.breaker.state is not BreakerState.CLOSED:
-            self.breaker_changed(sub, BreakerState.OPEN, lane.breaker.open_until - self._clock())
+            self._follow(lane)
             return
         lot = self._lots.get(sub)
-        if lot is not None and lot.wanted != lane.takes_parked:
-            lot.wanted = lane.takes_parked
+        if lot is not None and (lot.tag is not None) != lane.takes_parked:
             self._spawn(self._reconcile(lot))
 
     def join_parked(self, sub: str) -> None:
@@ -246,12 +254,11 @@ class ParkingLots:
         delivery from the work queue probes instead).
         """
         lot.probe_timer = None
-        while not self._closed and not lot.wanted and self._lots.get(lot.sub) is lot:
+        while not self._closed and self._lots.get(lot.sub) is lot:
             lane = self._lanes.get(lot.sub)
             if lane is None or lane.breaker.state is BreakerState.CLOSED:
                 # A reload replaced the lane: its successor starts closed, so consume again
                 # (if this process holds a share of the subscriber's limits).
-                lot.wanted = lane is None or lane.takes_parked
                 await self._reconcile(lot)
                 return
             breaker, now = lane.breaker, self._clock()
@@ -322,7 +329,6 @@ class ParkingLots:
             return lot
         lot = self._lots[sub] = _Lot(sub, queue, now, self._consume_one)
         lane = self._lanes.get(sub)
-        lot.wanted = lane is None or lane.takes_parked
         if lane is not None and lane.breaker.state is not BreakerState.CLOSED:
             self._arm(lot, lane.breaker.open_until - now)
         self._start_sweeper()
@@ -357,7 +363,8 @@ class ParkingLots:
             lot.last_active = self._clock()
 
     async def _reconcile(self, lot: _Lot) -> None:
-        """Make the consumer match ``lot.wanted`` (the latest wish wins, whatever the order).
+        """Make the consumer match what the lot's lane allows now (`_may_consume`: asked under
+        the lock, so the latest state wins, whatever the order of the changes).
 
         At most ``max_consumers`` parking queues are consumed at once (broker consumers must
         not grow with the number of subscribers that parked): a lot that finds no free slot
@@ -365,7 +372,7 @@ class ParkingLots:
         """
         freed = False
         async with lot.lock:
-            want = lot.wanted and not self._closed and self._lots.get(lot.sub) is lot
+            want = self._wanted(lot)
             try:
                 if want and lot.tag is None:
                     if self._consumers() >= self.max_consumers:
@@ -393,6 +400,10 @@ class ParkingLots:
         if freed:
             self._next_turn()
 
+    def _wanted(self, lot: _Lot) -> bool:
+        """Should ``lot`` be consumed now?"""
+        return not self._closed and self._lots.get(lot.sub) is lot and self._may_consume(lot.sub)
+
     def _may_consume(self, sub: str) -> bool:
         lane = self._lanes.get(sub)
         return lane is None or (lane.breaker.state is BreakerState.CLOSED and lane.takes_parked)
@@ -405,7 +416,7 @@ class ParkingLots:
         while self._waiting and self._consumers() < self.max_consumers:
             sub, lot = next(iter(self._waiting.items()))
             del self._waiting[sub]
-            if self._lots.get(sub) is lot and lot.wanted:
+            if self._wanted(lot):
                 self._spawn(self._reconcile(lot))
                 return
 
@@ -423,15 +434,15 @@ class ParkingLots:
         held their slot for a whole turn while other parking queues wait."""
         now = self._clock()
         for lot in list(self._lots.values()):
-            if not lot.wanted and lot.probe_timer is None and self._may_consume(lot.sub):
+            wanted = self._may_consume(lot.sub)
+            waiting = lot.sub in self._waiting  # quiet because it has had no turn yet
+            if wanted and lot.tag is None and lot.probe_timer is None and not waiting:
                 # A share regained while the lane was idle (after a rejoin, say) tells nobody:
                 # look at every paused lot here, so none waits for a delivery to wake it.
-                lot.wanted = True
                 self._spawn(self._reconcile(lot))
                 continue
             quiet = lot.active == 0 and now - lot.last_active >= self.idle_after
-            waiting = lot.sub in self._waiting  # quiet because it has had no turn yet
-            if quiet and lot.wanted and lot.probe_timer is None and not waiting:
+            if quiet and wanted and lot.probe_timer is None and not waiting:
                 await self._release(lot)
             elif self._waiting and lot.tag is not None and now - lot.consuming_since >= TURN:
                 await self._yield_turn(lot)

@@ -12,7 +12,6 @@ raises on returns, so a nack, a return (nothing routed it) or a lost channel rai
 from __future__ import annotations
 
 import datetime as dt
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -23,6 +22,7 @@ from aio_pika.exceptions import ChannelInvalidStateError
 from pamqp.commands import Basic
 
 from dispatcher.broker.topology import delay_route
+from dispatcher.clock import SYSTEM_CLOCK, Clock
 from dispatcher.config import BrokerConfig
 from dispatcher.decisions.records import Delivery, iso_now
 from dispatcher.decisions.retry_policy import DeadLetter, Park, Retry
@@ -47,9 +47,11 @@ class Settlement:
         cfg: BrokerConfig,
         *,
         observe: Callable[[str, float], None] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._channel = channel
         self._cfg = cfg
+        self._elapsed = clock.elapsed
         self._observe = observe  # (kind, seconds until the broker confirmed)
 
     async def _publish(
@@ -58,12 +60,12 @@ class Settlement:
         if self._channel.is_closed:
             raise ChannelInvalidStateError(f"{self._channel!r} closed")
         channel = await self._channel.get_underlay_channel()
-        started = time.perf_counter()
+        started = self._elapsed()
         await channel.basic_publish(
             body, exchange=exchange, routing_key=routing_key, properties=props, mandatory=True
         )
         if self._observe is not None:
-            self._observe(kind, time.perf_counter() - started)
+            self._observe(kind, self._elapsed() - started)
 
     async def settle(
         self,

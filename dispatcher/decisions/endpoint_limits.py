@@ -47,7 +47,16 @@ from dispatcher.config import BreakerConfig, SubscriberConfig
 from dispatcher.decisions.circuit_breaker import BreakerState, CircuitBreaker, Signal
 from dispatcher.decisions.cluster_shares import ALONE, Standing
 
-__all__ = ["Admitted", "Announcer", "ClusterState", "Deferred", "Lane", "LaneSet", "send_at"]
+__all__ = [
+    "Admitted",
+    "Announcer",
+    "BreakerWatcher",
+    "ClusterState",
+    "Deferred",
+    "Lane",
+    "LaneSet",
+    "send_at",
+]
 
 _HOLDING = (Signal.FAILED, Signal.OPENED)
 _NO_ROOM = ("no_share", "lane_full", "rate_limited")
@@ -514,6 +523,9 @@ class Lane:
         successor._note()
 
 
+BreakerWatcher = Callable[["Lane", BreakerState, BreakerState, str], None]
+
+
 class LaneSet:
     """Lanes by subscriber id; rebuilt on reload, keeping a lane whose limits did not change."""
 
@@ -522,12 +534,13 @@ class LaneSet:
         breaker: BreakerConfig,
         *,
         prefetch: int,
-        on_breaker_change: Callable[[Lane, BreakerState, BreakerState, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._breaker = breaker
         self._prefetch = prefetch
-        self._on_change = on_breaker_change
+        # Told of every state change of a current lane's breaker (a replaced lane's stragglers
+        # are not passed on): the one notification the parking lots and the metrics follow.
+        self._breaker_watchers: list[BreakerWatcher] = []
         self._clock = clock
         self._lanes: dict[str, Lane] = {}
         self._subs: Mapping[str, SubscriberConfig] = {}
@@ -542,6 +555,17 @@ class LaneSet:
         # for want of room (the daemon points both at the parking lots).
         self.on_share_change: Callable[[str], None] | None = None
         self.on_parked_elsewhere: Callable[[str], None] | None = None
+
+    def watch_breakers(self, watcher: BreakerWatcher) -> None:
+        """Call ``watcher(lane, old, new, why)`` on every state change of a current lane's
+        breaker; the lane (its ``breaker``) is what holds the state, watchers keep no copy."""
+        self._breaker_watchers.append(watcher)
+
+    def _breaker_changed(self, lane: Lane, old: BreakerState, new: BreakerState, why: str) -> None:
+        if self._lanes.get(lane.sub.id) is not lane:
+            return  # a straggler of a lane that a reload replaced
+        for watcher in self._breaker_watchers:
+            watcher(lane, old, new, why)
 
     @property
     def announcer(self) -> Announcer | None:
@@ -691,11 +715,8 @@ class LaneSet:
         return max(0, min(sub.max_in_flight, self._prefetch // 2 - sub.max_in_flight))
 
     def _make(self, sub: SubscriberConfig) -> Lane:
-        callback = self._on_change
-
         def changed(old: BreakerState, new: BreakerState, why: str) -> None:
-            if callback is not None:
-                callback(lane, old, new, why)
+            self._breaker_changed(lane, old, new, why)
 
         lane = Lane(
             sub,

@@ -14,7 +14,6 @@ import contextlib
 import gc
 import os
 import signal
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -28,6 +27,7 @@ from dispatcher.broker.parking import ParkingLots, parking_prefetch
 from dispatcher.broker.settlement import Settlement
 from dispatcher.broker.topology import declare, queue_depths
 from dispatcher.broker.work_consumer import WorkConsumer
+from dispatcher.clock import SYSTEM_CLOCK, Clock
 from dispatcher.config import Config, ConfigError, load_config
 from dispatcher.http.ops import OpsServer
 from dispatcher.http.sender import HttpSender
@@ -55,12 +55,15 @@ class Dispatcher:
         serve_ops: bool = True,
         config_path: str | None = None,
         depth_interval: float = _DEPTH_SAMPLE,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.config = config
+        # The one clock every part of this worker reads (a fake in tests).
+        self.clock = clock
         self._depth_interval = depth_interval
         self._serve_ops = serve_ops
         self._config_path = config_path
-        self.metrics = Metrics()
+        self.metrics = Metrics(clock=clock)
         # One key per algorithm any subscriber's tokens use (EdDSA, ES256, RS256).
         self.keyring = KeyRing.load(
             config.signing.keys_dir, config.signing.algorithm, algorithms=config.algorithms
@@ -153,29 +156,39 @@ class Dispatcher:
             cfg,
             sender=sender,
             settlement=Settlement(
-                publish_channel, cfg.broker, observe=self.metrics.observe_confirm
+                publish_channel,
+                cfg.broker,
+                observe=self.metrics.observe_confirm,
+                clock=self.clock,
             ),
             minter=self._minter,
             metrics=self.metrics,
+            clock=self.clock,
         )
         # Parking queues are declared when a delivery is first parked, not here: start-up makes
-        # no broker round trip per subscriber.
+        # no broker round trip per subscriber. The lots follow the lanes' breakers and shares
+        # themselves (they watch the lane set).
         self.parking = ParkingLots(
             parking_channel,
             cfg.broker,
             handler=self.pipeline.handle,
             lanes=self.pipeline.lanes,
             park_ttl=cfg.retry.park_ttl,
+            clock=self.clock,
         )
         self.pipeline.parking = self.parking
         # Limits and breakers hold for each subscriber as a whole, across every process on the
         # queue: this one takes its shares from the cluster once it has joined
         # (dispatcher/broker/cluster.py).
         # Left last (of the stack) on the way out: the goodbye follows the drain.
-        self.pipeline.lanes.on_share_change = self.parking.share_changed
-        self.pipeline.lanes.on_parked_elsewhere = self.parking.join_parked
         self.cluster = await self._stack.enter_async_context(
-            ClusterMember(self._connection, cfg.broker, self.pipeline.lanes, metrics=self.metrics)
+            ClusterMember(
+                self._connection,
+                cfg.broker,
+                self.pipeline.lanes,
+                metrics=self.metrics,
+                clock=self.clock,
+            )
         )
         if not await self.cluster.joined(_JOIN_WAIT):
             log.warning("cluster_join_slow", waited=_JOIN_WAIT, hint="deliveries park meanwhile")
@@ -268,11 +281,9 @@ class Dispatcher:
             self.keyring.ensure(algorithm)  # a subscriber that asks for a new algorithm
         self.config = merged
         if self.pipeline is not None:
-            self.pipeline.apply_config(merged)
-        ids = {s.id for s in merged.subscribers}
-        if self.parking is not None:
-            self.parking.retain(ids)
-        self.metrics.retain_subscribers(ids)
+            self.pipeline.apply(merged)  # routing, lanes, parking and metrics, in that order
+        else:
+            self.metrics.retain_subscribers({s.id for s in merged.subscribers})
         log.info("reloaded", subscribers=len(merged.subscribers))
         return True
 
@@ -288,14 +299,14 @@ class Dispatcher:
     async def _reload_from_file(self) -> None:
         while True:
             self._reload_again = False
-            started = time.monotonic()
+            started = self.clock.monotonic()
             try:
                 new = await asyncio.to_thread(load_config, self._config_path)
             except ConfigError as exc:
                 log.error("reload_refused", error=str(exc))
             else:
                 if self.reload(new):
-                    log.info("reload_took", seconds=round(time.monotonic() - started, 3))
+                    log.info("reload_took", seconds=round(self.clock.monotonic() - started, 3))
             if not self._reload_again or self._stopping:
                 return
 
@@ -363,9 +374,9 @@ async def serve(config: Config, *, config_path: str | None = None, serve_ops: bo
     loop.add_signal_handler(signal.SIGINT, stop.set)
     async with Dispatcher(config, config_path=config_path, serve_ops=serve_ops) as disp:
         loop.add_signal_handler(signal.SIGHUP, disp.reload_soon)
-        started = time.monotonic()
+        started = disp.clock.monotonic()
         await stop.wait()
-        log.info("shutdown_requested", uptime=round(time.monotonic() - started, 1))
+        log.info("shutdown_requested", uptime=round(disp.clock.monotonic() - started, 1))
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     return 0

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import glob
 import os
-import time
 from collections.abc import Iterable
 
 from prometheus_client import (
@@ -43,6 +42,8 @@ from prometheus_client import (
     multiprocess,
 )
 from prometheus_client.registry import Collector
+
+from dispatcher.clock import SYSTEM_CLOCK, Clock
 
 __all__ = ["IDLE_SERIES", "MULTIPROC_ENV", "Metrics", "live_gauge_sum", "render_metrics"]
 
@@ -82,9 +83,12 @@ def _multiprocess_dir() -> str | None:
 class Metrics:
     """Every metric a worker exports; created once per process (or per `Dispatcher` in tests)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         reg = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.registry = reg
+        self.monotonic = clock.monotonic  # when a subscriber's series were last used
         self._per_subscriber: dict[str, SubscriberMetrics] = {}
         # --- counters -------------------------------------------------------------------------
         self.events = Counter(
@@ -246,7 +250,7 @@ class Metrics:
 
     def prune_idle(self, now: float | None = None, idle: float = IDLE_SERIES) -> int:
         """Remove the series of subscribers idle for ``idle`` seconds with a closed breaker."""
-        now = time.monotonic() if now is None else now
+        now = self.monotonic() if now is None else now
         gone = [
             sub_id
             for sub_id, m in self._per_subscriber.items()
@@ -295,8 +299,8 @@ class SubscriberMetrics:
         self.delivered = metrics.deliveries.labels(sub_id, "delivered")
         self._attempts: dict[str, Counter] = {}
         self._breaker: Gauge | None = None
-        self.last_used = time.monotonic()
-        self.in_flight_now = 0
+        self.last_used = metrics.monotonic()
+        self.in_flight_now = 0  # the one count of requests in flight; the gauge shows it
         self.breaker_now = 0
 
     @property
@@ -307,12 +311,12 @@ class SubscriberMetrics:
 
     def started(self) -> None:
         self.in_flight_now += 1
-        self.in_flight.inc()
-        self.last_used = time.monotonic()
+        self.in_flight.set(self.in_flight_now)
+        self.last_used = self._metrics.monotonic()
 
     def finished(self) -> None:
         self.in_flight_now -= 1
-        self.in_flight.dec()
+        self.in_flight.set(self.in_flight_now)
 
     def attempt(self, outcome: str) -> Counter:
         child = self._attempts.get(outcome)

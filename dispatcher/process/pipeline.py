@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import random
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ import structlog
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
 from dispatcher.broker.acks import Acks
+from dispatcher.clock import SYSTEM_CLOCK, Clock
 from dispatcher.config import Config, SubscriberConfig
 from dispatcher.decisions.batching import Batch, Batcher, Member, batch_body, new_batch_id
 from dispatcher.decisions.circuit_breaker import BreakerState
@@ -100,43 +100,59 @@ class Pipeline:
         settlement: Settlement,
         minter: TokenMinter | None,
         metrics: Metrics,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
     ) -> None:
         self._sender = sender
         self._settlement = settlement
-        self._headers = RequestHeaders(minter, clock=clock, observe_mint=metrics.mint_time.observe)
+        self._headers = RequestHeaders(
+            minter, clock=clock.wall, observe_mint=metrics.mint_time.observe
+        )
         self._metrics = metrics
-        self._clock = clock
+        self._clock = clock.wall  # records: first attempts, ages, publish stamps
+        self._elapsed = clock.elapsed  # request times
         self._rng = rng or random.Random()
         self._lanes = LaneSet(
-            config.breaker, prefetch=config.broker.prefetch, on_breaker_change=self._breaker_changed
+            config.breaker, prefetch=config.broker.prefetch, clock=clock.monotonic
         )
+        # The lanes own the breakers; the metrics and the log follow the lane set's one
+        # notification (the parking lots watch it themselves).
+        self._lanes.watch_breakers(self._breaker_changed)
         self._lanes.retain(
             {s.id for s in config.subscribers}, {s.id: s for s in config.subscribers}
         )
+        # The messages held (taken and not yet acked or handed back): the one count, which the
+        # prefetch gauge shows.
         self._tasks: set[asyncio.Task[Any]] = set()
         self._batches: set[asyncio.Task[None]] = set()
         self._batcher = Batcher(self._send_batch)
-        self.acks = Acks()
+        self.acks = Acks(clock=clock.monotonic)
         self._count_events = metrics.events.labels("event")  # resolved once: the hot path
         self.config = config
         self._routing = RoutingTable(config.subscribers)
         self._parking_exchange = parking_exchange(config.broker.queue)
         self._internal = {due_exchange(config.broker.queue), self._parking_exchange}
-        # The parking lots (set by the daemon): told of every breaker change of a current lane,
-        # asked for a subscriber's queue before a park.
+        # The parking lots (set by the daemon): asked for a subscriber's queue before a park,
+        # and told of a reload (`apply`).
         self.parking: ParkingLots | None = None
 
     # --- configuration -------------------------------------------------------------------------
 
-    def apply_config(self, config: Config) -> None:
-        """Swap subscribers; deliveries already running keep the settings they started with."""
+    def apply(self, config: Config) -> None:
+        """A reload: the one place that moves every piece of subscriber state to ``config``.
+
+        Routing and the lanes first (a changed subscriber gets a new lane, a removed one loses
+        its lane), then the parking lots (a removed subscriber's lot is drained, its deliveries
+        dead-lettered as ``subscriber_removed``), then the metrics (a removed subscriber's series
+        are pruned). Deliveries already running keep the settings they started with.
+        """
+        ids = {s.id for s in config.subscribers}
         self.config = config
         self._routing = RoutingTable(config.subscribers)
-        self._lanes.retain(
-            {s.id for s in config.subscribers}, {s.id: s for s in config.subscribers}
-        )
+        self._lanes.retain(ids, {s.id: s for s in config.subscribers})
+        if self.parking is not None:
+            self.parking.retain(ids)
+        self._metrics.retain_subscribers(ids)
 
     @property
     def held(self) -> int:
@@ -170,7 +186,7 @@ class Pipeline:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        self._metrics.prefetch_used.inc()
+        self._metrics.prefetch_used.set(len(self._tasks))
         # (try, not suppress(): no context manager per message)
         try:  # noqa: SIM105
             self.acks.received(message.channel, message.delivery_tag)
@@ -191,7 +207,7 @@ class Pipeline:
             verdict = await self._poisoned(message, exc)
         finally:
             self._tasks.discard(task)
-            self._metrics.prefetch_used.dec()
+            self._metrics.prefetch_used.set(len(self._tasks))
             self._finish(message, verdict)
 
     async def _poisoned(self, message: InboundMessage, exc: Exception) -> _Verdict:
@@ -462,9 +478,9 @@ class Pipeline:
         try:
             size = event.size if isinstance(event, Batch) else None
             headers = await self._headers.build(sub, event.id, event.body, size)
-            started = time.perf_counter()
+            started = self._elapsed()
             outcome = await self._sender.post(sub.url, event.body, headers, sub.timeout)
-            m.request_time.observe(time.perf_counter() - started)
+            m.request_time.observe(self._elapsed() - started)
             m.attempt(outcome.label).inc()
             verdict = _breaker_verdict(outcome)
             return outcome
@@ -533,8 +549,6 @@ class Pipeline:
 
     def _breaker_changed(self, lane: Lane, old: BreakerState, new: BreakerState, why: str) -> None:
         sub_id = lane.sub.id
-        if self._lanes.get(sub_id) is not lane:
-            return  # a straggler of a lane that a reload replaced
         self._metrics.breaker_changed(sub_id, new.value)
         log.warning(
             "breaker_state_changed",
@@ -543,8 +557,6 @@ class Pipeline:
             new=new.name.lower(),
             why=why,
         )
-        if self.parking is not None:
-            self.parking.breaker_changed(sub_id, new, lane.breaker.open_until - time.monotonic())
 
 
 def _int_header(value: object) -> int:
