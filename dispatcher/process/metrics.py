@@ -32,6 +32,7 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -76,12 +77,226 @@ _LATENCY_BUCKETS = (
 _MINT_BUCKETS = (20e-6, 35e-6, 50e-6, 75e-6, 100e-6, 200e-6, 500e-6, 1e-3, 5e-3)
 
 
+# What a worker exports: (type, attribute, name, help, labels, and a gauge's multiprocess mode
+# or a histogram's buckets). The types are what the attributes below say.
+_METRICS: tuple[tuple[type, str, str, str, tuple[str, ...], Any], ...] = (
+    (
+        Counter,
+        "events",
+        "dispatcher_events_total",
+        "Messages consumed, by kind (event, retry, parked, invalid).",
+        ("kind",),
+        None,
+    ),
+    (
+        Counter,
+        "attempts",
+        "dispatcher_attempts_total",
+        (
+            "HTTP delivery attempts, by subscriber and outcome (delivered, gone, blocked, "
+            "http_3xx, http_4xx, http_5xx, timeout, connection, dns, protocol)."
+        ),
+        ("subscriber", "outcome"),
+        None,
+    ),
+    (
+        Counter,
+        "deliveries",
+        "dispatcher_deliveries_total",
+        (
+            "Deliveries (one event to one subscriber) that ended, by subscriber and outcome "
+            "(delivered, dead_lettered)."
+        ),
+        ("subscriber", "outcome"),
+        None,
+    ),
+    (
+        Counter,
+        "retries",
+        "dispatcher_retries_scheduled_total",
+        "Failed attempts whose retry was scheduled in the delay tiers, by subscriber.",
+        ("subscriber",),
+        None,
+    ),
+    (
+        Counter,
+        "parked",
+        "dispatcher_parked_total",
+        (
+            "Deliveries parked, not attempted, in the subscriber's own parking queue, by "
+            "subscriber and why (breaker_open, lane_full, rate_limited)."
+        ),
+        ("subscriber", "why"),
+        None,
+    ),
+    (
+        Counter,
+        "dead_letters",
+        "dispatcher_dead_letters_total",
+        (
+            "Dead letters written, by reason (attempts_exhausted, max_age_exceeded, "
+            "endpoint_gone, blocked_destination, subscriber_removed, invalid_event)."
+        ),
+        ("reason",),
+        None,
+    ),
+    (
+        Histogram,
+        "end_to_end",
+        "dispatcher_delivery_latency_seconds",
+        ("From the event's publish time (when known) to the subscriber's 2xx, all subscribers."),
+        (),
+        _LATENCY_BUCKETS,
+    ),
+    (
+        Histogram,
+        "request_time",
+        "dispatcher_request_duration_seconds",
+        "HTTP request time of one attempt, whatever its outcome, all subscribers.",
+        (),
+        _LATENCY_BUCKETS,
+    ),
+    (
+        Histogram,
+        "confirm_time",
+        "dispatcher_broker_confirm_seconds",
+        (
+            "From publishing a retry, parked delivery or dead letter to the broker's "
+            "confirm, by kind (retry, park, dead_letter)."
+        ),
+        ("kind",),
+        _LATENCY_BUCKETS,
+    ),
+    (
+        Histogram,
+        "mint_time",
+        "dispatcher_token_mint_seconds",
+        "Time to mint one agent token.",
+        (),
+        _MINT_BUCKETS,
+    ),
+    (
+        Gauge,
+        "in_flight",
+        "dispatcher_in_flight",
+        "HTTP requests in flight, by subscriber.",
+        ("subscriber",),
+        "livesum",
+    ),
+    (
+        Gauge,
+        "breaker_state",
+        "dispatcher_breaker_state",
+        "Circuit breaker per subscriber: 0 closed, 1 half-open, 2 open.",
+        ("subscriber",),
+        "livemax",
+    ),
+    (
+        Gauge,
+        "prefetch_used",
+        "dispatcher_prefetch_in_use",
+        ("Messages taken from the work and parking queues and not yet acked or handed back."),
+        (),
+        "livesum",
+    ),
+    (
+        Gauge,
+        "prefetch_limit",
+        "dispatcher_prefetch_limit",
+        "The consumer's prefetch window ([broker].prefetch).",
+        (),
+        "livesum",
+    ),
+    (
+        Gauge,
+        "queue_depth",
+        "dispatcher_queue_depth",
+        (
+            "Messages ready in the work queue, the retry tiers (summed), the parking queues "
+            "(summed) and the dead-letter queue, as last sampled."
+        ),
+        ("queue",),
+        "livemostrecent",
+    ),
+    (
+        Gauge,
+        "ready",
+        "dispatcher_ready",
+        "1 while connected to the broker and consuming (summed over workers).",
+        (),
+        "livesum",
+    ),
+    (
+        Gauge,
+        "cluster_members",
+        "dispatcher_cluster_members",
+        (
+            "Dispatcher processes (workers of every instance) on this queue, as this one "
+            "sees them; the subscribers' limits are split between them."
+        ),
+        (),
+        "livemax",
+    ),
+    (
+        Gauge,
+        "cluster_holding",
+        "dispatcher_cluster_holding",
+        (
+            "1 while this process holds its shares of the subscribers' limits; 0 while it "
+            "joins or is cut off from the others (summed over workers)."
+        ),
+        (),
+        "livesum",
+    ),
+    (
+        Counter,
+        "cluster_view_changes",
+        "dispatcher_cluster_view_changes_total",
+        "Times this process's view of the cluster changed (a process joined or left).",
+        (),
+        None,
+    ),
+    (
+        Counter,
+        "cluster_messages",
+        "dispatcher_cluster_messages_total",
+        (
+            "Control messages sent, by kind (heartbeat, bye, state, parked, and the "
+            "breaker's failed, recovered, opened, closed)."
+        ),
+        ("kind",),
+        None,
+    ),
+)
+
+
 def _multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None
 
 
 class Metrics:
     """Every metric a worker exports; created once per process (or per `Dispatcher` in tests)."""
+
+    events: Counter
+    attempts: Counter
+    deliveries: Counter
+    retries: Counter
+    parked: Counter
+    dead_letters: Counter
+    end_to_end: Histogram
+    request_time: Histogram
+    confirm_time: Histogram
+    mint_time: Histogram
+    in_flight: Gauge
+    breaker_state: Gauge
+    prefetch_used: Gauge
+    prefetch_limit: Gauge
+    queue_depth: Gauge
+    ready: Gauge
+    cluster_members: Gauge
+    cluster_holding: Gauge
+    cluster_view_changes: Counter
+    cluster_messages: Counter
 
     def __init__(
         self, registry: CollectorRegistry | None = None, *, clock: Clock = SYSTEM_CLOCK
@@ -90,142 +305,14 @@ class Metrics:
         self.registry = reg
         self.monotonic = clock.monotonic  # when a subscriber's series were last used
         self._per_subscriber: dict[str, SubscriberMetrics] = {}
-        # --- counters -------------------------------------------------------------------------
-        self.events = Counter(
-            "dispatcher_events_total",
-            "Messages consumed, by kind (event, retry, parked, invalid).",
-            ["kind"],
-            registry=reg,
-        )
-        self.attempts = Counter(
-            "dispatcher_attempts_total",
-            "HTTP delivery attempts, by subscriber and outcome (delivered, gone, blocked, "
-            "http_3xx, http_4xx, http_5xx, timeout, connection, dns, protocol).",
-            ["subscriber", "outcome"],
-            registry=reg,
-        )
-        self.deliveries = Counter(
-            "dispatcher_deliveries_total",
-            "Deliveries (one event to one subscriber) that ended, by subscriber and outcome "
-            "(delivered, dead_lettered).",
-            ["subscriber", "outcome"],
-            registry=reg,
-        )
-        self.retries = Counter(
-            "dispatcher_retries_scheduled_total",
-            "Failed attempts whose retry was scheduled in the delay tiers, by subscriber.",
-            ["subscriber"],
-            registry=reg,
-        )
-        self.parked = Counter(
-            "dispatcher_parked_total",
-            "Deliveries parked, not attempted, in the subscriber's own parking queue, by "
-            "subscriber and why (breaker_open, lane_full, rate_limited).",
-            ["subscriber", "why"],
-            registry=reg,
-        )
-        self.dead_letters = Counter(
-            "dispatcher_dead_letters_total",
-            "Dead letters written, by reason (attempts_exhausted, max_age_exceeded, "
-            "endpoint_gone, blocked_destination, subscriber_removed, invalid_event).",
-            ["reason"],
-            registry=reg,
-        )
-        # --- histograms -----------------------------------------------------------------------
-        self.end_to_end = Histogram(
-            "dispatcher_delivery_latency_seconds",
-            "From the event's publish time (when known) to the subscriber's 2xx, all subscribers.",
-            buckets=_LATENCY_BUCKETS,
-            registry=reg,
-        )
-        self.request_time = Histogram(
-            "dispatcher_request_duration_seconds",
-            "HTTP request time of one attempt, whatever its outcome, all subscribers.",
-            buckets=_LATENCY_BUCKETS,
-            registry=reg,
-        )
-        self.confirm_time = Histogram(
-            "dispatcher_broker_confirm_seconds",
-            "From publishing a retry, parked delivery or dead letter to the broker's confirm, "
-            "by kind (retry, park, dead_letter).",
-            ["kind"],
-            buckets=_LATENCY_BUCKETS,
-            registry=reg,
-        )
-        self.mint_time = Histogram(
-            "dispatcher_token_mint_seconds",
-            "Time to mint one agent token.",
-            buckets=_MINT_BUCKETS,
-            registry=reg,
-        )
-        # --- gauges ---------------------------------------------------------------------------
-        self.in_flight = Gauge(
-            "dispatcher_in_flight",
-            "HTTP requests in flight, by subscriber.",
-            ["subscriber"],
-            registry=reg,
-            multiprocess_mode="livesum",
-        )
-        self.breaker_state = Gauge(
-            "dispatcher_breaker_state",
-            "Circuit breaker per subscriber: 0 closed, 1 half-open, 2 open.",
-            ["subscriber"],
-            registry=reg,
-            multiprocess_mode="livemax",
-        )
-        self.prefetch_used = Gauge(
-            "dispatcher_prefetch_in_use",
-            "Messages taken from the work and parking queues and not yet acked or handed back.",
-            registry=reg,
-            multiprocess_mode="livesum",
-        )
-        self.prefetch_limit = Gauge(
-            "dispatcher_prefetch_limit",
-            "The consumer's prefetch window ([broker].prefetch).",
-            registry=reg,
-            multiprocess_mode="livesum",
-        )
-        self.queue_depth = Gauge(
-            "dispatcher_queue_depth",
-            "Messages ready in the work queue, the retry tiers (summed), the parking queues "
-            "(summed) and the dead-letter queue, as last sampled.",
-            ["queue"],
-            registry=reg,
-            multiprocess_mode="livemostrecent",
-        )
-        self.ready = Gauge(
-            "dispatcher_ready",
-            "1 while connected to the broker and consuming (summed over workers).",
-            registry=reg,
-            multiprocess_mode="livesum",
-        )
-        # --- cluster-wide limits (dispatcher/broker/cluster.py) -----------------------------------
-        self.cluster_members = Gauge(
-            "dispatcher_cluster_members",
-            "Dispatcher processes (workers of every instance) on this queue, as this one sees "
-            "them; the subscribers' limits are split between them.",
-            registry=reg,
-            multiprocess_mode="livemax",
-        )
-        self.cluster_holding = Gauge(
-            "dispatcher_cluster_holding",
-            "1 while this process holds its shares of the subscribers' limits; 0 while it joins "
-            "or is cut off from the others (summed over workers).",
-            registry=reg,
-            multiprocess_mode="livesum",
-        )
-        self.cluster_view_changes = Counter(
-            "dispatcher_cluster_view_changes_total",
-            "Times this process's view of the cluster changed (a process joined or left).",
-            registry=reg,
-        )
-        self.cluster_messages = Counter(
-            "dispatcher_cluster_messages_total",
-            "Control messages sent, by kind (heartbeat, bye, state, parked, and the breaker's "
-            "failed, recovered, opened, closed).",
-            ["kind"],
-            registry=reg,
-        )
+        for kind, attr, name, doc, labels, extra in _METRICS:
+            if kind is Counter:
+                metric: Counter | Gauge | Histogram = Counter(name, doc, labels, registry=reg)
+            elif kind is Gauge:
+                metric = Gauge(name, doc, labels, registry=reg, multiprocess_mode=extra)
+            else:
+                metric = Histogram(name, doc, labels, registry=reg, buckets=extra)
+            setattr(self, attr, metric)
 
     def observe_confirm(self, kind: str, seconds: float) -> None:
         self.confirm_time.labels(kind).observe(seconds)
