@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from dispatcher.decisions.events import ACCOUNT_PATTERN, KNOWN_EVENT_TYPES
 from dispatcher.http.ssrf import BlockedDestination, check_literal
-from signing import parse_secrets
+from signing import ALGORITHMS, parse_secrets
 
 __all__ = [
     "BatchConfig",
@@ -527,14 +527,11 @@ def _subscriber(
     return cfg
 
 
-SIGNING_ALGORITHMS = ("EdDSA", "ES256", "RS256")
-
-
 def _algorithm(t: _Table, key: str, value: str | None) -> str | None:
     _check(
-        value is None or value in SIGNING_ALGORITHMS,
+        value is None or value in ALGORITHMS,
         key,
-        f"must be one of {', '.join(SIGNING_ALGORITHMS)}, got {value!r}",
+        f"must be one of {', '.join(ALGORITHMS)}, got {value!r}",
     )
     return value
 

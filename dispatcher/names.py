@@ -126,13 +126,13 @@ def parking_exchange(queue: str) -> str:
 
 def parking_queue(queue: str, subscriber: str) -> str:
     """One subscriber's parking queue."""
-    return f"{queue}.parked.{subscriber}"
+    return f"{parking_exchange(queue)}.{subscriber}"
 
 
 def parking_index(queue: str) -> str:
     """The queue that remembers which subscribers parked lately (no subscriber id can end a
     name this way: ids never follow ``parked-``)."""
-    return f"{queue}.parked-index"
+    return f"{parking_exchange(queue)}-index"
 
 
 def control_exchange(queue: str) -> str:
@@ -142,12 +142,12 @@ def control_exchange(queue: str) -> str:
 
 def member_queue(queue: str, member: str) -> str:
     """One process's own control queue."""
-    return f"{queue}.control.{member}"
+    return f"{control_exchange(queue)}.{member}"
 
 
 def presence_queue(queue: str) -> str:
     """The queue whose consumer count says how many processes are registered."""
-    return f"{queue}.control.members"
+    return f"{control_exchange(queue)}.members"
 
 
 # Policies (`dispatcher migrate-queues`): one per kind of queue, with a regular expression that

@@ -1,7 +1,8 @@
 """What a phase is asked to do (`PhaseSpec`) and what it measured (`PhaseResult`): plain data.
 
-`runner.py` runs a phase, `summary.py` turns what it gathered into a `PhaseResult`, and
-`scenarios.py` checks results against targets; all three share these two records.
+`runner.py` runs a phase, `summary.py` turns what it gathered into a `PhaseResult`,
+`scenarios.py` decides which phases a run is made of and `targets.py` checks the results
+against the targets; they all share these two records.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ broker names, declares its topology before publishing (so a backlog published be
 consumer starts is kept), runs the dispatcher or the baseline as a child process under a
 CPU/memory sampler, and ends when every owed delivery arrived, or when nothing moves any more
 and the consumer holds nothing. Then it reads the dead-letter queue, collects the receivers'
-records and deletes its queues and exchanges; `summary.summarise` turns what it gathered into
-a `PhaseResult`.
+records and deletes its queues and exchanges. What it works out from what it gathered (the
+settle and heal decisions, the `PhaseResult`, the line printed at the end) is in `summary.py`,
+which does no I/O; this module only starts, publishes, waits and collects.
 
 A phase with subscribers by account (``spec.accounts``) writes them to included files, points
 them at the receivers' path endpoints, reads the broker's queues through `broker.census` (not
@@ -47,27 +48,20 @@ from loadtest.phases import BASELINE, DISPATCHER, PhaseResult, PhaseSpec
 from loadtest.processes import Child, DispatcherProcess, ReceiversProcess, start_baseline
 from loadtest.profiling import Profiler, summarize
 from loadtest.reload_probe import reload_and_probe
-from loadtest.summary import PhaseData, summarise
+from loadtest.summary import (
+    PhaseData,
+    all_received,
+    heal_due,
+    records_by_path,
+    result_line,
+    summarise,
+)
 from tests.support.ports import free_port
 from tests.support.toml_files import to_toml
 
 __all__ = ["BASELINE", "DISPATCHER", "PhaseFailed", "PhaseResult", "PhaseSpec", "Run", "RunOptions"]
 
 ISSUER = "https://mail.example.com"
-_EMPTY_RECORD: dict[str, Any] = {
-    "ids": [],
-    "published": [],
-    "arrived": [],
-    "received": 0,
-    "unique": 0,
-    "duplicates": 0,
-    "failures": 0,
-    "verify_failures": 0,
-    "reasons": {},
-    "behaviour": {},
-    "requests": 0,
-    "batched": 0,
-}
 
 
 class PhaseFailed(RuntimeError):
@@ -514,7 +508,7 @@ class _PhaseRun:
         paths_summary = None
         if self.by_account:
             paths = received.get("paths") or {}
-            records = [paths.get(urlsplit(u).path, _EMPTY_RECORD) for u in self.urls]
+            records = records_by_path(paths, self.urls)
             paths_summary = await self.receivers.path_stats()
         assert self.sampler is not None
         profile = None
@@ -557,13 +551,7 @@ class _PhaseRun:
                 account_endpoints=paths_summary,
             )
         )
-        thr, lat, proc = result.throughput, result.latency_ms, result.process
-        self.owner.progress.done(
-            f"{self.label} {thr['deliveries']} deliveries, {thr['deliveries_per_s']:.0f}/s; "
-            f"p50 {lat['p50'] or 0:.1f} ms p99 {lat['p99'] or 0:.1f} ms; "
-            f"lost {result.accounting.lost}; "
-            f"cpu {proc['cpu_percent']}% peak rss {proc['peak_rss_mib']} MiB"
-        )
+        self.owner.progress.done(f"{self.label} {result_line(result)}")
         return result
 
     async def _publish(self, gen: Generator, show: bool = False) -> None:
@@ -655,15 +643,9 @@ class _PhaseRun:
                 self._show(received, owed, rate, failed)
                 reloading = self.reload_task is not None and not self.reload_task.done()
                 if owed is not None and not reloading:
-                    if all(u >= o for u, o in zip(unique, owed, strict=True)):
+                    if all_received(unique, owed):
                         return True
-                    if (
-                        spec.heal
-                        and self.healed_at is None
-                        and all(
-                            unique[i] >= owed[i] for i in range(len(owed)) if i not in spec.heal
-                        )
-                    ):
+                    if self.healed_at is None and heal_due(unique, owed, spec.heal):
                         for i in spec.heal:
                             await self.receivers.behaviour(i, {})
                         self.healed_at = time.time()

@@ -2,7 +2,8 @@
 
 Ratios are measured inside one run, phases alternating where noise matters (``--rounds``), so a
 busy machine slows both sides alike. Each scenario returns its phases and its `Check`s; a check
-with ``ok=None`` is informational.
+with ``ok=None`` is informational. The checks every scenario shares, and the figures they are
+built from, are in `targets.py` (pure, like `summary.py`).
 
     custom   one dispatcher phase with the given options (plus the baseline with --baseline)
     compare  bare pipeline vs dispatcher, one subscriber, backlog drained, alternating rounds
@@ -27,13 +28,22 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-
 from loadtest.accounts import AccountLayout
-from loadtest.runner import BASELINE, DISPATCHER, PhaseResult, PhaseSpec, Run
+from loadtest.monitor import MiB
+from loadtest.runner import BASELINE, DISPATCHER, PhaseSpec, Run
+from loadtest.targets import (
+    Check,
+    ScenarioResult,
+    integrity,
+    most,
+    parked_deliveries,
+    ratio_of,
+    rss_growth,
+    workers_check,
+)
 
 __all__ = ["SCENARIOS", "Check", "ScenarioOptions", "ScenarioResult"]
 
@@ -58,97 +68,8 @@ class ScenarioOptions:
     active_accounts: int | None = None  # accounts the events are spread over (accounts)
 
 
-@dataclass
-class Check:
-    name: str
-    target: str
-    value: float | None
-    ok: bool | None
-    detail: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "target": self.target,
-            "value": None if self.value is None else round(self.value, 4),
-            "ok": self.ok,
-            "detail": self.detail,
-        }
-
-
-@dataclass
-class ScenarioResult:
-    phases: list[PhaseResult] = field(default_factory=list)
-    checks: list[Check] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
 def _pick(value: Any, default: Any) -> Any:
     return default if value is None else value
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if b else 0.0
-
-
-def _integrity(result: ScenarioResult) -> None:
-    """Every scenario: nothing lost, every token verified, every phase settled."""
-    for p in result.phases:
-        acc = p.accounting
-        result.checks.append(
-            Check(
-                f"{p.spec.name}: every event accounted for",
-                "lost == 0",
-                acc.lost,
-                acc.lost == 0,
-                f"{acc.published} published ({acc.invalid_published} invalid), "
-                f"{acc.expected_deliveries} deliveries owed: {acc.delivered} delivered, "
-                f"{acc.dead_lettered} dead-lettered, {acc.pending} still pending in the broker, "
-                f"{acc.duplicates} duplicates, "
-                f"{acc.unexpected} unexpected",
-            )
-        )
-        if not p.settled:
-            result.checks.append(
-                Check(
-                    f"{p.spec.name}: settled before the deadline",
-                    "pending == 0",
-                    acc.pending,
-                    False,
-                    "; ".join(p.notes),
-                )
-            )
-        if p.spec.consumer == DISPATCHER and p.spec.verify:
-            bad = sum(s["verify_failures"] for s in p.per_subscriber.values())
-            reasons: dict[str, int] = {}
-            for s in p.per_subscriber.values():
-                for k, v in s["verify_reasons"].items():
-                    reasons[k] = reasons.get(k, 0) + v
-            result.checks.append(
-                Check(
-                    f"{p.spec.name}: every token verifies",
-                    "verify failures == 0",
-                    bad,
-                    bad == 0,
-                    str(reasons) if reasons else "",
-                )
-            )
-
-
-def _workers_check(result: ScenarioResult, workers: int) -> None:
-    """The dispatcher ran as asked: one process with one worker, else a supervisor and N."""
-    want = 1 if workers == 1 else workers + 1
-    seen = sorted({p.process["processes"] for p in result.phases if p.spec.consumer == DISPATCHER})
-    result.checks.append(
-        Check(
-            f"dispatcher ran with --workers {workers}",
-            f"{want} process(es) per phase",
-            max(seen, default=0),
-            seen == [want],
-            f"processes seen per phase: {seen}"
-            + ("" if workers == 1 else " (supervisor + workers)"),
-        )
-    )
 
 
 async def custom(run: Run, o: ScenarioOptions) -> ScenarioResult:
@@ -170,11 +91,11 @@ async def custom(run: Run, o: ScenarioOptions) -> ScenarioResult:
     disp = await run.phase(spec)
     res.phases.append(disp)
     if o.baseline:
-        r = _ratio(disp.deliveries_per_s, res.phases[0].deliveries_per_s)
+        r = ratio_of(disp.deliveries_per_s, res.phases[0].deliveries_per_s)
         res.checks.append(
             Check("dispatcher / baseline deliveries/s", ">= 0.8 (aim 1.0)", r, r >= 0.8)
         )
-    _integrity(res)
+    integrity(res)
     return res
 
 
@@ -199,8 +120,8 @@ async def compare(run: Run, o: ScenarioOptions) -> ScenarioResult:
         res.phases += [b, d]
         base.append(b.deliveries_per_s)
         disp.append(d.deliveries_per_s)
-    per_round = [_ratio(d, b) for d, b in zip(disp, base, strict=True)]
-    ratio = _ratio(statistics.median(disp), statistics.median(base))
+    per_round = [ratio_of(d, b) for d, b in zip(disp, base, strict=True)]
+    ratio = ratio_of(statistics.median(disp), statistics.median(base))
     res.summary = {
         "workers": o.workers,
         "baseline_deliveries_per_s": base,
@@ -219,7 +140,7 @@ async def compare(run: Run, o: ScenarioOptions) -> ScenarioResult:
             f"rounds: {', '.join(f'{r:.3f}' for r in per_round)}",
         )
     )
-    _workers_check(res, o.workers)
+    workers_check(res, o.workers)
     cpu_b = statistics.median(
         p.process["cpu_ms_per_1k_deliveries"] or 0
         for p in res.phases
@@ -234,12 +155,12 @@ async def compare(run: Run, o: ScenarioOptions) -> ScenarioResult:
         Check(
             "CPU per delivery, dispatcher / bare pipeline",
             "informational",
-            _ratio(cpu_d, cpu_b),
+            ratio_of(cpu_d, cpu_b),
             None,
             f"{cpu_d:.0f} vs {cpu_b:.0f} CPU ms per 1k deliveries",
         )
     )
-    _integrity(res)
+    integrity(res)
     return res
 
 
@@ -269,7 +190,7 @@ async def fanout3(run: Run, o: ScenarioOptions) -> ScenarioResult:
                 replace(spec, name="baseline-3-subscribers", consumer=BASELINE, subscribers=3)
             )
         )
-    ratio = _ratio(statistics.median(three), statistics.median(one))
+    ratio = ratio_of(statistics.median(three), statistics.median(one))
     res.summary = {
         "one_subscriber_deliveries_per_s": one,
         "three_subscribers_deliveries_per_s": three,
@@ -284,7 +205,7 @@ async def fanout3(run: Run, o: ScenarioOptions) -> ScenarioResult:
             f"{statistics.median(three):.0f} vs {statistics.median(one):.0f}/s",
         )
     )
-    _integrity(res)
+    integrity(res)
     return res
 
 
@@ -325,7 +246,7 @@ async def latency(run: Run, o: ScenarioOptions) -> ScenarioResult:
             lat["p99"] is not None and lat["p99"] < 25,
         )
     )
-    _integrity(res)
+    integrity(res)
     return res
 
 
@@ -359,28 +280,8 @@ async def backlog(run: Run, o: ScenarioOptions) -> ScenarioResult:
             f"drained in {drain:.1f}s at {p.deliveries_per_s:.0f}/s",
         )
     )
-    _integrity(res)
+    integrity(res)
     return res
-
-
-def rss_growth(phase: PhaseResult, warmup: float = 60.0) -> dict[str, float]:
-    """RSS growth after warm-up: last minute vs the minute after warm-up, and the trend."""
-    pts = [(t, r) for t, r in phase.rss_timeline if t >= warmup]
-    if len(pts) < 4:
-        return {"growth_mib": 0.0, "slope_mib_per_10min": 0.0, "samples": len(pts)}
-    t = np.array([x for x, _ in pts])
-    r = np.array([y for _, y in pts])
-    end = t.max()
-    early = r[t <= warmup + 60]
-    late = r[t >= end - 60]
-    slope = float(np.polyfit(t, r, 1)[0]) * 600
-    return {
-        "growth_mib": round(float(np.median(late) - np.median(early)), 2),
-        "slope_mib_per_10min": round(slope, 2),
-        "samples": len(pts),
-        "rss_after_warmup_mib": round(float(np.median(early)), 1),
-        "rss_at_end_mib": round(float(np.median(late)), 1),
-    }
 
 
 async def soak(run: Run, o: ScenarioOptions) -> ScenarioResult:
@@ -410,7 +311,7 @@ async def soak(run: Run, o: ScenarioOptions) -> ScenarioResult:
             f"trend {g['slope_mib_per_10min']} MiB per 10 min",
         )
     )
-    _integrity(res)
+    integrity(res)
     return res
 
 
@@ -439,7 +340,7 @@ async def hol(run: Run, o: ScenarioOptions) -> ScenarioResult:
         )
     )
     res.phases += [healthy, hung]
-    ratio = _ratio(hung.focus_per_s, healthy.focus_per_s)
+    ratio = ratio_of(hung.focus_per_s, healthy.focus_per_s)
     res.summary = {
         "healthy_two_deliveries_per_s": healthy.focus_per_s,
         "with_one_hanging_deliveries_per_s": hung.focus_per_s,
@@ -455,7 +356,7 @@ async def hol(run: Run, o: ScenarioOptions) -> ScenarioResult:
             f"{hung.focus_per_s:.0f} vs {healthy.focus_per_s:.0f}/s",
         )
     )
-    _integrity(res)
+    integrity(res)
     return res
 
 
@@ -502,7 +403,7 @@ async def smoke(run: Run, o: ScenarioOptions) -> ScenarioResult:
             str(acc.dead_letter_reasons),
         )
     )
-    r = _ratio(disp.deliveries_per_s, base.deliveries_per_s)
+    r = ratio_of(disp.deliveries_per_s, base.deliveries_per_s)
     res.checks.append(
         Check(
             "dispatcher / baseline deliveries/s (rate-limited: not a target)",
@@ -511,7 +412,7 @@ async def smoke(run: Run, o: ScenarioOptions) -> ScenarioResult:
             None,
         )
     )
-    _integrity(res)
+    integrity(res)
     return res
 
 
@@ -540,7 +441,7 @@ async def ab(run: Run, o: ScenarioOptions) -> ScenarioResult:
         res.phases += [b, a]
         before.append(b.deliveries_per_s)
         after.append(a.deliveries_per_s)
-    ratio = _ratio(statistics.median(after), statistics.median(before))
+    ratio = ratio_of(statistics.median(after), statistics.median(before))
     cpu = {
         k: statistics.median(
             p.process["cpu_ms_per_1k_deliveries"] or 0
@@ -575,23 +476,8 @@ async def ab(run: Run, o: ScenarioOptions) -> ScenarioResult:
             f"CPU ms per 1k deliveries {cpu['before']:.0f} -> {cpu['after']:.0f}",
         )
     )
-    _integrity(res)
+    integrity(res)
     return res
-
-
-MiB = 1024 * 1024
-
-
-def _parked(p: PhaseResult) -> float:
-    """Deliveries the dispatcher parked (lane full, breaker open) during the phase."""
-    return sum(
-        v for k, v in p.dispatcher_counters.items() if k.startswith("dispatcher_parked_total")
-    )
-
-
-def _most(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return max(present) if present else None
 
 
 async def accounts(run: Run, o: ScenarioOptions) -> ScenarioResult:
@@ -652,7 +538,7 @@ async def accounts(run: Run, o: ScenarioOptions) -> ScenarioResult:
     res.phases.append(live)
     large = [p for p in res.phases if p.spec.accounts == big]
 
-    startup = _most([p.startup_s for p in large])
+    startup = most([p.startup_s for p in large])
     res.checks.append(
         Check(
             f"start-up with {big.subscribers} subscribers in {big.files} files "
@@ -685,7 +571,7 @@ async def accounts(run: Run, o: ScenarioOptions) -> ScenarioResult:
             f"{live.spec.rate:g}/s: {live.accounting.published} events, lost {lost}",
         )
     )
-    rss = _most([p.process["peak_rss_per_worker_mib"] for p in large])
+    rss = most([p.process["peak_rss_per_worker_mib"] for p in large])
     res.checks.append(
         Check(
             f"peak RSS per worker with {big.subscribers} subscribers",
@@ -693,12 +579,12 @@ async def accounts(run: Run, o: ScenarioOptions) -> ScenarioResult:
             rss,
             rss is not None and rss <= 300,
             f"{o.workers} worker(s); whole tree up to "
-            f"{_most([p.process['peak_rss_mib'] for p in large])} MiB",
+            f"{most([p.process['peak_rss_mib'] for p in large])} MiB",
         )
     )
     censuses = [c for p in large for c in p.broker]
-    consumers = _most([c["consumers"] for c in censuses])
-    queues = _most([c["queues"] for c in censuses])
+    consumers = most([c["consumers"] for c in censuses])
+    queues = most([c["queues"] for c in censuses])
     res.checks.append(
         Check(
             "broker consumers on the phase's queues (most seen)",
@@ -714,7 +600,7 @@ async def accounts(run: Run, o: ScenarioOptions) -> ScenarioResult:
         )
     )
     sizes = [(p.spec.name, k, v) for p in large for k, v in p.metrics_bytes.items()]
-    biggest = _most([v for _, _, v in sizes])
+    biggest = most([v for _, _, v in sizes])
     res.checks.append(
         Check(
             "/metrics size (bytes, largest read)",
@@ -724,9 +610,9 @@ async def accounts(run: Run, o: ScenarioOptions) -> ScenarioResult:
             "; ".join(f"{n} at {k}: {v}" for n, k, v in sizes if v is not None),
         )
     )
-    ratio = _ratio(statistics.median(big_rate), statistics.median(small_rate))
+    ratio = ratio_of(statistics.median(big_rate), statistics.median(small_rate))
     drained = [p for p in res.phases if p.spec.preload]
-    parked = {p.spec.name: int(_parked(p)) for p in drained}
+    parked = {p.spec.name: int(parked_deliveries(p)) for p in drained}
     res.checks.append(
         Check(
             f"events/s delivered with {big.subscribers} subscribers / with 2 (median of rounds)",
@@ -735,7 +621,7 @@ async def accounts(run: Run, o: ScenarioOptions) -> ScenarioResult:
             ratio >= 0.9,
             f"{statistics.median(big_rate):.0f} vs {statistics.median(small_rate):.0f} events/s; "
             "rounds: "
-            + ", ".join(f"{_ratio(b, a):.3f}" for b, a in zip(big_rate, small_rate, strict=True))
+            + ", ".join(f"{ratio_of(b, a):.3f}" for b, a in zip(big_rate, small_rate, strict=True))
             + "; deliveries parked: "
             + ", ".join(f"{k} {v}" for k, v in parked.items()),
         )
@@ -780,8 +666,8 @@ async def accounts(run: Run, o: ScenarioOptions) -> ScenarioResult:
         "broker": {p.spec.name: p.broker for p in large},
         "metrics_bytes": {p.spec.name: p.metrics_bytes for p in res.phases},
     }
-    _workers_check(res, o.workers)
-    _integrity(res)
+    workers_check(res, o.workers)
+    integrity(res)
     return res
 
 
@@ -810,7 +696,7 @@ async def batch(run: Run, o: ScenarioOptions) -> ScenarioResult:
         res.phases += [u, b]
         single.append(u.deliveries_per_s)
         batched.append(b.deliveries_per_s)
-    ratio = _ratio(statistics.median(batched), statistics.median(single))
+    ratio = ratio_of(statistics.median(batched), statistics.median(single))
     sizes = []
     for p in res.phases:
         if p.spec.batch is not None:
@@ -823,7 +709,7 @@ async def batch(run: Run, o: ScenarioOptions) -> ScenarioResult:
         "mean_batch_size": sizes,
         "batch": BATCH,
     }
-    per_round = ", ".join(f"{_ratio(b, u):.2f}" for b, u in zip(batched, single, strict=True))
+    per_round = ", ".join(f"{ratio_of(b, u):.2f}" for b, u in zip(batched, single, strict=True))
     res.checks.append(
         Check(
             f"events/s to a batched subscriber ({BATCH}) / the same unbatched (median of rounds)",
@@ -854,7 +740,7 @@ async def batch(run: Run, o: ScenarioOptions) -> ScenarioResult:
             f"{unbatched_in_batches} batched events to the unbatched one",
         )
     )
-    _integrity(res)
+    integrity(res)
     return res
 
 

@@ -1,5 +1,11 @@
 """A phase's summary: what the runner gathered in, a `PhaseResult` out. No I/O.
 
+`runner.py` starts the processes, publishes and collects; everything it then works out from
+what it collected is here: the records of account endpoints in subscriber order, whether a
+phase received all it is owed (or may heal its failing endpoints), the figures of the
+`PhaseResult` and the line printed when a phase ends. The targets these figures are checked
+against are in `targets.py`.
+
 Throughput and latency come from the receivers' records, CPU and memory from the samplers
 (over the window from the first to the last receipt), accounting from what was published, what
 arrived, the dead letters and what was still pending. With more than `GROUP_ABOVE` subscribers
@@ -9,9 +15,10 @@ arrived, the dead letters and what was still pending. With more than `GROUP_ABOV
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from loadtest.accounting import DeadRecord, SubscriberSpec, account
 from loadtest.generator import Published, PublishStats
@@ -19,9 +26,36 @@ from loadtest.monitor import MiB, TreeSampler
 from loadtest.phases import DISPATCHER, PhaseResult, PhaseSpec
 from loadtest.stats import latency, throughput, timeline
 
-__all__ = ["GROUP_ABOVE", "PhaseData", "summarise"]
+__all__ = [
+    "GROUP_ABOVE",
+    "PhaseData",
+    "all_received",
+    "empty_record",
+    "heal_due",
+    "records_by_path",
+    "result_line",
+    "summarise",
+]
 
 GROUP_ABOVE = 16
+
+
+def empty_record() -> dict[str, Any]:
+    """What an endpoint that received nothing reports (the receivers list only paths they saw)."""
+    return {
+        "ids": [],
+        "published": [],
+        "arrived": [],
+        "received": 0,
+        "unique": 0,
+        "duplicates": 0,
+        "failures": 0,
+        "verify_failures": 0,
+        "reasons": {},
+        "behaviour": {},
+        "requests": 0,
+        "batched": 0,
+    }
 
 
 @dataclass
@@ -53,6 +87,36 @@ class PhaseData:
     broker: list[dict[str, Any]] = field(default_factory=list)
     reload: dict[str, Any] | None = None
     account_endpoints: dict[str, Any] | None = None
+
+
+def records_by_path(
+    paths: Mapping[str, dict[str, Any]], urls: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The receivers' records of account endpoints, in the order of the subscribers' urls;
+    an endpoint nothing reached gets an `empty_record()`."""
+    records = (paths.get(urlsplit(url).path) for url in urls)
+    return [empty_record() if r is None else r for r in records]
+
+
+def all_received(unique: Sequence[int], owed: Sequence[int]) -> bool:
+    """Every subscriber (or the account endpoints summed) received what it is owed."""
+    return all(u >= o for u, o in zip(unique, owed, strict=True))
+
+
+def heal_due(unique: Sequence[int], owed: Sequence[int], heal: Sequence[int]) -> bool:
+    """Time to heal the endpoints in ``heal``: every other endpoint received its share."""
+    return bool(heal) and all(unique[i] >= owed[i] for i in range(len(owed)) if i not in heal)
+
+
+def result_line(result: PhaseResult) -> str:
+    """The one line printed when a phase ends."""
+    thr, lat, proc = result.throughput, result.latency_ms, result.process
+    return (
+        f"{thr['deliveries']} deliveries, {thr['deliveries_per_s']:.0f}/s; "
+        f"p50 {lat['p50'] or 0:.1f} ms p99 {lat['p99'] or 0:.1f} ms; "
+        f"lost {result.accounting.lost}; "
+        f"cpu {proc['cpu_percent']}% peak rss {proc['peak_rss_mib']} MiB"
+    )
 
 
 def _group(sub_id: str, many: bool) -> str:
