@@ -306,20 +306,13 @@ def run(iterations: int, ablation: bool = True) -> list[Result]:
                 lambda: minter.mint(audience=sub.url, webhook_id=event.id, body=body),
                 iterations,
             ),
+            _measure(
+                "per-delivery headers (RequestHeaders.build)",
+                lambda: headers_of(sub, event.id, event.body),
+                iterations,
+            ),
         ]
-
-        async def cases() -> list[Result]:
-            # The token is minted on the pipeline's signing thread: the time until it is back.
-            found = [
-                await _measure_async(
-                    "per-delivery headers (RequestHeaders.build, token signed on its thread)",
-                    lambda: headers_of(sub, event.id, event.body),
-                    iterations,
-                )
-            ]
-            return found + await _pipeline_cases(cfg, minter, body, iterations, ablation)
-
-        results += asyncio.run(cases())
+        results += asyncio.run(_pipeline_cases(cfg, minter, body, iterations, ablation))
     return results
 
 
@@ -373,15 +366,7 @@ def test_bench_mint(benchmark: Any) -> None:
 def test_bench_request_headers(benchmark: Any) -> None:
     with _fixture() as (cfg, _, pipeline, body):
         event = parse_event(body, message_id="lt-bench-1")
-        loop = asyncio.new_event_loop()
-        try:
-            benchmark(
-                lambda: loop.run_until_complete(
-                    pipeline._headers.build(cfg.subscribers[0], event.id, event.body)
-                )
-            )
-        finally:
-            loop.close()
+        benchmark(lambda: pipeline._headers.build(cfg.subscribers[0], event.id, event.body))
 
 
 def test_bench_pipeline_handle(benchmark: Any) -> None:

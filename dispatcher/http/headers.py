@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 
 from dispatcher.config import ALL_ACCOUNTS, SubscriberConfig
-from dispatcher.http.minting import ThreadedMinter
 from dispatcher.names import WEBHOOK_BATCH_SIZE, WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP
 from signing import TokenMinter, sign_hmac
 
@@ -21,8 +20,7 @@ __all__ = ["RequestHeaders"]
 class RequestHeaders:
     """Builds an attempt's headers for a subscriber, with the process's token minter.
 
-    ``observe_mint`` is told how long each token took to mint (seconds). Tokens are signed on
-    the minter's own thread (`ThreadedMinter`), so `build` is a coroutine.
+    ``observe_mint`` is told how long each token took to mint (seconds).
     """
 
     def __init__(
@@ -32,11 +30,11 @@ class RequestHeaders:
         clock: Callable[[], float] = time.time,
         observe_mint: Callable[[float], None] | None = None,
     ) -> None:
-        self._minter = ThreadedMinter(minter) if minter is not None else None
+        self._minter = minter
         self._clock = clock
         self._observe_mint = observe_mint
 
-    async def build(
+    def build(
         self, sub: SubscriberConfig, webhook_id: str, body: bytes, batch_size: int | None = None
     ) -> dict[str, str]:
         ts = int(self._clock())
@@ -48,7 +46,8 @@ class RequestHeaders:
         if batch_size is not None:
             headers[WEBHOOK_BATCH_SIZE] = str(batch_size)
         if sub.uses_jwt and self._minter is not None:
-            token = await self._minter.mint(
+            started = time.perf_counter()
+            token = self._minter.mint(
                 audience=sub.url,
                 webhook_id=webhook_id,
                 body=body,
@@ -57,13 +56,8 @@ class RequestHeaders:
                 algorithm=sub.algorithm,
             )
             if self._observe_mint is not None:
-                self._observe_mint(self._minter.last_seconds)
+                self._observe_mint(time.perf_counter() - started)
             headers["Authorization"] = f"Bearer {token}"
         if sub.uses_hmac:
             headers[WEBHOOK_SIGNATURE] = sign_hmac(sub.hmac_secrets, webhook_id, ts, body)
         return headers
-
-    def close(self) -> None:
-        """Let the signing thread go (shutdown); a later `build` with a token fails."""
-        if self._minter is not None:
-            self._minter.close()

@@ -176,7 +176,6 @@ class Pipeline:
         if pending:
             await asyncio.wait(pending, timeout=5)
         await self.acks.close()
-        self._headers.close()
         return len(pending)
 
     # --- one message -------------------------------------------------------------------------
@@ -477,7 +476,7 @@ class Pipeline:
         m.started()
         try:
             size = event.size if isinstance(event, Batch) else None
-            headers = await self._headers.build(sub, event.id, event.body, size)
+            headers = self._headers.build(sub, event.id, event.body, size)
             started = self._elapsed()
             outcome = await self._sender.post(sub.url, event.body, headers, sub.timeout)
             m.request_time.observe(self._elapsed() - started)
