@@ -21,6 +21,7 @@ What the names look like, for a work queue ``q``:
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 __all__ = [
     "CARRIED_HEADERS",
@@ -51,20 +52,19 @@ __all__ = [
     "WEBHOOK_SIGNATURE",
     "WEBHOOK_TIMESTAMP",
     "WORK_DELIVERY_LIMIT",
-    "control_exchange",
+    "ControlNames",
+    "control_names",
     "dead_exchange",
     "dead_queue",
     "dead_queue_pattern",
     "delay_exchange",
     "due_exchange",
     "is_delay_exchange",
-    "member_queue",
     "parking_exchange",
     "parking_index",
     "parking_queue",
     "parking_queue_pattern",
     "policy_name",
-    "presence_queue",
     "tier_queue",
     "tier_queue_names",
     "tier_queue_pattern",
@@ -135,19 +135,22 @@ def parking_index(queue: str) -> str:
     return f"{parking_exchange(queue)}-index"
 
 
-def control_exchange(queue: str) -> str:
-    """The cluster's fanout exchange, which every process on the queue publishes to."""
-    return f"{queue}.control"
+class ControlNames(NamedTuple):
+    """The cluster's names on a work queue ``q``, declared together: the fanout exchange every
+    process publishes to (``q.control``), the presence queue whose consumer count says how many
+    processes are registered (``q.control.members``), and each process's own queue
+    (``q.control.<member>``, from `member`)."""
+
+    exchange: str
+    presence: str
+
+    def member(self, member: str) -> str:
+        return f"{self.exchange}.{member}"
 
 
-def member_queue(queue: str, member: str) -> str:
-    """One process's own control queue."""
-    return f"{control_exchange(queue)}.{member}"
-
-
-def presence_queue(queue: str) -> str:
-    """The queue whose consumer count says how many processes are registered."""
-    return f"{control_exchange(queue)}.members"
+def control_names(queue: str) -> ControlNames:
+    exchange = f"{queue}.control"
+    return ControlNames(exchange, f"{exchange}.members")
 
 
 # Policies (`dispatcher migrate-queues`): one per kind of queue, with a regular expression that

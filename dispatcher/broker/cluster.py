@@ -67,7 +67,7 @@ from dispatcher.decisions.cluster_shares import (
     Standing,
 )
 from dispatcher.decisions.endpoint_limits import Lane, LaneSet
-from dispatcher.names import presence_queue
+from dispatcher.names import control_names
 from dispatcher.process.metrics import Metrics
 
 __all__ = ["ClusterMember"]
@@ -384,7 +384,9 @@ class ClusterMember:
             # A channel of its own: a failed passive declare closes the channel it runs on.
             probe = await side_channel(self._channel)
             try:
-                declared = await probe.queue_declare(presence_queue(self._cfg.queue), passive=True)
+                declared = await probe.queue_declare(
+                    control_names(self._cfg.queue).presence, passive=True
+                )
                 count = int(declared.consumer_count or 0) or None
             finally:
                 with contextlib.suppress(Exception):

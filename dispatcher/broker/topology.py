@@ -56,19 +56,17 @@ from dispatcher.names import (
     MAX_DELAY_MS,
     NO_DELIVERY_LIMIT,
     WORK_DELIVERY_LIMIT,
-    control_exchange,
+    control_names,
     dead_exchange,
     dead_queue,
     dead_queue_pattern,
     delay_exchange,
     due_exchange,
-    member_queue,
     parking_exchange,
     parking_index,
     parking_queue,
     parking_queue_pattern,
     policy_name,
-    presence_queue,
     tier_queue,
     tier_queue_names,
     tier_queue_pattern,
@@ -409,13 +407,16 @@ async def delete(
     q = cfg.queue
     names = [q, dead_queue(cfg.queue), *tier_queue_names(q)]
     names += [parking_queue(q, sub) for sub in subscribers]
-    names.append(presence_queue(q))
+    names.append(control_names(q).presence)
     names.append(parking_index(q))
     for name in names:
         await channel.queue_delete(name)
-    for name in [dead_exchange(q), due_exchange(q), parking_exchange(q), control_exchange(q)] + [
-        delay_exchange(q, k) for k in range(LEVELS)
-    ]:
+    for name in [
+        dead_exchange(q),
+        due_exchange(q),
+        parking_exchange(q),
+        control_names(q).exchange,
+    ] + [delay_exchange(q, k) for k in range(LEVELS)]:
         await channel.exchange_delete(name)
     if exchange:
         await channel.exchange_delete(cfg.exchange)
@@ -475,11 +476,10 @@ async def declare_control(
     the presence queue is durable (RabbitMQ 4 deprecates transient shared queues), nothing is
     ever routed to it, and the broker removes it once no process has used it for an hour.
     """
-    exchange = await channel.declare_exchange(
-        control_exchange(cfg.queue), ExchangeType.FANOUT, durable=True
-    )
+    names = control_names(cfg.queue)
+    exchange = await channel.declare_exchange(names.exchange, ExchangeType.FANOUT, durable=True)
     own = await channel.declare_queue(
-        member_queue(cfg.queue, member),
+        names.member(member),
         durable=False,
         exclusive=True,
         auto_delete=True,
@@ -491,7 +491,7 @@ async def declare_control(
     )
     await own.bind(exchange, routing_key="")
     presence = await channel.declare_queue(
-        presence_queue(cfg.queue),
+        names.presence,
         durable=True,
         arguments={"x-queue-type": "classic", "x-expires": _PRESENCE_EXPIRES_MS},
     )

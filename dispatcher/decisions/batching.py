@@ -22,7 +22,7 @@ import asyncio
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from dispatcher.config import BatchConfig, SubscriberConfig
 from dispatcher.decisions.events import Event
@@ -41,13 +41,14 @@ def batch_body(bodies: list[bytes]) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """What is sent and settled in place of one event: the same fields the pipeline uses."""
+    """What is sent and settled in place of one event: the fields the pipeline reads of an
+    `Event` (``id``, ``body``, ``account``, ``type``, always ``"batch"``), and ``size``."""
 
+    type: ClassVar[str] = "batch"
     id: str
     body: bytes
     size: int
     account: str | None = None
-    type: str = "batch"
 
 
 @dataclass(slots=True)
