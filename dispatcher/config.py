@@ -505,10 +505,10 @@ def _subscriber(
         assert value is not None
         secrets = _parse_hmac_secrets(value, t.key("hmac_secret_env"))
     cfg = SubscriberConfig(
-        id=sub_id,
-        url=url,
-        events=events,
-        auth=auth,
+        sub_id,
+        url,
+        events,
+        auth,
         hmac_secret_env=secret_env,
         hmac_secrets=secrets,
         timeout=t.take_duration("timeout", 10.0),

@@ -85,13 +85,12 @@ NO_DELIVERY_LIMIT = 2**63 - 1
 
 
 def dead_exchange(queue: str) -> str:
-    """The dead-letter exchange (a fanout to the dead-letter queue of the same name)."""
+    """The dead-letter exchange: a fanout to the dead-letter queue of the same name, the one
+    `dispatcher dlq` reads."""
     return f"{queue}.dead"
 
 
-def dead_queue(queue: str) -> str:
-    """The dead-letter queue `dispatcher dlq` reads."""
-    return f"{queue}.dead"
+dead_queue = dead_exchange  # one name for both
 
 
 def delay_exchange(queue: str, level: int) -> str:
