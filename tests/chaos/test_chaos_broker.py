@@ -166,9 +166,11 @@ async def test_broker_restart_loses_nothing(chaos_config, tmp_path: Path) -> Non
             for batch in batches[:-1]:
                 # Publish a batch (the publisher's link dies with the broker, so one per batch),
                 # let part of it through, then restart the broker under the dispatcher.
+                # The goal is counted before publishing: a fast dispatcher may deliver the whole
+                # batch before publish_many returns.
+                goal = sum(len(e.receipts) for e in server.endpoints.values()) + len(batch) // 3
                 async with Publisher(cfg) as pub:
                     await pub.publish_many(batch)
-                goal = sum(len(e.receipts) for e in server.endpoints.values()) + len(batch) // 3
                 assert await wait_until(
                     lambda g=goal: sum(len(e.receipts) for e in server.endpoints.values()) > g,
                     timeout=30,
