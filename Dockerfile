@@ -24,7 +24,7 @@ COPY signing ./signing
 # The example receiver is not in the wheel: it stays importable from its own directory.
 COPY example_receiver /opt/bounce/example_receiver
 ENV PYTHONPATH=/opt/bounce
-RUN pip install './signing[aiohttp]' . \
+RUN pip install './signing[aiohttp,fast]' . \
  && rm -rf /src \
  && mkdir -p /etc/dispatcher /var/lib/dispatcher/keys /data \
  && chown -R dispatcher:dispatcher /var/lib/dispatcher /data \

@@ -11,7 +11,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml signing/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e './signing[aiohttp]'
+	$(BIN)/python -m pip install --quiet -e './signing[aiohttp,fast]'
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -685,6 +685,7 @@ async def batch(run: Run, o: ScenarioOptions) -> ScenarioResult:
         preload=True,
         workers=o.workers,
         verify=_pick(o.verify, True),
+        prefetch=_pick(o.prefetch, 256),
     )
     single: list[float] = []
     batched: list[float] = []

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .jose import b64url_encode
@@ -23,6 +24,15 @@ from .keys import KeyRing, SigningKey
 __all__ = ["TOKEN_TYPE", "TokenMinter", "body_sha256"]
 
 TOKEN_TYPE = "webhook+jwt"
+
+# The `fast` extra: libsodium's Ed25519, about a third less CPU per token than OpenSSL's.
+_sodium_sign: Callable[[bytes, bytes], bytes] | None
+try:
+    from nacl.bindings import crypto_sign
+
+    _sodium_sign = crypto_sign
+except ImportError:  # pragma: no cover - a test hides it instead
+    _sodium_sign = None
 
 
 def body_sha256(body: bytes) -> str:
@@ -129,6 +139,28 @@ class _Signer:
     def for_key(cls, key: SigningKey) -> _Signer:
         header = {"alg": key.alg, "kid": key.kid, "typ": TOKEN_TYPE}
         private = key.private_key
-        # Ed25519 signatures are already in JWS form; bind the method directly.
-        sign = private.sign if isinstance(private, Ed25519PrivateKey) else key.sign
+        sign: Callable[[bytes], bytes] = key.sign
+        if isinstance(private, Ed25519PrivateKey):
+            # Ed25519 signatures are already in JWS form, and deterministic: libsodium and
+            # OpenSSL give the same 64 bytes for the same key and input.
+            sign = _ed25519_signer(private) if _sodium_sign is not None else private.sign
         return cls(key, b64url_encode(orjson.dumps(header)), sign)
+
+
+def _ed25519_signer(private: Ed25519PrivateKey) -> Callable[[bytes], bytes]:
+    """Signs with libsodium: its secret key is the 32-byte seed followed by the public key, and
+    `crypto_sign` returns the signature followed by the message."""
+    assert _sodium_sign is not None
+    seed = private.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    public = private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    secret = seed + public
+    sodium_sign = _sodium_sign
+
+    def sign(data: bytes) -> bytes:
+        return sodium_sign(data, secret)[:64]
+
+    return sign

@@ -347,7 +347,10 @@ class Pipeline:
             # No more messages come until something is acked: waiting for a fuller batch
             # would wait forever.
             self._batcher.flush()
-        await asyncio.gather(*waits)
+        if len(waits) == 1:  # the usual case: one batched subscriber, no gathering future
+            await waits[0]
+        else:
+            await asyncio.gather(*waits)
 
     def _send_batch(self, sub: SubscriberConfig, members: list[Member]) -> None:
         task = asyncio.get_running_loop().create_task(self._run_batch(sub, members))

@@ -197,3 +197,26 @@ def test_rotation_of_one_algorithm_leaves_the_other_signing(tmp_path: Path) -> N
     mint = functools.partial(minter.mint, audience=AUDIENCE, webhook_id="e", body=b"")
     assert _kid(mint(now=2060, algorithm="ES256")) == new.kid
     assert _kid(mint(now=2060)) == ed.kid
+
+
+def test_libsodium_and_openssl_sign_eddsa_tokens_with_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The `fast` extra changes the CPU a token costs, not the token: Ed25519 is deterministic,
+    so both signers give the same signature, and without libsodium the minter still works."""
+    import signing.tokens as tokens
+
+    assert tokens._sodium_sign is not None, "the dispatcher installs the signing[fast] extra"
+    ring = KeyRing.load(tmp_path, "EdDSA")
+    key = ring.signing_key(time.time(), "EdDSA")
+    fast = tokens._Signer.for_key(key).sign
+    data = b"header.claims" * 20
+    assert fast is not key.private_key.sign
+    assert fast(data) == key.private_key.sign(data)
+
+    monkeypatch.setattr(tokens, "_sodium_sign", None)
+    assert tokens._Signer.for_key(key).sign == key.private_key.sign
+    minted = TokenMinter(ring, issuer=ISSUER, subject=SUBJECT, ttl_seconds=60).mint(
+        audience=AUDIENCE, webhook_id=WEBHOOK_ID, body=BODY
+    )
+    assert _decode_with_pyjwt(minted, ring.jwks())["body_sha256"] == body_sha256(BODY)
