@@ -68,10 +68,11 @@ _CATCH_UP = 0.75
 
 @dataclass(frozen=True, slots=True)
 class Deferred:
-    """Not admitted: how long until the lane could take it (0 when that depends on others) and
-    why (``breaker_open``, ``lane_full``, ``rate_limited``, ``no_share``)."""
+    """Not admitted, and why: ``breaker_open``, ``lane_full``, ``rate_limited`` or ``no_share``.
 
-    delay: float
+    Nothing about when: a deferred delivery is parked, and it comes back when the parking lots
+    consume its queue again (they follow the lane's breaker and shares), not after a delay."""
+
     why: str
 
 
@@ -315,17 +316,16 @@ class Lane:
 
     async def _acquire(self, patient: bool) -> Admitted | Deferred:
         now = self._clock()
-        stay_away = self.breaker.ask(now)
-        if stay_away is not None:
-            return Deferred(stay_away, "breaker_open")
+        if self.breaker.ask(now) is not None:
+            return Deferred("breaker_open")
         slot = Admitted(self.breaker.state is BreakerState.HALF_OPEN)
         if self._budget <= 0 or now > self._fresh.until or self._retired:
             self._drop_probe(slot)
-            return Deferred(0.0, "no_share")
+            return Deferred("no_share")
         if self.used() >= self._budget or self._waiters:
             if not patient and self.waiting >= self.max_waiting:
                 self._drop_probe(slot)
-                return Deferred(0.0, "lane_full")
+                return Deferred("lane_full")
             try:
                 granted = await self._wait(patient)
             except BaseException:
@@ -333,15 +333,14 @@ class Lane:
                 raise
             if not granted:
                 self._drop_probe(slot)
-                return Deferred(0.0, "no_share")
+                return Deferred("no_share")
         else:
             self.in_flight += 1
         if not slot.probe and self.breaker.state is not BreakerState.CLOSED:
             # The breaker opened while this delivery waited: ask again (it may be the probe).
-            stay_away = self.breaker.ask(self._clock())
-            if stay_away is not None:
+            if self.breaker.ask(self._clock()) is not None:
                 self.release(slot, None)
-                return Deferred(stay_away, "breaker_open")
+                return Deferred("breaker_open")
             slot.probe = True
         if not self._interval:
             return slot
@@ -350,7 +349,7 @@ class Lane:
         turn = max(now, self._next_turn)
         if not patient and turn - now > self.max_rate_wait:
             self.release(slot, None)
-            return Deferred(turn - now, "rate_limited")
+            return Deferred("rate_limited")
         self._next_turn = turn + self._interval
         waiting = _TurnWait(turn)
         self._turn_waits.append(waiting)
@@ -368,7 +367,7 @@ class Lane:
             ) > 0:
                 if await waiting.sleep(wait):
                     self.release(slot, None)
-                    return Deferred(0.0, "lane_full" if self._budget > 0 else "no_share")
+                    return Deferred("lane_full" if self._budget > 0 else "no_share")
         except BaseException:
             self.release(slot, None)
             raise
@@ -377,7 +376,7 @@ class Lane:
         now = self._clock()
         if now > self._fresh.until:  # cut off from the others while it waited
             self.release(slot, None)
-            return Deferred(0.0, "no_share")
+            return Deferred("no_share")
         self._last_sent = now
         self._sent.append(now)
         return slot

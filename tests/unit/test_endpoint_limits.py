@@ -32,7 +32,7 @@ async def test_a_full_lane_defers_work_but_a_patient_delivery_waits() -> None:
     lane_ = lane(Clock(), max_in_flight=1)
     first = await lane_.acquire()
     assert isinstance(first, Admitted)
-    assert await lane_.acquire() == Deferred(0.0, "lane_full")
+    assert await lane_.acquire() == Deferred("lane_full")
     waiting = asyncio.create_task(lane_.acquire(patient=True))
     await asyncio.sleep(0.01)
     assert not waiting.done() and (lane_.waiting, lane_.waiting_parked) == (0, 1)
@@ -48,12 +48,15 @@ async def test_a_delivery_that_waited_while_the_breaker_opened_is_not_attempted(
     assert isinstance(first, Admitted)
     waiting = asyncio.create_task(lane_.acquire(patient=True))
     await asyncio.sleep(0.01)
+    opened = clock.now
     lane_.release(first, False)  # the attempt failed: the breaker opens (threshold 1)
     assert lane_.breaker.state is BreakerState.OPEN
-    assert await waiting == Deferred(30.0, "breaker_open")
+    assert await waiting == Deferred("breaker_open")
     assert lane_.in_flight == 0
-    # When the cooldown is over, the next one is the probe.
-    clock.now += 30
+    # Until the cooldown (30 s) is over everything is deferred; then the next one is the probe.
+    clock.now = opened + 29.99
+    assert await lane_.acquire(patient=True) == Deferred("breaker_open")
+    clock.now = opened + 30
     probe = await lane_.acquire(patient=True)
     assert isinstance(probe, Admitted) and probe.probe
     assert lane_.breaker.state is BreakerState.HALF_OPEN
@@ -62,11 +65,18 @@ async def test_a_delivery_that_waited_while_the_breaker_opened_is_not_attempted(
 async def test_a_distant_rate_turn_defers_work_but_not_a_patient_delivery() -> None:
     clock = Clock()
     lane_ = lane(clock, rate_limit=1)
-    lane_.max_rate_wait = 0.0
+    lane_.max_rate_wait = 0.0  # a work-queue delivery waits for no turn at all
     first = await lane_.acquire()
     assert isinstance(first, Admitted)
     lane_.release(first, True)
-    assert await lane_.acquire() == Deferred(1.0, "rate_limited")
+    # The next turn is one interval (1 s) after the first: deferred just before it, sent at it.
+    clock.now = 100.99
+    assert await lane_.acquire() == Deferred("rate_limited")
+    clock.now = 101.0
+    second = await lane_.acquire()
+    assert isinstance(second, Admitted)
+    lane_.release(second, True)
+    assert await lane_.acquire() == Deferred("rate_limited")  # the next turn is at 102
 
     async def advance() -> None:
         await asyncio.sleep(0.01)
@@ -74,7 +84,7 @@ async def test_a_distant_rate_turn_defers_work_but_not_a_patient_delivery() -> N
 
     patient, _ = await asyncio.gather(lane_.acquire(patient=True), advance())
     assert isinstance(patient, Admitted)
-    assert clock.now >= 101.0  # it waited for its turn, one interval after the first
+    assert clock.now >= 102.0  # it waited for its turn, one interval after the second
 
 
 # --- shares of a limit held by several processes ------------------------------------------------
@@ -113,8 +123,8 @@ async def test_a_lane_takes_its_share_and_defers_without_one() -> None:
     last_of_four = Standing(members=4, rank=3, settled=(4, 3))
     lane_ = shared(clock, last_of_four, max_in_flight=2, rate_limit=40)
     assert (lane_.budget, lane_.rate) == (0, 10.0)  # rank 3 of 4: none of 2 slots
-    assert await lane_.acquire() == Deferred(0.0, "no_share")
-    assert await lane_.acquire(patient=True) == Deferred(0.0, "no_share")
+    assert await lane_.acquire() == Deferred("no_share")
+    assert await lane_.acquire(patient=True) == Deferred("no_share")
     assert not lane_.takes_parked
     # Two of the four are gone (agreed): the last is second of two, with one slot and 20/s.
     assert lane_.apply(Standing(members=2, rank=1, settled=(2, 1)))  # it now takes parked
@@ -140,7 +150,7 @@ async def test_losing_every_share_turns_waiting_deliveries_away() -> None:
     waiting = asyncio.create_task(lane_.acquire(patient=True))
     await asyncio.sleep(0.01)
     lane_.apply(Standing(holding=False))  # cut off from the others
-    assert await waiting == Deferred(0.0, "no_share")
+    assert await waiting == Deferred("no_share")
     assert lane_.used() == 1 and lane_.target == 0  # over its share until it ends
 
 
@@ -154,7 +164,7 @@ async def test_a_failed_attempt_keeps_its_slot_until_every_process_could_count_i
     lane_.release(slot, False)
     assert said.sent == [("s", Signal.FAILED)]
     assert (lane_.in_flight, lane_.held, lane_.used()) == (0, 1, 1)
-    assert await lane_.acquire() == Deferred(0.0, "lane_full")
+    assert await lane_.acquire() == Deferred("lane_full")
     # No room here: the others (holding their shares) are told to take parked deliveries too.
     assert said.sent[-1] == ("s", "parking_here")
     said.heard.pop()()  # the failure came back from the broker
@@ -191,7 +201,7 @@ async def test_a_reloaded_lane_counts_the_slots_its_predecessor_still_holds() ->
     new = lanes.lane(after)
     assert new is not old and (new.budget, new.inherited) == (2, 3)
     new.max_waiting = 0
-    assert await new.acquire() == Deferred(0.0, "lane_full")
+    assert await new.acquire() == Deferred("lane_full")
     assert lanes.over(10) == frozenset({"s"})  # 3 taken, share 2
     for slot in slots[:2]:
         old.release(slot, True)  # type: ignore[arg-type]
