@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from dispatcher.broker import parking as parking_module
-from dispatcher.broker.parking import ParkingLots
+from dispatcher.broker.parking import ParkingLots, ParkingTuning
 from dispatcher.clock import Clock
 from dispatcher.config import BreakerConfig, BrokerConfig, SubscriberConfig
 from dispatcher.decisions.circuit_breaker import BreakerState, Signal
@@ -85,9 +85,8 @@ class Rig:
             BrokerConfig(queue="unit.q"),
             handler=handler,
             lanes=self.lanes,
-            park_ttl=60.0,
+            tuning=ParkingTuning(park_ttl=60.0, idle=5.0),
             clock=Clock(wall=self.time, monotonic=self.time, elapsed=self.time),
-            idle=5.0,
         )
 
     def open_breaker(self, open_for: float) -> None:
