@@ -129,6 +129,7 @@ class Dispatcher:
             HttpSender(
                 allow_private_networks=cfg.allow_private_networks,
                 max_response_bytes=cfg.dispatcher.max_response_bytes,
+                clock=self.clock,
             )
         )
 

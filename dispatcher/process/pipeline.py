@@ -105,9 +105,7 @@ class Pipeline:
     ) -> None:
         self._sender = sender
         self._settlement = settlement
-        self._headers = RequestHeaders(
-            minter, clock=clock.wall, observe_mint=metrics.mint_time.observe
-        )
+        self._headers = RequestHeaders(minter, clock=clock, observe_mint=metrics.mint_time.observe)
         self._metrics = metrics
         self._clock = clock.wall  # records: first attempts, ages, publish stamps
         self._elapsed = clock.elapsed  # request times
