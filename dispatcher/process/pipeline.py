@@ -124,7 +124,7 @@ class Pipeline:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._batches: set[asyncio.Task[None]] = set()
         self._batcher = Batcher(self._send_batch)
-        self.acks = Acks(clock=clock.monotonic)
+        self.acks = Acks(clock=clock)
         self._count_events = metrics.events.labels("event")  # resolved once: the hot path
         self.config = config
         self._routing = RoutingTable(config.subscribers)
