@@ -37,12 +37,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from dispatcher.clock import SYSTEM_CLOCK, Clock
 from dispatcher.config import BreakerConfig, SubscriberConfig
 from dispatcher.decisions.circuit_breaker import BreakerState, CircuitBreaker, Signal
 from dispatcher.decisions.cluster_shares import ALONE, Standing
@@ -171,7 +171,7 @@ class Lane:
         max_waiting: int,
         max_rate_wait: float = 1.0,
         on_breaker_change: Callable[[BreakerState, BreakerState, str], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
         standing: Standing = ALONE,
         cluster: ClusterState = _ALWAYS,
         on_refresh: Callable[[Lane], None] | None = None,
@@ -183,7 +183,7 @@ class Lane:
         self.max_rate_wait = max_rate_wait
         self.breaker = CircuitBreaker(breaker, on_change=on_breaker_change)
         self.announcer = announcer
-        self._clock = clock
+        self._clock = clock.monotonic  # breakers, turns, and until when the cluster lets it send
         self._fresh = cluster
         self._on_refresh = on_refresh
         self.stale = False  # the standing changed while the lane was idle: apply it when used
@@ -533,14 +533,15 @@ class LaneSet:
         breaker: BreakerConfig,
         *,
         prefetch: int,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._breaker = breaker
         self._prefetch = prefetch
         # Told of every state change of a current lane's breaker (a replaced lane's stragglers
         # are not passed on): the one notification the parking lots and the metrics follow.
         self._breaker_watchers: list[BreakerWatcher] = []
-        self._clock = clock
+        self._clock = clock  # every lane's
+        self._monotonic = clock.monotonic
         self._lanes: dict[str, Lane] = {}
         self._subs: Mapping[str, SubscriberConfig] = {}
         self._alone = False
@@ -666,7 +667,7 @@ class LaneSet:
         """Another process's breaker for this subscriber announced ``signal``."""
         lane = self._known(sub_id, create=signal in _HOLDING)
         if lane is not None:
-            lane.breaker.heard(signal, self._clock(), open_for=open_for, cooldown=cooldown)
+            lane.breaker.heard(signal, self._monotonic(), open_for=open_for, cooldown=cooldown)
 
     def parked_elsewhere(self, sub_id: str) -> None:
         """Another process parks this subscriber's deliveries for want of room: if this one
@@ -685,12 +686,12 @@ class LaneSet:
         """A member's breaker state, sent to this (joining) process."""
         lane = self._known(sub_id, create=True)
         if lane is not None:
-            lane.breaker.restore(failures, open_for, cooldown, self._clock())
+            lane.breaker.restore(failures, open_for, cooldown, self._monotonic())
 
     def unhealthy(self) -> list[tuple[str, int, float | None, float]]:
         """(subscriber, failures, seconds still open or None, cooldown) of every breaker that
         is not closed with no failures: what a joining process is told."""
-        now = self._clock()
+        now = self._monotonic()
         out = []
         for sub_id, lane in self._lanes.items():
             digest = lane.breaker.digest(now)

@@ -110,9 +110,7 @@ class Pipeline:
         self._clock = clock.wall  # records: first attempts, ages, publish stamps
         self._elapsed = clock.elapsed  # request times
         self._rng = rng or random.Random()
-        self._lanes = LaneSet(
-            config.breaker, prefetch=config.broker.prefetch, clock=clock.monotonic
-        )
+        self._lanes = LaneSet(config.breaker, prefetch=config.broker.prefetch, clock=clock)
         # The lanes own the breakers; the metrics and the log follow the lane set's one
         # notification (the parking lots watch it themselves).
         self._lanes.watch_breakers(self._breaker_changed)

@@ -67,8 +67,9 @@ class Rig:
             return self.queues.setdefault(sub, FakeQueue(sub))
 
         monkeypatch.setattr(parking_module, "declare_parking", declare)
+        clock = Clock(wall=self.time, monotonic=self.time, elapsed=self.time)
         self.lanes = LaneSet(
-            BreakerConfig(failure_threshold=1, cooldown=30), prefetch=64, clock=self.time
+            BreakerConfig(failure_threshold=1, cooldown=30), prefetch=64, clock=clock
         )
         self.lanes.retain({SUB.id}, {SUB.id: SUB})
         self.lane: Lane = self.lanes.lane(SUB)
@@ -86,7 +87,7 @@ class Rig:
             handler=handler,
             lanes=self.lanes,
             tuning=ParkingTuning(park_ttl=60.0, idle=5.0),
-            clock=Clock(wall=self.time, monotonic=self.time, elapsed=self.time),
+            clock=clock,
         )
 
     def open_breaker(self, open_for: float) -> None:
