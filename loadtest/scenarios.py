@@ -72,6 +72,22 @@ def _pick(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
+def _drained(
+    o: ScenarioOptions, events: int, *, verify: bool, name: str = "x", **fields: Any
+) -> PhaseSpec:
+    """A backlog phase: ``events`` (unless --events says otherwise) published before the consumer
+    starts, then drained by ``o.workers`` workers. The throughput scenarios' template: they name
+    each phase they run from it."""
+    return PhaseSpec(
+        name,
+        events=_pick(o.events, events),
+        preload=True,
+        workers=o.workers,
+        verify=_pick(o.verify, verify),
+        **fields,
+    )
+
+
 async def custom(run: Run, o: ScenarioOptions) -> ScenarioResult:
     res = ScenarioResult()
     subs = _pick(o.subscribers, 1)
@@ -102,14 +118,7 @@ async def custom(run: Run, o: ScenarioOptions) -> ScenarioResult:
 async def compare(run: Run, o: ScenarioOptions) -> ScenarioResult:
     res = ScenarioResult()
     rounds = _pick(o.rounds, 3)
-    spec = PhaseSpec(
-        "x",
-        events=_pick(o.events, 20_000),
-        subscribers=1,
-        preload=True,
-        workers=o.workers,
-        verify=_pick(o.verify, False),
-    )
+    spec = _drained(o, 20_000, verify=False)
     base: list[float] = []
     disp: list[float] = []
     for i in range(1, rounds + 1):
@@ -167,13 +176,7 @@ async def compare(run: Run, o: ScenarioOptions) -> ScenarioResult:
 async def fanout3(run: Run, o: ScenarioOptions) -> ScenarioResult:
     res = ScenarioResult()
     rounds = _pick(o.rounds, 2)
-    spec = PhaseSpec(
-        "x",
-        events=_pick(o.events, 15_000),
-        preload=True,
-        workers=o.workers,
-        verify=_pick(o.verify, True),
-    )
+    spec = _drained(o, 15_000, verify=True)
     one: list[float] = []
     three: list[float] = []
     for i in range(1, rounds + 1):
@@ -253,15 +256,7 @@ async def latency(run: Run, o: ScenarioOptions) -> ScenarioResult:
 async def backlog(run: Run, o: ScenarioOptions) -> ScenarioResult:
     res = ScenarioResult()
     p = await run.phase(
-        PhaseSpec(
-            "backlog",
-            events=_pick(o.events, 100_000),
-            preload=True,
-            workers=o.workers,
-            verify=_pick(o.verify, True),
-            profile=o.profile,
-            settle_timeout=600,
-        )
+        _drained(o, 100_000, verify=True, name="backlog", profile=o.profile, settle_timeout=600)
     )
     res.phases.append(p)
     peak = p.process["peak_rss_mib"]
@@ -317,13 +312,11 @@ async def soak(run: Run, o: ScenarioOptions) -> ScenarioResult:
 
 async def hol(run: Run, o: ScenarioOptions) -> ScenarioResult:
     res = ScenarioResult()
-    spec = PhaseSpec(
-        "x",
-        events=_pick(o.events, 30_000),
+    spec = _drained(
+        o,
+        30_000,
+        verify=True,
         subscribers=3,
-        preload=True,
-        workers=o.workers,
-        verify=_pick(o.verify, True),
         focus=(0, 1),
         sub_timeout=o.hang_timeout,
         settle_timeout=600,
@@ -493,16 +486,7 @@ async def accounts(run: Run, o: ScenarioOptions) -> ScenarioResult:
     )
     small = AccountLayout(accounts=1, endpoints=endpoints, files=1, active=1)
     rounds = _pick(o.rounds, 2)
-    spec = PhaseSpec(
-        "x",
-        events=_pick(o.events, 20_000),
-        preload=True,
-        workers=o.workers,
-        verify=_pick(o.verify, True),
-        census=True,
-        settle_timeout=300,
-        profile=False,
-    )
+    spec = _drained(o, 20_000, verify=True, census=True, settle_timeout=300, profile=False)
     many = f"{big.subscribers}-subscribers"
     small_rate: list[float] = []
     big_rate: list[float] = []
@@ -678,15 +662,7 @@ async def batch(run: Run, o: ScenarioOptions) -> ScenarioResult:
     """Issue #16: one subscriber batched vs the same subscriber unbatched, alternating."""
     res = ScenarioResult()
     rounds = _pick(o.rounds, 3)
-    spec = PhaseSpec(
-        "x",
-        events=_pick(o.events, 20_000),
-        subscribers=1,
-        preload=True,
-        workers=o.workers,
-        verify=_pick(o.verify, True),
-        prefetch=_pick(o.prefetch, 256),
-    )
+    spec = _drained(o, 20_000, verify=True, prefetch=_pick(o.prefetch, 256))
     single: list[float] = []
     batched: list[float] = []
     for i in range(1, rounds + 1):

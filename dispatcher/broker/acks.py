@@ -23,11 +23,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import time
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import structlog
+
+from dispatcher.clock import SYSTEM_CLOCK, Clock
 
 __all__ = ["AckChannel", "AckWindow", "Acks"]
 
@@ -56,11 +56,11 @@ class AckWindow:
         channel: AckChannel,
         *,
         max_delay: float = 0.02,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.channel = channel
         self.max_delay = max_delay
-        self._clock = clock
+        self._monotonic = clock.monotonic  # when an ack was settled, for max_delay
         self._order: collections.deque[int] = collections.deque()  # outstanding tags, in order
         self._state: dict[int, int] = {}
         # Acked tags behind one still in flight, in the order they were settled (so oldest
@@ -95,7 +95,7 @@ class AckWindow:
                 return  # settled twice: the first verdict stands
         self._state[tag] = _ACK if ack else _NACK
         if ack:
-            self._settled_at[tag] = self._clock()
+            self._settled_at[tag] = self._monotonic()
         else:
             self._nacks.append(tag)
 
@@ -113,7 +113,7 @@ class AckWindow:
 
         Pure bookkeeping: the caller sends them, in this order, on this channel.
         """
-        now = self._clock() if now is None else now
+        now = self._monotonic() if now is None else now
         frames: list[tuple[str, int, bool]] = []
         # Per loop pass, so nothing here walks every outstanding delivery: with a full
         # prefetch window and one settled per pass, that walk cost more than the ack.
@@ -177,11 +177,10 @@ class AckWindow:
 class Acks:
     """The ack windows of every channel a worker consumes on, flushed once per loop pass."""
 
-    def __init__(
-        self, *, max_delay: float = 0.02, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, *, max_delay: float = 0.02, clock: Clock = SYSTEM_CLOCK) -> None:
         self._max_delay = max_delay
-        self._clock = clock
+        self._clock = clock  # the windows' too
+        self._monotonic = clock.monotonic
         self._windows: dict[int, AckWindow] = {}
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
@@ -213,7 +212,7 @@ class Acks:
 
     def _flush(self) -> None:
         self._scheduled = False
-        now = self._clock()
+        now = self._monotonic()
         deadline: float | None = None
         for key, window in list(self._windows.items()):
             frames = window.plan(now)

@@ -27,7 +27,6 @@ import asyncio
 import base64
 import contextlib
 import sys
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aiormq.abc import AbstractChannel as RawChannel
 
+from dispatcher.clock import SYSTEM_CLOCK, Clock
 from dispatcher.config import Config
 from dispatcher.decisions.events import derive_event_id
 from dispatcher.decisions.records import DeadLetterRecord, Delivery
@@ -131,10 +131,17 @@ class _Reader:
     hands back whatever was not acked, in the order it was fetched."""
 
     def __init__(
-        self, channel: AbstractChannel, raw: RawChannel, queue: AbstractQueue, *, quorum: bool
+        self,
+        channel: AbstractChannel,
+        raw: RawChannel,
+        queue: AbstractQueue,
+        *,
+        quorum: bool,
+        clock: Clock,
     ) -> None:
         self.channel, self._raw, self.queue = channel, raw, queue
         self._quorum = quorum  # read to the end, hand back in chunks
+        self._monotonic = clock.monotonic
         self._last_tag = 0
         self._acked: dict[int, int] = {}  # chunk -> messages acked in it
 
@@ -179,33 +186,37 @@ class _Reader:
     async def _until_ready(self, want: int) -> int:
         """Wait until the queue holds ``want`` ready messages (the chunk is back) or a while has
         passed; returns what it holds then."""
-        deadline = time.monotonic() + _HAND_BACK_WAIT
+        deadline = self._monotonic() + _HAND_BACK_WAIT
         pause = 0.0005
         while True:
             ready = await self._ready()
-            if ready >= want or time.monotonic() > deadline:
+            if ready >= want or self._monotonic() > deadline:
                 return ready
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.02)
 
 
 class _Progress:
-    def __init__(self, what: str, stream: TextIO | None, every: int = 1000) -> None:
+    def __init__(self, what: str, stream: TextIO | None, clock: Clock, every: int = 1000) -> None:
         self._what, self._stream, self._every = what, stream, every
         self.count = 0
-        self._started = time.monotonic()
+        self._monotonic = clock.monotonic
+        self._started = self._monotonic()
 
     def tick(self) -> None:
         self.count += 1
         if self._stream is not None and self.count % self._every == 0:
-            rate = self.count / max(time.monotonic() - self._started, 1e-6)
+            rate = self.count / max(self._monotonic() - self._started, 1e-6)
             print(f"{self._what} {self.count} dead letters ({rate:.0f}/s)", file=self._stream)
 
 
 class DeadLetterTool:
-    def __init__(self, config: Config, *, progress: TextIO | None = sys.stderr) -> None:
+    def __init__(
+        self, config: Config, *, progress: TextIO | None = sys.stderr, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self._cfg = config
         self._progress = progress
+        self._clock = clock
 
     @asynccontextmanager
     async def _reader(self) -> AsyncIterator[_Reader]:
@@ -214,7 +225,8 @@ class DeadLetterTool:
             channel = await connection.channel(publisher_confirms=True)
             queue = await channel.declare_queue(dead_queue(self._cfg.broker.queue), passive=True)
             raw = await channel.get_underlay_channel()
-            reader = _Reader(channel, raw, queue, quorum=self._cfg.broker.queue_type == "quorum")
+            quorum = self._cfg.broker.queue_type == "quorum"
+            reader = _Reader(channel, raw, queue, quorum=quorum, clock=self._clock)
             try:
                 yield reader
             finally:
@@ -238,7 +250,7 @@ class DeadLetterTool:
     ) -> AsyncIterator[tuple[AbstractIncomingMessage, DeadLetter]]:
         """Every dead letter, fetched one at a time and held unacknowledged until the reader
         hands it back; the caller keeps none of them, so memory stays flat however many."""
-        progress = _Progress(what, self._progress)
+        progress = _Progress(what, self._progress, self._clock)
         while True:
             message = await reader.get()
             if message is None:
@@ -335,10 +347,11 @@ class DeadLetterTool:
         return replayed, missing, kept
 
     def _replay_message(self, dl: DeadLetter) -> aio_pika.Message:
+        now = self._clock.wall()
         headers: dict[str, Any] = {k: v for k, v in dl.headers.items() if k in CARRIED_HEADERS}
         sub = dl.record.subscriber
         if sub:
-            headers.update(Delivery(sub, 1, time.time()).headers())
+            headers.update(Delivery(sub, 1, now).headers())
         # Without a subscriber (an invalid event, a broker dead letter) it goes back through
         # the whole pipeline as a new event.
         return aio_pika.Message(
@@ -347,7 +360,7 @@ class DeadLetterTool:
             message_id=dl.record.event_id or derive_event_id(dl.body),
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            timestamp=time.time(),
+            timestamp=now,
         )
 
     async def purge(self, where: Filter = EVERYTHING) -> int:

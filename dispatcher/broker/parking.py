@@ -13,9 +13,9 @@ thousands of endpoints, so a parking queue exists only while it is needed:
     the breaker opens                   its consumer is cancelled; parked deliveries stay
     a cooldown ends                     one parked delivery is fetched (basic.get): the probe
     the breaker closes                  consumed again; its deliveries wait in the lane
-    nothing came for IDLE seconds       the consumer is let go
-    MAX_CONSUMERS queues are consumed   the next one waits for a free slot (oldest first); a
-                                        consumer that held its slot a TURN while others wait
+    nothing came for `idle` seconds     the consumer is let go
+    `max_consumers` queues are consumed the next one waits for a free slot (oldest first); a
+                                        consumer that held its slot a `turn` while others wait
                                         goes to the back of the line
     nobody used the queue for 3 x ttl   the broker deletes it (x-expires)
     a parked delivery waited park_ttl   it expires back into the work queue (x-message-ttl,
@@ -27,7 +27,7 @@ subscriber. A process that starts reads it and looks (passively, in the backgrou
 parking queues it names, so deliveries parked before a restart are consumed as soon as their
 subscriber is healthy, without start-up paying one round trip per configured subscriber.
 Each parking consumer has a channel and prefetch window of its own, so parked deliveries never
-take from the work queue's window.
+take from the work queue's window. The times and the cap above are a `ParkingTuning`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
@@ -42,24 +43,40 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from dispatcher.broker.topology import declare_parking, declare_parking_index, side_channel
+from dispatcher.broker.topology import (
+    PARK_TTL_DEFAULT,
+    declare_parking,
+    declare_parking_index,
+    side_channel,
+)
 from dispatcher.clock import SYSTEM_CLOCK, Clock
 from dispatcher.config import BrokerConfig
 from dispatcher.decisions.circuit_breaker import BreakerState
 from dispatcher.decisions.endpoint_limits import Lane, LaneSet
 from dispatcher.names import parking_index, parking_queue
 
-__all__ = ["ParkingLots", "parking_prefetch"]
+__all__ = ["ParkingLots", "ParkingTuning", "parking_prefetch"]
 
 log = structlog.get_logger("dispatcher.parking")
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
-IDLE = 5.0  # seconds without a parked delivery before a consumer is let go
-MAX_CONSUMERS = 16  # parking queues one process consumes at once; the others wait their turn
-TURN = 60.0  # seconds a consumer may keep its slot while other parking queues wait
 _SWEEP = 5.0
 _TIMER_SLACK = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class ParkingTuning:
+    """How long parked deliveries and parking consumers last, and how many are consumed at once.
+
+    The daemon takes ``park_ttl`` from the retry config; the rest are the defaults in
+    production (tests shorten them to watch a consumer let go or take its turn).
+    """
+
+    park_ttl: float = PARK_TTL_DEFAULT  # then a parked delivery returns to the work queue
+    idle: float = 5.0  # seconds without a parked delivery before a consumer is let go
+    max_consumers: int = 16  # parking queues one process consumes at once; the others wait
+    turn: float = 60.0  # seconds a consumer may keep its slot while other parking queues wait
 
 
 def parking_prefetch(prefetch: int) -> int:
@@ -121,19 +138,16 @@ class ParkingLots:
         *,
         handler: Handler,
         lanes: LaneSet,
-        park_ttl: float,
+        tuning: ParkingTuning = ParkingTuning(),
         clock: Clock = SYSTEM_CLOCK,
-        idle: float = IDLE,
-        max_consumers: int = MAX_CONSUMERS,
     ) -> None:
         self._channel = channel
         self._cfg = cfg
+        self._index = parking_index(cfg.queue)  # where each declare leaves its hint
         self._handler = handler
         self._lanes = lanes
-        self._ttl = park_ttl
+        self.tuning = tuning  # read where it is used, so a test may shorten it on a running worker
         self._clock = clock.monotonic
-        self.idle_after = idle
-        self.max_consumers = max_consumers
         self._waiting: dict[str, _Lot] = {}  # lots that want a consumer slot, oldest first
         self._slots: set[str] = set()  # lots consuming (or starting to)
         self._lots: dict[str, _Lot] = {}
@@ -155,7 +169,7 @@ class ParkingLots:
         delivery's return.
         """
         lot = self._lots.get(sub)
-        if lot is not None and self._clock() - lot.declared_at < self._ttl:
+        if lot is not None and self._clock() - lot.declared_at < self.tuning.park_ttl:
             return
         pending = self._declaring.get(sub)
         if pending is None:
@@ -281,14 +295,15 @@ class ParkingLots:
     # --- queues and consumers --------------------------------------------------------------------
 
     async def _declare(self, sub: str) -> _Lot:
-        queue = await declare_parking(self._channel, self._cfg, sub, park_ttl=self._ttl)
+        park_ttl = self.tuning.park_ttl
+        queue = await declare_parking(self._channel, self._cfg, sub, park_ttl=park_ttl)
         # A hint for whoever starts next, renewed with every declare so the index outlives
         # the queue (not confirmed: losing one costs at most a wait of park_ttl, after which
         # the parked deliveries return to the work queue by themselves).
         with contextlib.suppress(Exception):
             await self._channel.default_exchange.publish(
                 aio_pika.Message(sub.encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                routing_key=parking_index(self._cfg.queue),
+                routing_key=self._index,
             )
         return self._adopt(sub, queue)
 
@@ -296,7 +311,7 @@ class ParkingLots:
         """At start: look for the parking queues the index names (subscribers that parked in
         the last three park_ttl), so deliveries parked before a restart are consumed without
         waiting for a new park. Returns how many subscribers the index named."""
-        index = await declare_parking_index(self._channel, self._cfg, park_ttl=self._ttl)
+        index = await declare_parking_index(self._channel, self._cfg, park_ttl=self.tuning.park_ttl)
         held: dict[str, AbstractIncomingMessage] = {}
         extra: list[AbstractIncomingMessage] = []
         try:
@@ -375,7 +390,7 @@ class ParkingLots:
             want = self._wanted(lot)
             try:
                 if want and lot.tag is None:
-                    if self._consumers() >= self.max_consumers:
+                    if self._consumers() >= self.tuning.max_consumers:
                         self._waiting.setdefault(lot.sub, lot)
                         return
                     self._waiting.pop(lot.sub, None)
@@ -413,7 +428,7 @@ class ParkingLots:
 
     def _next_turn(self) -> None:
         """A slot came free: the lot that waited longest gets it."""
-        while self._waiting and self._consumers() < self.max_consumers:
+        while self._waiting and self._consumers() < self.tuning.max_consumers:
             sub, lot = next(iter(self._waiting.items()))
             del self._waiting[sub]
             if self._wanted(lot):
@@ -426,13 +441,13 @@ class ParkingLots:
 
     async def _sweep_forever(self) -> None:
         while not self._closed:
-            await asyncio.sleep(min(_SWEEP, self.idle_after / 2))
+            await asyncio.sleep(min(_SWEEP, self.tuning.idle / 2))
             await self.sweep()
 
     async def sweep(self) -> None:
         """Let go of consumers that had nothing to do for ``idle`` seconds, and of those that
         held their slot for a whole turn while other parking queues wait."""
-        now = self._clock()
+        now, tuning = self._clock(), self.tuning
         for lot in list(self._lots.values()):
             wanted = self._may_consume(lot.sub)
             waiting = lot.sub in self._waiting  # quiet because it has had no turn yet
@@ -441,10 +456,10 @@ class ParkingLots:
                 # look at every paused lot here, so none waits for a delivery to wake it.
                 self._spawn(self._reconcile(lot))
                 continue
-            quiet = lot.active == 0 and now - lot.last_active >= self.idle_after
+            quiet = lot.active == 0 and now - lot.last_active >= tuning.idle
             if quiet and wanted and lot.probe_timer is None and not waiting:
                 await self._release(lot)
-            elif self._waiting and lot.tag is not None and now - lot.consuming_since >= TURN:
+            elif self._waiting and lot.tag is not None and now - lot.consuming_since >= tuning.turn:
                 await self._yield_turn(lot)
         self._next_turn()
 

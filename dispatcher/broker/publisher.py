@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
 import aio_pika
 import orjson
 
+from dispatcher.clock import SYSTEM_CLOCK, Clock
 from dispatcher.config import Config
 from dispatcher.decisions.events import derive_event_id
 from dispatcher.names import H_PUBLISHED_AT
@@ -48,9 +48,10 @@ def read_events(text: bytes) -> list[bytes]:
 
 
 def event_message(
-    body: bytes, *, doc: dict[str, Any] | None = None
+    body: bytes, *, now: float, doc: dict[str, Any] | None = None
 ) -> tuple[aio_pika.Message, str]:
-    """The AMQP message and routing key a delivery node would publish for ``body``."""
+    """The AMQP message and routing key a delivery node would publish for ``body`` at ``now``
+    (unix seconds)."""
     if doc is None:
         try:
             parsed = orjson.loads(body)
@@ -67,8 +68,8 @@ def event_message(
         message_id=event_id if isinstance(event_id, str) else derive_event_id(body),
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        headers={H_PUBLISHED_AT: int(time.time() * 1000)},
-        timestamp=time.time(),
+        headers={H_PUBLISHED_AT: int(now * 1000)},
+        timestamp=now,
     )
     return message, routing_key
 
@@ -79,6 +80,7 @@ async def publish_events(
     *,
     progress: TextIO | None = sys.stderr,
     batch: int = 200,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> int:
     """Publish with publisher confirms, ``batch`` at a time; returns how many were confirmed."""
     import asyncio
@@ -90,14 +92,14 @@ async def publish_events(
             config.broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
         done = 0
-        started = time.monotonic()
+        wall, monotonic = clock.wall, clock.monotonic
+        started = monotonic()
         for chunk in _chunks(bodies, batch):
-            await asyncio.gather(
-                *(exchange.publish(m, routing_key=k) for m, k in map(event_message, chunk))
-            )
+            messages = (event_message(body, now=wall()) for body in chunk)
+            await asyncio.gather(*(exchange.publish(m, routing_key=k) for m, k in messages))
             done += len(chunk)
             if progress is not None and done % 5000 < batch:
-                rate = done / max(time.monotonic() - started, 1e-6)
+                rate = done / max(monotonic() - started, 1e-6)
                 print(f"published {done} events ({rate:.0f}/s)", file=progress)
         return done
 

@@ -24,7 +24,7 @@ from pamqp.commands import Basic
 from dispatcher.broker.topology import delay_route
 from dispatcher.clock import SYSTEM_CLOCK, Clock
 from dispatcher.config import BrokerConfig
-from dispatcher.decisions.records import Delivery, iso_now
+from dispatcher.decisions.records import Delivery, iso_time
 from dispatcher.decisions.retry_policy import DeadLetter, Park, Retry
 from dispatcher.names import (
     CARRIED_HEADERS,
@@ -51,6 +51,7 @@ class Settlement:
     ) -> None:
         self._channel = channel
         self._cfg = cfg
+        self._wall = clock.wall  # the messages' timestamps
         self._elapsed = clock.elapsed
         self._observe = observe  # (kind, seconds until the broker confirmed)
 
@@ -119,7 +120,8 @@ class Settlement:
         """Park one subscriber's delivery in the delay tiers; it returns to the work queue."""
         name, key = delay_route(self._cfg.queue, delay)
         headers = {**_carried(carry), **delivery.headers(), H_EVENT_TYPE: event_type}
-        await self._publish("retry", name, key, body, _properties(event_id, headers))
+        props = _properties(event_id, headers, self._wall())
+        await self._publish("retry", name, key, body, props)
 
     async def park(
         self,
@@ -137,7 +139,7 @@ class Settlement:
         """
         headers = {**_carried(carry), **delivery.headers(), H_EVENT_TYPE: event_type}
         exchange = parking_exchange(self._cfg.queue)
-        props = _properties(event_id, headers)
+        props = _properties(event_id, headers, self._wall())
         await self._publish("park", exchange, delivery.subscriber, body, props)
 
     async def dead_letter(
@@ -152,16 +154,18 @@ class Settlement:
     ) -> str:
         """Write a dead letter with its record; return the dead letter's id."""
         dead_id = uuid.uuid4().hex
+        now = self._wall()
         headers: dict[str, Any] = {**_carried(carry)}
         if delivery is not None:
             headers.update(delivery.headers())
-        headers.update({H_REASON: reason[:500], H_DEAD_ID: dead_id, H_DEAD_AT: iso_now()})
+        headers.update({H_REASON: reason[:500], H_DEAD_ID: dead_id, H_DEAD_AT: iso_time(now)})
         if event_id:
             headers[H_EVENT_ID] = event_id
         if event_type:
             headers[H_EVENT_TYPE] = event_type
         exchange = dead_exchange(self._cfg.queue)
-        await self._publish("dead_letter", exchange, "", body, _properties(event_id, headers))
+        props = _properties(event_id, headers, now)
+        await self._publish("dead_letter", exchange, "", body, props)
         return dead_id
 
 
@@ -170,13 +174,13 @@ def _carried(headers: Mapping[str, Any]) -> dict[str, Any]:
     return {k: headers[k] for k in CARRIED_HEADERS if k in headers}
 
 
-def _properties(event_id: str | None, headers: dict[str, Any]) -> Basic.Properties:
-    """Persistent JSON with our headers; without an event id the client invents a message id
-    (returns are matched to publishes by it)."""
+def _properties(event_id: str | None, headers: dict[str, Any], now: float) -> Basic.Properties:
+    """Persistent JSON with our headers, stamped ``now`` (unix seconds); without an event id the
+    client invents a message id (returns are matched to publishes by it)."""
     return Basic.Properties(
         content_type="application/json",
         delivery_mode=2,
         message_id=event_id,
-        timestamp=dt.datetime.now(dt.UTC),
+        timestamp=dt.datetime.fromtimestamp(now, dt.UTC),
         headers=headers,
     )

@@ -37,12 +37,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from dispatcher.clock import SYSTEM_CLOCK, Clock
 from dispatcher.config import BreakerConfig, SubscriberConfig
 from dispatcher.decisions.circuit_breaker import BreakerState, CircuitBreaker, Signal
 from dispatcher.decisions.cluster_shares import ALONE, Standing
@@ -68,10 +68,11 @@ _CATCH_UP = 0.75
 
 @dataclass(frozen=True, slots=True)
 class Deferred:
-    """Not admitted: how long until the lane could take it (0 when that depends on others) and
-    why (``breaker_open``, ``lane_full``, ``rate_limited``, ``no_share``)."""
+    """Not admitted, and why: ``breaker_open``, ``lane_full``, ``rate_limited`` or ``no_share``.
 
-    delay: float
+    Nothing about when: a deferred delivery is parked, and it comes back when the parking lots
+    consume its queue again (they follow the lane's breaker and shares), not after a delay."""
+
     why: str
 
 
@@ -170,7 +171,7 @@ class Lane:
         max_waiting: int,
         max_rate_wait: float = 1.0,
         on_breaker_change: Callable[[BreakerState, BreakerState, str], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
         standing: Standing = ALONE,
         cluster: ClusterState = _ALWAYS,
         on_refresh: Callable[[Lane], None] | None = None,
@@ -182,7 +183,7 @@ class Lane:
         self.max_rate_wait = max_rate_wait
         self.breaker = CircuitBreaker(breaker, on_change=on_breaker_change)
         self.announcer = announcer
-        self._clock = clock
+        self._clock = clock.monotonic  # breakers, turns, and until when the cluster lets it send
         self._fresh = cluster
         self._on_refresh = on_refresh
         self.stale = False  # the standing changed while the lane was idle: apply it when used
@@ -315,17 +316,16 @@ class Lane:
 
     async def _acquire(self, patient: bool) -> Admitted | Deferred:
         now = self._clock()
-        stay_away = self.breaker.ask(now)
-        if stay_away is not None:
-            return Deferred(stay_away, "breaker_open")
+        if self.breaker.ask(now) is not None:
+            return Deferred("breaker_open")
         slot = Admitted(self.breaker.state is BreakerState.HALF_OPEN)
         if self._budget <= 0 or now > self._fresh.until or self._retired:
             self._drop_probe(slot)
-            return Deferred(0.0, "no_share")
+            return Deferred("no_share")
         if self.used() >= self._budget or self._waiters:
             if not patient and self.waiting >= self.max_waiting:
                 self._drop_probe(slot)
-                return Deferred(0.0, "lane_full")
+                return Deferred("lane_full")
             try:
                 granted = await self._wait(patient)
             except BaseException:
@@ -333,15 +333,14 @@ class Lane:
                 raise
             if not granted:
                 self._drop_probe(slot)
-                return Deferred(0.0, "no_share")
+                return Deferred("no_share")
         else:
             self.in_flight += 1
         if not slot.probe and self.breaker.state is not BreakerState.CLOSED:
             # The breaker opened while this delivery waited: ask again (it may be the probe).
-            stay_away = self.breaker.ask(self._clock())
-            if stay_away is not None:
+            if self.breaker.ask(self._clock()) is not None:
                 self.release(slot, None)
-                return Deferred(stay_away, "breaker_open")
+                return Deferred("breaker_open")
             slot.probe = True
         if not self._interval:
             return slot
@@ -350,7 +349,7 @@ class Lane:
         turn = max(now, self._next_turn)
         if not patient and turn - now > self.max_rate_wait:
             self.release(slot, None)
-            return Deferred(turn - now, "rate_limited")
+            return Deferred("rate_limited")
         self._next_turn = turn + self._interval
         waiting = _TurnWait(turn)
         self._turn_waits.append(waiting)
@@ -368,7 +367,7 @@ class Lane:
             ) > 0:
                 if await waiting.sleep(wait):
                     self.release(slot, None)
-                    return Deferred(0.0, "lane_full" if self._budget > 0 else "no_share")
+                    return Deferred("lane_full" if self._budget > 0 else "no_share")
         except BaseException:
             self.release(slot, None)
             raise
@@ -377,7 +376,7 @@ class Lane:
         now = self._clock()
         if now > self._fresh.until:  # cut off from the others while it waited
             self.release(slot, None)
-            return Deferred(0.0, "no_share")
+            return Deferred("no_share")
         self._last_sent = now
         self._sent.append(now)
         return slot
@@ -534,14 +533,15 @@ class LaneSet:
         breaker: BreakerConfig,
         *,
         prefetch: int,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._breaker = breaker
         self._prefetch = prefetch
         # Told of every state change of a current lane's breaker (a replaced lane's stragglers
         # are not passed on): the one notification the parking lots and the metrics follow.
         self._breaker_watchers: list[BreakerWatcher] = []
-        self._clock = clock
+        self._clock = clock  # every lane's
+        self._monotonic = clock.monotonic
         self._lanes: dict[str, Lane] = {}
         self._subs: Mapping[str, SubscriberConfig] = {}
         self._alone = False
@@ -667,7 +667,7 @@ class LaneSet:
         """Another process's breaker for this subscriber announced ``signal``."""
         lane = self._known(sub_id, create=signal in _HOLDING)
         if lane is not None:
-            lane.breaker.heard(signal, self._clock(), open_for=open_for, cooldown=cooldown)
+            lane.breaker.heard(signal, self._monotonic(), open_for=open_for, cooldown=cooldown)
 
     def parked_elsewhere(self, sub_id: str) -> None:
         """Another process parks this subscriber's deliveries for want of room: if this one
@@ -686,12 +686,12 @@ class LaneSet:
         """A member's breaker state, sent to this (joining) process."""
         lane = self._known(sub_id, create=True)
         if lane is not None:
-            lane.breaker.restore(failures, open_for, cooldown, self._clock())
+            lane.breaker.restore(failures, open_for, cooldown, self._monotonic())
 
     def unhealthy(self) -> list[tuple[str, int, float | None, float]]:
         """(subscriber, failures, seconds still open or None, cooldown) of every breaker that
         is not closed with no failures: what a joining process is told."""
-        now = self._clock()
+        now = self._monotonic()
         out = []
         for sub_id, lane in self._lanes.items():
             digest = lane.breaker.digest(now)

@@ -36,13 +36,15 @@ from dispatcher.names import (
 __all__ = [
     "DeadLetterRecord",
     "Delivery",
-    "iso_now",
+    "iso_time",
     "published_at",
 ]
 
 
-def iso_now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def iso_time(seconds: float) -> str:
+    """Unix seconds as ISO 8601 in UTC, to the millisecond (a dead letter's time)."""
+    at = dt.datetime.fromtimestamp(seconds, dt.UTC)
+    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _int(value: object, default: int = 0) -> int:

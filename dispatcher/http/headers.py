@@ -7,9 +7,9 @@ agent token (`auth` jwt, jwt+hmac) and the Standard Webhooks signature (`auth` h
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
+from dispatcher.clock import SYSTEM_CLOCK, Clock
 from dispatcher.config import ALL_ACCOUNTS, SubscriberConfig
 from dispatcher.names import WEBHOOK_BATCH_SIZE, WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP
 from signing import TokenMinter, sign_hmac
@@ -27,17 +27,18 @@ class RequestHeaders:
         self,
         minter: TokenMinter | None,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         observe_mint: Callable[[float], None] | None = None,
     ) -> None:
         self._minter = minter
-        self._clock = clock
+        self._wall = clock.wall  # the timestamp (and the token's iat)
+        self._elapsed = clock.elapsed  # how long a token took
         self._observe_mint = observe_mint
 
     def build(
         self, sub: SubscriberConfig, webhook_id: str, body: bytes, batch_size: int | None = None
     ) -> dict[str, str]:
-        ts = int(self._clock())
+        ts = int(self._wall())
         headers = {
             "Content-Type": "application/json",
             WEBHOOK_ID: webhook_id,
@@ -46,7 +47,7 @@ class RequestHeaders:
         if batch_size is not None:
             headers[WEBHOOK_BATCH_SIZE] = str(batch_size)
         if sub.uses_jwt and self._minter is not None:
-            started = time.perf_counter()
+            started = self._elapsed()
             token = self._minter.mint(
                 audience=sub.url,
                 webhook_id=webhook_id,
@@ -56,7 +57,7 @@ class RequestHeaders:
                 algorithm=sub.algorithm,
             )
             if self._observe_mint is not None:
-                self._observe_mint(time.perf_counter() - started)
+                self._observe_mint(self._elapsed() - started)
             headers["Authorization"] = f"Bearer {token}"
         if sub.uses_hmac:
             headers[WEBHOOK_SIGNATURE] = sign_hmac(sub.hmac_secrets, webhook_id, ts, body)

@@ -6,8 +6,7 @@ to a cap (they matter only as a hint in the dead-letter record).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
@@ -15,6 +14,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 
 from dispatcher import __version__
+from dispatcher.clock import SYSTEM_CLOCK, Clock
 from dispatcher.decisions.retry_policy import Outcome, OutcomeKind
 from dispatcher.http.ssrf import BlockedDestination, GuardedResolver, check_literal
 
@@ -24,8 +24,9 @@ USER_AGENT = f"bounce-dispatcher/{__version__}"
 _ERROR_SNIPPET = 200
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if unusable."""
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds, or an HTTP date counted from ``now``,
+    unix seconds); None if unusable."""
     if not value:
         return None
     value = value.strip()
@@ -37,7 +38,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return None
     if when is None:
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return max(0.0, when.timestamp() - now)
 
 
 class HttpSender:
@@ -49,8 +50,10 @@ class HttpSender:
         allow_private_networks: bool,
         max_response_bytes: int = 64 * 1024,
         resolver: AbstractResolver | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._guard = not allow_private_networks
+        self._wall = clock.wall  # what a Retry-After date is counted from
         self._resolver = resolver
         self._max_response_bytes = max_response_bytes
         self._session: aiohttp.ClientSession | None = None
@@ -94,7 +97,7 @@ class HttpSender:
                 timeout=self._timeout(timeout),
             ) as resp:
                 snippet = await self._read_capped(resp)
-                return _classify(resp.status, resp.headers, snippet)
+                return _classify(resp.status, resp.headers, snippet, self._wall)
         except BlockedDestination as exc:
             return Outcome(OutcomeKind.BLOCKED, error=f"blocked_destination: {exc}")
         except aiohttp.ClientConnectorDNSError as exc:
@@ -146,12 +149,17 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())[:_ERROR_SNIPPET]
 
 
-def _classify(status: int, headers: Mapping[str, str], snippet: str) -> Outcome:
+def _classify(
+    status: int, headers: Mapping[str, str], snippet: str, wall: Callable[[], float]
+) -> Outcome:
+    """What a response means; the clock is read only for a throttling one (429, 503)."""
     if 200 <= status < 300:
         return Outcome(OutcomeKind.DELIVERED, status=status)
     if status == 410:
         return Outcome(OutcomeKind.GONE, status=status, error="endpoint_gone: 410 Gone")
-    retry_after = parse_retry_after(headers.get("Retry-After")) if status in (429, 503) else None
+    retry_after = (
+        parse_retry_after(headers.get("Retry-After"), wall()) if status in (429, 503) else None
+    )
     if 300 <= status < 400:
         where = headers.get("Location", "")
         error = f"redirect: {status} to {where[:100]} (redirects are not followed)"

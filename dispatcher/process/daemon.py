@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from dispatcher import __version__
 from dispatcher.broker.cluster import ClusterMember
-from dispatcher.broker.parking import ParkingLots, parking_prefetch
+from dispatcher.broker.parking import ParkingLots, ParkingTuning, parking_prefetch
 from dispatcher.broker.settlement import Settlement
 from dispatcher.broker.topology import declare, queue_depths
 from dispatcher.broker.work_consumer import WorkConsumer
@@ -129,6 +129,7 @@ class Dispatcher:
             HttpSender(
                 allow_private_networks=cfg.allow_private_networks,
                 max_response_bytes=cfg.dispatcher.max_response_bytes,
+                clock=self.clock,
             )
         )
 
@@ -173,7 +174,7 @@ class Dispatcher:
             cfg.broker,
             handler=self.pipeline.handle,
             lanes=self.pipeline.lanes,
-            park_ttl=cfg.retry.park_ttl,
+            tuning=ParkingTuning(park_ttl=cfg.retry.park_ttl),
             clock=self.clock,
         )
         self.pipeline.parking = self.parking

@@ -105,16 +105,12 @@ class Pipeline:
     ) -> None:
         self._sender = sender
         self._settlement = settlement
-        self._headers = RequestHeaders(
-            minter, clock=clock.wall, observe_mint=metrics.mint_time.observe
-        )
+        self._headers = RequestHeaders(minter, clock=clock, observe_mint=metrics.mint_time.observe)
         self._metrics = metrics
         self._clock = clock.wall  # records: first attempts, ages, publish stamps
         self._elapsed = clock.elapsed  # request times
         self._rng = rng or random.Random()
-        self._lanes = LaneSet(
-            config.breaker, prefetch=config.broker.prefetch, clock=clock.monotonic
-        )
+        self._lanes = LaneSet(config.breaker, prefetch=config.broker.prefetch, clock=clock)
         # The lanes own the breakers; the metrics and the log follow the lane set's one
         # notification (the parking lots watch it themselves).
         self._lanes.watch_breakers(self._breaker_changed)
@@ -126,7 +122,7 @@ class Pipeline:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._batches: set[asyncio.Task[None]] = set()
         self._batcher = Batcher(self._send_batch)
-        self.acks = Acks(clock=clock.monotonic)
+        self.acks = Acks(clock=clock)
         self._count_events = metrics.events.labels("event")  # resolved once: the hot path
         self.config = config
         self._routing = RoutingTable(config.subscribers)

@@ -29,7 +29,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +37,7 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from dispatcher.clock import SYSTEM_CLOCK, Clock
 from dispatcher.config import Config
 from dispatcher.process.metrics import MULTIPROC_ENV
 
@@ -104,10 +104,17 @@ class _SupervisorMetrics(Collector):
 
 
 class _Supervisor:
-    def __init__(self, config: Config, workers: int, config_path: str | None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        workers: int,
+        config_path: str | None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self._config = config
         self.n = workers
         self._config_path = config_path
+        self._monotonic = clock.monotonic  # restarts' backoff, the stop deadline
         self._slots = [_Slot(i) for i in range(workers)]
         self._stopping = False
         self._ready_workers = 0.0
@@ -122,7 +129,7 @@ class _Supervisor:
         cmd += ["run", "--workers", "1", "--worker-child"]
         env = dict(os.environ, DISPATCHER_WORKER_INDEX=str(slot.index))
         slot.proc = subprocess.Popen(cmd, env=env, preexec_fn=_child_setup)
-        slot.started_at = time.monotonic()
+        slot.started_at = self._monotonic()
         log.info("worker_started", worker=slot.index, pid=slot.proc.pid)
 
     def alive(self) -> int:
@@ -137,7 +144,7 @@ class _Supervisor:
         """Notice exited workers, forget their live gauges, and restart them (with backoff)."""
         from prometheus_client import multiprocess
 
-        now = time.monotonic()
+        now = self._monotonic()
         for slot in self._slots:
             proc = slot.proc
             if proc is not None:
@@ -234,11 +241,11 @@ class _Supervisor:
         running = [s.proc for s in self._slots if s.proc is not None and s.proc.poll() is None]
         log.info("supervisor_stopping", workers=len(running))
         self._signal_all(signal.SIGTERM)
-        deadline = time.monotonic() + self._config.dispatcher.drain_timeout + _STOP_MARGIN
+        deadline = self._monotonic() + self._config.dispatcher.drain_timeout + _STOP_MARGIN
         clean = True
         for proc in running:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                await asyncio.to_thread(proc.wait, max(0.1, deadline - time.monotonic()))
+                await asyncio.to_thread(proc.wait, max(0.1, deadline - self._monotonic()))
             if proc.poll() is None:
                 log.error("worker_killed", pid=proc.pid, reason="did not stop in time")
                 proc.kill()

@@ -15,7 +15,6 @@ import itertools
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -24,16 +23,14 @@ from typing import Any
 import aio_pika
 import aiohttp
 import orjson
-import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from dispatcher.broker.topology import declare
 from tests.support.harness import Publisher, config_doc, event_body, wait_until
 from tests.support.ports import free_port
+from tests.support.process_tree import live_workers, ready_within, start_supervisor
 from tests.support.timed_receiver import TimedReceivers
 from tests.support.toml_files import write_toml
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 async def _any(rx: TimedReceivers, name: str) -> bool:
@@ -124,35 +121,11 @@ class Instance:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "dispatcher",
-                    "--config",
-                    str(self.toml),
-                    "run",
-                    "--workers",
-                    "2",
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        self.proc = start_supervisor(self.toml, self.log_path)
 
     def workers(self) -> list[int]:
         assert self.proc is not None
-        try:
-            return [
-                c.pid
-                for c in psutil.Process(self.proc.pid).children()
-                if c.status() != psutil.STATUS_ZOMBIE
-            ]
-        except psutil.NoSuchProcess:
-            return []
+        return live_workers(self.proc)
 
     def kill(self) -> None:
         """kill -9 the whole instance: the supervisor and its workers, all at once."""
@@ -168,18 +141,7 @@ class Instance:
         self.proc.send_signal(signal.SIGHUP)
 
     async def ready(self, timeout: float = 40.0) -> bool:
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as http:
-            while time.monotonic() < deadline:
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with http.get(
-                        f"http://127.0.0.1:{self.port}/readyz",
-                        timeout=aiohttp.ClientTimeout(total=2),
-                    ) as resp:
-                        if resp.status == 200:
-                            return True
-                await asyncio.sleep(0.1)
-        return False
+        return await ready_within(f"http://127.0.0.1:{self.port}", timeout)
 
     async def metrics(self) -> dict[str, float]:
         """The merged metrics of the instance's workers, unlabelled series only."""

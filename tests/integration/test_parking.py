@@ -173,8 +173,7 @@ async def test_parking_consumers_are_capped_and_take_turns(make, receivers) -> N
     most = 0
     async with running(cfg) as disp, Publisher(cfg) as pub:
         assert disp.parking is not None
-        disp.parking.max_consumers = 1
-        disp.parking.idle_after = 0.2
+        disp.parking.tuning = replace(disp.parking.tuning, max_consumers=1, idle=0.2)
 
         async def watch() -> None:
             nonlocal most
@@ -225,7 +224,7 @@ async def test_a_removed_subscribers_parked_deliveries_are_dead_lettered(
         # Drained, the removed subscriber's lot is let go once idle; the broker deletes the
         # unused queue itself (x-expires). A healthy subscriber never had a parking queue.
         assert disp.parking is not None and disp.parking.known == ["gone"]
-        disp.parking.idle_after = 0.0
+        disp.parking.tuning = replace(disp.parking.tuning, idle=0.0)
         await disp.parking.sweep()
         assert disp.parking.known == [] and disp.parking.consuming == []
         assert await queue_disappears(cfg, parking_queue(cfg.broker.queue, "keep"), timeout=0.5)

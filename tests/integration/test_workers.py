@@ -7,10 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,14 +19,8 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.harness import Publisher, Receiver, ReceiverServer, event_body, wait_until
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.ports import free_port
+from tests.support.process_tree import live_workers, ready_within, start_supervisor
 
 
 def slowly(seconds: float) -> Callable[..., Any]:
@@ -49,35 +40,11 @@ class Supervised:
         self.http: aiohttp.ClientSession | None = None
 
     def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "dispatcher",
-                    "--config",
-                    str(self.config),
-                    "run",
-                    "--workers",
-                    "2",
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        self.proc = start_supervisor(self.config, self.log_path)
 
     def workers(self) -> set[int]:
         assert self.proc is not None
-        try:
-            return {
-                c.pid
-                for c in psutil.Process(self.proc.pid).children()
-                if c.status() != psutil.STATUS_ZOMBIE
-            }
-        except psutil.NoSuchProcess:
-            return set()
+        return set(live_workers(self.proc))
 
     async def get(self, path: str) -> tuple[int, bytes]:
         assert self.http is not None
@@ -90,12 +57,7 @@ class Supervised:
             return 0, b""
 
     async def ready_within(self, seconds: float) -> bool:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if (await self.get("/readyz"))[0] == 200:
-                return True
-            await asyncio.sleep(0.1)
-        return False
+        return await ready_within(self.base, seconds)
 
     async def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         status, body = await self.get("/metrics")

@@ -313,7 +313,7 @@ class Publisher:
         **props: Any,
     ) -> None:
         assert self._exchange is not None
-        message, key = event_message(body)
+        message, key = event_message(body, now=time.time())
         if message_id is not None:
             message.message_id = message_id
         for name, value in props.items():

@@ -9,9 +9,10 @@ import asyncio
 import pytest
 
 from dispatcher.broker.acks import Acks, AckWindow
+from dispatcher.clock import Clock
 
 
-class Clock:
+class FakeTime:
     def __init__(self) -> None:
         self.now = 0.0
 
@@ -19,9 +20,10 @@ class Clock:
         return self.now
 
 
-def window(max_delay: float = 0.02) -> tuple[AckWindow, Clock]:
-    clock = Clock()
-    return AckWindow(object(), max_delay=max_delay, clock=clock), clock  # type: ignore[arg-type]
+def window(max_delay: float = 0.02) -> tuple[AckWindow, FakeTime]:
+    time = FakeTime()
+    clock = Clock(wall=time, monotonic=time, elapsed=time)
+    return AckWindow(object(), max_delay=max_delay, clock=clock), time  # type: ignore[arg-type]
 
 
 def test_a_settled_run_goes_out_as_one_multiple_ack() -> None:

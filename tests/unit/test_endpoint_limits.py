@@ -9,30 +9,36 @@ from collections.abc import Callable
 
 import pytest
 
+from dispatcher.clock import Clock
 from dispatcher.config import BreakerConfig, SubscriberConfig
 from dispatcher.decisions.circuit_breaker import BreakerState, Signal
 from dispatcher.decisions.cluster_shares import ALONE, Standing
 from dispatcher.decisions.endpoint_limits import Admitted, Deferred, Lane, send_at
 
 
-class Clock:
+class FakeTime:
     def __init__(self) -> None:
         self.now = 100.0
 
     def __call__(self) -> float:
         return self.now
 
+    @property
+    def clock(self) -> Clock:
+        return Clock(wall=self, monotonic=self, elapsed=self)
 
-def lane(clock: Clock, **sub: object) -> Lane:
+
+def lane(time: FakeTime, **sub: object) -> Lane:
     cfg = SubscriberConfig(id="s", url="https://s.example/h", **sub)  # type: ignore[arg-type]
-    return Lane(cfg, BreakerConfig(failure_threshold=1, cooldown=30), max_waiting=0, clock=clock)
+    breaker = BreakerConfig(failure_threshold=1, cooldown=30)
+    return Lane(cfg, breaker, max_waiting=0, clock=time.clock)
 
 
 async def test_a_full_lane_defers_work_but_a_patient_delivery_waits() -> None:
-    lane_ = lane(Clock(), max_in_flight=1)
+    lane_ = lane(FakeTime(), max_in_flight=1)
     first = await lane_.acquire()
     assert isinstance(first, Admitted)
-    assert await lane_.acquire() == Deferred(0.0, "lane_full")
+    assert await lane_.acquire() == Deferred("lane_full")
     waiting = asyncio.create_task(lane_.acquire(patient=True))
     await asyncio.sleep(0.01)
     assert not waiting.done() and (lane_.waiting, lane_.waiting_parked) == (0, 1)
@@ -42,31 +48,41 @@ async def test_a_full_lane_defers_work_but_a_patient_delivery_waits() -> None:
 
 
 async def test_a_delivery_that_waited_while_the_breaker_opened_is_not_attempted() -> None:
-    clock = Clock()
+    clock = FakeTime()
     lane_ = lane(clock, max_in_flight=1)
     first = await lane_.acquire()
     assert isinstance(first, Admitted)
     waiting = asyncio.create_task(lane_.acquire(patient=True))
     await asyncio.sleep(0.01)
+    opened = clock.now
     lane_.release(first, False)  # the attempt failed: the breaker opens (threshold 1)
     assert lane_.breaker.state is BreakerState.OPEN
-    assert await waiting == Deferred(30.0, "breaker_open")
+    assert await waiting == Deferred("breaker_open")
     assert lane_.in_flight == 0
-    # When the cooldown is over, the next one is the probe.
-    clock.now += 30
+    # Until the cooldown (30 s) is over everything is deferred; then the next one is the probe.
+    clock.now = opened + 29.99
+    assert await lane_.acquire(patient=True) == Deferred("breaker_open")
+    clock.now = opened + 30
     probe = await lane_.acquire(patient=True)
     assert isinstance(probe, Admitted) and probe.probe
     assert lane_.breaker.state is BreakerState.HALF_OPEN
 
 
 async def test_a_distant_rate_turn_defers_work_but_not_a_patient_delivery() -> None:
-    clock = Clock()
+    clock = FakeTime()
     lane_ = lane(clock, rate_limit=1)
-    lane_.max_rate_wait = 0.0
+    lane_.max_rate_wait = 0.0  # a work-queue delivery waits for no turn at all
     first = await lane_.acquire()
     assert isinstance(first, Admitted)
     lane_.release(first, True)
-    assert await lane_.acquire() == Deferred(1.0, "rate_limited")
+    # The next turn is one interval (1 s) after the first: deferred just before it, sent at it.
+    clock.now = 100.99
+    assert await lane_.acquire() == Deferred("rate_limited")
+    clock.now = 101.0
+    second = await lane_.acquire()
+    assert isinstance(second, Admitted)
+    lane_.release(second, True)
+    assert await lane_.acquire() == Deferred("rate_limited")  # the next turn is at 102
 
     async def advance() -> None:
         await asyncio.sleep(0.01)
@@ -74,7 +90,7 @@ async def test_a_distant_rate_turn_defers_work_but_not_a_patient_delivery() -> N
 
     patient, _ = await asyncio.gather(lane_.acquire(patient=True), advance())
     assert isinstance(patient, Admitted)
-    assert clock.now >= 101.0  # it waited for its turn, one interval after the first
+    assert clock.now >= 102.0  # it waited for its turn, one interval after the second
 
 
 # --- shares of a limit held by several processes ------------------------------------------------
@@ -97,24 +113,24 @@ class Announcements:
         self.sent.append((lane_.sub.id, "parking_here"))  # type: ignore[arg-type]
 
 
-def shared(clock: Clock, standing: Standing, **sub: object) -> Lane:
+def shared(time: FakeTime, standing: Standing, **sub: object) -> Lane:
     cfg = SubscriberConfig(id="s", url="https://s.example/h", **sub)  # type: ignore[arg-type]
     return Lane(
         cfg,
         BreakerConfig(failure_threshold=3, cooldown=30),
         max_waiting=0,
-        clock=clock,
+        clock=time.clock,
         standing=standing,
     )
 
 
 async def test_a_lane_takes_its_share_and_defers_without_one() -> None:
-    clock = Clock()
+    clock = FakeTime()
     last_of_four = Standing(members=4, rank=3, settled=(4, 3))
     lane_ = shared(clock, last_of_four, max_in_flight=2, rate_limit=40)
     assert (lane_.budget, lane_.rate) == (0, 10.0)  # rank 3 of 4: none of 2 slots
-    assert await lane_.acquire() == Deferred(0.0, "no_share")
-    assert await lane_.acquire(patient=True) == Deferred(0.0, "no_share")
+    assert await lane_.acquire() == Deferred("no_share")
+    assert await lane_.acquire(patient=True) == Deferred("no_share")
     assert not lane_.takes_parked
     # Two of the four are gone (agreed): the last is second of two, with one slot and 20/s.
     assert lane_.apply(Standing(members=2, rank=1, settled=(2, 1)))  # it now takes parked
@@ -122,7 +138,7 @@ async def test_a_lane_takes_its_share_and_defers_without_one() -> None:
 
 
 async def test_a_growing_share_lets_waiting_deliveries_in() -> None:
-    clock = Clock()
+    clock = FakeTime()
     lane_ = shared(clock, Standing(members=2, rank=1, settled=(2, 1)), max_in_flight=2)
     first = await lane_.acquire()
     assert isinstance(first, Admitted) and lane_.budget == 1
@@ -134,18 +150,18 @@ async def test_a_growing_share_lets_waiting_deliveries_in() -> None:
 
 
 async def test_losing_every_share_turns_waiting_deliveries_away() -> None:
-    lane_ = shared(Clock(), ALONE, max_in_flight=1)
+    lane_ = shared(FakeTime(), ALONE, max_in_flight=1)
     first = await lane_.acquire()
     assert isinstance(first, Admitted)
     waiting = asyncio.create_task(lane_.acquire(patient=True))
     await asyncio.sleep(0.01)
     lane_.apply(Standing(holding=False))  # cut off from the others
-    assert await waiting == Deferred(0.0, "no_share")
+    assert await waiting == Deferred("no_share")
     assert lane_.used() == 1 and lane_.target == 0  # over its share until it ends
 
 
 async def test_a_failed_attempt_keeps_its_slot_until_every_process_could_count_it() -> None:
-    clock = Clock()
+    clock = FakeTime()
     lane_ = shared(clock, Standing(members=2, rank=0, settled=(2, 0)), max_in_flight=2)
     said = Announcements()
     lane_.announcer = said
@@ -154,7 +170,7 @@ async def test_a_failed_attempt_keeps_its_slot_until_every_process_could_count_i
     lane_.release(slot, False)
     assert said.sent == [("s", Signal.FAILED)]
     assert (lane_.in_flight, lane_.held, lane_.used()) == (0, 1, 1)
-    assert await lane_.acquire() == Deferred(0.0, "lane_full")
+    assert await lane_.acquire() == Deferred("lane_full")
     # No room here: the others (holding their shares) are told to take parked deliveries too.
     assert said.sent[-1] == ("s", "parking_here")
     said.heard.pop()()  # the failure came back from the broker
@@ -162,7 +178,7 @@ async def test_a_failed_attempt_keeps_its_slot_until_every_process_could_count_i
 
 
 async def test_alone_a_failure_is_announced_but_frees_its_slot_at_once() -> None:
-    lane_ = shared(Clock(), ALONE, max_in_flight=1)
+    lane_ = shared(FakeTime(), ALONE, max_in_flight=1)
     said = Announcements()
     lane_.announcer = said
     slot = await lane_.acquire()
@@ -191,7 +207,7 @@ async def test_a_reloaded_lane_counts_the_slots_its_predecessor_still_holds() ->
     new = lanes.lane(after)
     assert new is not old and (new.budget, new.inherited) == (2, 3)
     new.max_waiting = 0
-    assert await new.acquire() == Deferred(0.0, "lane_full")
+    assert await new.acquire() == Deferred("lane_full")
     assert lanes.over(10) == frozenset({"s"})  # 3 taken, share 2
     for slot in slots[:2]:
         old.release(slot, True)  # type: ignore[arg-type]
@@ -221,7 +237,7 @@ def test_when_a_rate_limited_request_may_go(
 
 
 async def test_a_growing_rate_share_moves_waiting_turns_up() -> None:
-    clock = Clock()
+    clock = FakeTime()
     lane_ = shared(clock, Standing(members=2, rank=0, settled=(2, 0)), rate_limit=20)
     assert lane_.rate == 10
     first = await lane_.acquire()

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import types
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from dispatcher.broker import parking as parking_module
-from dispatcher.broker.parking import ParkingLots
+from dispatcher.broker.parking import ParkingLots, ParkingTuning
 from dispatcher.clock import Clock
 from dispatcher.config import BreakerConfig, BrokerConfig, SubscriberConfig
 from dispatcher.decisions.circuit_breaker import BreakerState, Signal
@@ -67,8 +68,9 @@ class Rig:
             return self.queues.setdefault(sub, FakeQueue(sub))
 
         monkeypatch.setattr(parking_module, "declare_parking", declare)
+        clock = Clock(wall=self.time, monotonic=self.time, elapsed=self.time)
         self.lanes = LaneSet(
-            BreakerConfig(failure_threshold=1, cooldown=30), prefetch=64, clock=self.time
+            BreakerConfig(failure_threshold=1, cooldown=30), prefetch=64, clock=clock
         )
         self.lanes.retain({SUB.id}, {SUB.id: SUB})
         self.lane: Lane = self.lanes.lane(SUB)
@@ -85,13 +87,19 @@ class Rig:
             BrokerConfig(queue="unit.q"),
             handler=handler,
             lanes=self.lanes,
-            park_ttl=60.0,
-            clock=Clock(wall=self.time, monotonic=self.time, elapsed=self.time),
-            idle=5.0,
+            tuning=ParkingTuning(park_ttl=60.0, idle=5.0),
+            clock=clock,
         )
 
     def open_breaker(self, open_for: float) -> None:
         self.lane.breaker.heard(Signal.OPENED, self.time(), open_for=open_for)
+
+    async def declared(self) -> FakeQueue:
+        """The subscriber's queue declared, as its first park does, and the lot settled (consumed
+        or not, as the lane allows)."""
+        await self.lots.ensure(SUB.id)
+        await settled()
+        return self.queues[SUB.id]
 
 
 async def settled() -> None:
@@ -99,13 +107,16 @@ async def settled() -> None:
         await asyncio.sleep(0)
 
 
-async def test_a_lot_is_consumed_only_while_its_breaker_is_closed(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+async def rig(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Rig]:
+    """The lots closed after the test, as the daemon closes them on its way out."""
     rig = Rig(monkeypatch)
-    await rig.lots.ensure("s")
-    await settled()
-    queue = rig.queues["s"]
+    yield rig
+    await rig.lots.close()
+
+
+async def test_a_lot_is_consumed_only_while_its_breaker_is_closed(rig: Rig) -> None:
+    queue = await rig.declared()
     assert rig.lots.consuming == ["s"] and queue.consumer is not None
 
     rig.open_breaker(30.0)  # the lane set tells the lots; nothing else relays it
@@ -119,27 +130,17 @@ async def test_a_lot_is_consumed_only_while_its_breaker_is_closed(
     assert rig.lots.consuming == []
 
 
-async def test_a_lot_declared_while_the_breaker_is_open_waits(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    rig = Rig(monkeypatch)
+async def test_a_lot_declared_while_the_breaker_is_open_waits(rig: Rig) -> None:
     rig.open_breaker(30.0)
-    await rig.lots.ensure("s")
-    await settled()
+    queue = await rig.declared()
     assert rig.lots.known == ["s"] and rig.lots.consuming == []
     await rig.lots.sweep()  # a sweep does not wake a lot its breaker holds back
     await settled()
-    assert rig.lots.consuming == [] and rig.queues["s"].consumes == 0
-    await rig.lots.close()
+    assert rig.lots.consuming == [] and queue.consumes == 0
 
 
-async def test_the_end_of_a_cooldown_fetches_one_parked_delivery_as_the_probe(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    rig = Rig(monkeypatch)
-    await rig.lots.ensure("s")
-    await settled()
-    queue = rig.queues["s"]
+async def test_the_end_of_a_cooldown_fetches_one_parked_delivery_as_the_probe(rig: Rig) -> None:
+    queue = await rig.declared()
     queue.ready.append("parked-1")
     rig.open_breaker(0.0)  # a cooldown that is over at once: the probe timer fires
     await asyncio.sleep(0.1)
@@ -147,35 +148,23 @@ async def test_the_end_of_a_cooldown_fetches_one_parked_delivery_as_the_probe(
     assert rig.handled == ["parked-1"]
     assert rig.lane.breaker.state is BreakerState.CLOSED
     assert rig.lots.consuming == ["s"]  # closed again: consumed
-    await rig.lots.close()
 
 
-async def test_an_idle_lot_is_released_and_a_busy_one_kept(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    rig = Rig(monkeypatch)
-    await rig.lots.ensure("s")
-    await settled()
-    queue = rig.queues["s"]
+async def test_an_idle_lot_is_released_and_a_busy_one_kept(rig: Rig) -> None:
+    queue = await rig.declared()
     rig.time.now += 4.0
     await rig.lots.sweep()
     assert rig.lots.known == ["s"] and rig.lots.consuming == ["s"]  # not idle long enough
     rig.time.now += 1.0
     await rig.lots.sweep()
     assert rig.lots.known == [] and queue.consumer is None and queue.cancels == 1
-    await rig.lots.close()
 
 
-async def test_a_removed_subscribers_lot_is_drained_even_with_its_breaker_open(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    rig = Rig(monkeypatch)
+async def test_a_removed_subscribers_lot_is_drained_even_with_its_breaker_open(rig: Rig) -> None:
     rig.open_breaker(30.0)
-    await rig.lots.ensure("s")
-    await settled()
+    await rig.declared()
     assert rig.lots.consuming == []
     rig.lanes.retain(set(), {})  # the reload's order: lanes first, then the lots
     rig.lots.retain(set())
     await settled()
     assert rig.lots.consuming == ["s"]  # the pipeline dead-letters what it finds
-    await rig.lots.close()

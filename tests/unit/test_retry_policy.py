@@ -20,6 +20,7 @@ from dispatcher.decisions.retry_policy import (
     deferred,
     expired,
 )
+from dispatcher.http.sender import parse_retry_after
 
 POLICY = RetryConfig(schedule=(5, 30, 120), jitter=0.0, max_age=3600)
 OK = Outcome(OutcomeKind.DELIVERED, status=200)
@@ -134,3 +135,19 @@ def test_properties(schedule, jitter, max_age, attempt, outcome, age, seed) -> N
 )
 def test_a_delivery_that_comes_back_too_old_is_not_attempted(age, too_old) -> None:
     assert expired(first_attempt_at=50.0, now=50.0 + age, policy=POLICY) is too_old
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("120", 120.0),
+        (" 7 ", 7.0),
+        ("Wed, 21 Oct 2015 07:29:30 GMT", 90.0),  # a date: counted from the time it is given
+        ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0),  # already past: at once
+        ("soon", None),
+        (None, None),
+    ],
+)
+def test_retry_after_is_read_as_seconds_or_a_date(header, seconds) -> None:
+    now = 1445412480.0  # Wed, 21 Oct 2015 07:28:00 GMT
+    assert parse_retry_after(header, now) == seconds
