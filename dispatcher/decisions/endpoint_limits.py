@@ -5,7 +5,10 @@ queue) so that a slow, saturated or failing subscriber never holds more than its
 consumer's prefetch window and never starves the others:
 
 * at most ``budget`` requests in flight: this process's share of ``max_in_flight``;
-* at most ``max_waiting`` work-queue deliveries queued behind them; beyond that, defer;
+* at most ``room`` of the prefetch window held, in flight and queued behind them together
+  (the whole window for a lone subscriber, at most half of it otherwise); beyond that, defer.
+  The room is the process's, not the share's: a process holding half of ``max_in_flight``
+  queues more behind it, so a healthy subscriber is not parked for the split;
 * at most its share of ``rate_limit`` requests per second: turns evenly spaced, never two sends
   closer than three quarters of a turn, and never more sends in any one second than the share
   rounded up
@@ -168,7 +171,7 @@ class Lane:
         sub: SubscriberConfig,
         breaker: BreakerConfig,
         *,
-        max_waiting: int,
+        room: int,
         max_rate_wait: float = 1.0,
         on_breaker_change: Callable[[BreakerState, BreakerState, str], None] | None = None,
         clock: Clock = SYSTEM_CLOCK,
@@ -179,7 +182,8 @@ class Lane:
         over: set[str] | None = None,
     ) -> None:
         self.sub = sub
-        self.max_waiting = max_waiting
+        self._room = room
+        self.max_waiting = 0  # work-queue deliveries that may queue: the room beyond the budget
         self.max_rate_wait = max_rate_wait
         self.breaker = CircuitBreaker(breaker, on_change=on_breaker_change)
         self.announcer = announcer
@@ -208,6 +212,16 @@ class Lane:
         self._rate = 0.0
         self.apply(standing, new=True)
 
+    @property
+    def room(self) -> int:
+        """How much of the prefetch window this lane may hold: in flight and waiting."""
+        return self._room
+
+    @room.setter
+    def room(self, value: int) -> None:
+        self._room = value
+        self.max_waiting = max(0, value - self._budget)
+
     # --- shares ----------------------------------------------------------------------------------
 
     def apply(self, standing: Standing, *, new: bool = False) -> bool:
@@ -233,6 +247,7 @@ class Lane:
                     self._sent = deque(self._sent, maxlen=per_second)
         self._alone = standing.alone
         self.breaker.prober = standing.prober
+        self.max_waiting = max(0, self._room - self._budget)
         if self._budget <= 0:
             self._turn_away_waiters()
         else:
@@ -610,7 +625,7 @@ class LaneSet:
         self._over &= set(self._lanes)
         self._alone = len(ids) == 1
         for lane in self._lanes.values():
-            lane.max_waiting = self._max_waiting(lane.sub)
+            lane.room = self._room(lane.sub)
 
     # --- the cluster -----------------------------------------------------------------------------
 
@@ -707,12 +722,13 @@ class LaneSet:
             lane.refresh()
         return lane
 
-    def _max_waiting(self, sub: SubscriberConfig) -> int:
+    def _room(self, sub: SubscriberConfig) -> int:
         if self._alone:
             # Nobody else to starve: the only subscriber may wait on the whole window.
-            return max(0, self._prefetch - sub.max_in_flight)
-        # One subscriber may hold at most half of the prefetch window (in flight + waiting).
-        return max(0, min(sub.max_in_flight, self._prefetch // 2 - sub.max_in_flight))
+            return self._prefetch
+        # One subscriber may hold at most half of the prefetch window, and no more than twice
+        # its in-flight limit (in flight + waiting).
+        return min(2 * sub.max_in_flight, self._prefetch // 2)
 
     def _make(self, sub: SubscriberConfig) -> Lane:
         def changed(old: BreakerState, new: BreakerState, why: str) -> None:
@@ -721,7 +737,7 @@ class LaneSet:
         lane = Lane(
             sub,
             self._breaker,
-            max_waiting=self._max_waiting(sub),
+            room=self._room(sub),
             on_breaker_change=changed,
             clock=self._clock,
             standing=self.standing,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -31,7 +32,7 @@ class FakeTime:
 def lane(time: FakeTime, **sub: object) -> Lane:
     cfg = SubscriberConfig(id="s", url="https://s.example/h", **sub)  # type: ignore[arg-type]
     breaker = BreakerConfig(failure_threshold=1, cooldown=30)
-    return Lane(cfg, breaker, max_waiting=0, clock=time.clock)
+    return Lane(cfg, breaker, room=0, clock=time.clock)
 
 
 async def test_a_full_lane_defers_work_but_a_patient_delivery_waits() -> None:
@@ -118,7 +119,7 @@ def shared(time: FakeTime, standing: Standing, **sub: object) -> Lane:
     return Lane(
         cfg,
         BreakerConfig(failure_threshold=3, cooldown=30),
-        max_waiting=0,
+        room=0,
         clock=time.clock,
         standing=standing,
     )
@@ -206,7 +207,7 @@ async def test_a_reloaded_lane_counts_the_slots_its_predecessor_still_holds() ->
     lanes.retain({"s"}, {"s": after})
     new = lanes.lane(after)
     assert new is not old and (new.budget, new.inherited) == (2, 3)
-    new.max_waiting = 0
+    new.room = 0
     assert await new.acquire() == Deferred("lane_full")
     assert lanes.over(10) == frozenset({"s"})  # 3 taken, share 2
     for slot in slots[:2]:
@@ -253,3 +254,34 @@ async def test_a_growing_rate_share_moves_waiting_turns_up() -> None:
         task.cancel()
     await asyncio.gather(*waiting, return_exceptions=True)
     assert lane_.turns == [] and lane_.in_flight == 1
+
+
+async def test_a_lone_subscriber_with_half_the_limit_still_waits_on_the_whole_window() -> None:
+    """The room is the process's prefetch window, not the share's: with its in-flight limit
+    split between two processes, a healthy lone subscriber's deliveries queue in the lane
+    instead of being parked (`lane_full`) for the split."""
+    from dispatcher.decisions.endpoint_limits import LaneSet
+
+    sub = SubscriberConfig(id="s", url="https://s.example/h", max_in_flight=64)
+    lanes = LaneSet(BreakerConfig(), prefetch=256)
+    lanes.retain({"s"}, {"s": sub})
+    lane_ = lanes.lane(sub)
+    assert (lane_.budget, lane_.max_waiting) == (64, 192)
+    lanes.apply(Standing(members=2, rank=0, settled=(2, 0)))
+    assert (lane_.budget, lane_.max_waiting) == (32, 224)
+    held = [await lane_.acquire() for _ in range(32)]
+    assert all(isinstance(slot, Admitted) for slot in held)
+    waiting = [asyncio.create_task(lane_.acquire()) for _ in range(224)]
+    await asyncio.sleep(0.01)
+    assert lane_.waiting == 224 and not any(w.done() for w in waiting)
+    assert await lane_.acquire() == Deferred("lane_full")  # beyond the window: one too many
+    for slot in held:
+        lane_.release(slot, True)  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    assert sum(isinstance(w.result(), Admitted) for w in waiting if w.done()) == 32
+    for w in waiting:
+        w.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    # Beside other subscribers a lane holds at most half of the window, whatever its share.
+    lanes.retain({"s", "t"}, {"s": sub, "t": replace(sub, id="t")})
+    assert (lane_.budget, lane_.max_waiting) == (32, 96)
