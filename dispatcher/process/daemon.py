@@ -29,6 +29,7 @@ from dispatcher.broker.topology import declare, queue_depths
 from dispatcher.broker.work_consumer import WorkConsumer
 from dispatcher.clock import SYSTEM_CLOCK, Clock
 from dispatcher.config import Config, ConfigError, load_config
+from dispatcher.decisions.routing import RoutingTable
 from dispatcher.http.ops import OpsServer
 from dispatcher.http.sender import HttpSender
 from dispatcher.process.metrics import Metrics, render_metrics
@@ -43,6 +44,13 @@ _KEY_REFRESH = 1.0
 _DEPTH_SAMPLE = 5.0
 _METRICS_PRUNE = 60.0
 _JOIN_WAIT = 10.0  # at most this long before consuming without shares (deliveries are parked)
+
+
+def _read_for_reload(path: str | None) -> tuple[Config, RoutingTable]:
+    """What a SIGHUP reads, off the event loop: the config file and its subscribers' routing
+    index (its subscribers are the ones the applied config keeps)."""
+    config = load_config(path)
+    return config, RoutingTable(config.subscribers)
 
 
 class Dispatcher:
@@ -256,8 +264,9 @@ class Dispatcher:
 
     # --- reload ---------------------------------------------------------------------------------
 
-    def reload(self, new: Config | None = None) -> bool:
-        """Apply a new config's subscribers, retry and breaker settings; keep the old on error."""
+    def reload(self, new: Config | None = None, routing: RoutingTable | None = None) -> bool:
+        """Apply a new config's subscribers, retry and breaker settings; keep the old on error.
+        ``routing``: the new subscribers' routing index, when built already."""
         try:
             if new is None:
                 new = load_config(self._config_path)
@@ -282,7 +291,8 @@ class Dispatcher:
             self.keyring.ensure(algorithm)  # a subscriber that asks for a new algorithm
         self.config = merged
         if self.pipeline is not None:
-            self.pipeline.apply(merged)  # routing, lanes, parking and metrics, in that order
+            # routing, lanes, parking and metrics, in that order
+            self.pipeline.apply(merged, routing)
         else:
             self.metrics.retain_subscribers({s.id for s in merged.subscribers})
         log.info("reloaded", subscribers=len(merged.subscribers))
@@ -302,11 +312,11 @@ class Dispatcher:
             self._reload_again = False
             started = self.clock.monotonic()
             try:
-                new = await asyncio.to_thread(load_config, self._config_path)
+                new, routing = await asyncio.to_thread(_read_for_reload, self._config_path)
             except ConfigError as exc:
                 log.error("reload_refused", error=str(exc))
             else:
-                if self.reload(new):
+                if self.reload(new, routing):
                     log.info("reload_took", seconds=round(self.clock.monotonic() - started, 3))
             if not self._reload_again or self._stopping:
                 return

@@ -258,6 +258,29 @@ async def test_apply_updates_routing_lanes_and_metrics_in_one_call(tmp_path: Pat
     assert len(rig.sender.posts) == 1  # routed nowhere now
 
 
+async def test_apply_routes_with_the_index_built_beforehand(tmp_path: Path) -> None:
+    """A SIGHUP builds the routing index in the reload thread; apply then uses that one, and
+    the event goes where the new config says."""
+    from dispatcher.decisions.routing import RoutingTable
+    from dispatcher.process.daemon import _read_for_reload
+
+    rig = Rig(tmp_path, 204)
+    broker = rig.pipeline.config.broker
+    path = tmp_path / "reload.toml"
+    path.write_text(
+        "allow_private_networks = true\n"
+        f"[broker]\nexchange = {broker.exchange!r}\nqueue = {broker.queue!r}\nprefetch = 64\n"
+        f"[signing]\nkeys_dir = {str(tmp_path / 'keys')!r}\n"
+        '[[subscribers]]\nid = "t"\nurl = "http://127.0.0.1:9/other"\nevents = ["*"]\n'
+    )
+    new, routing = _read_for_reload(str(path))
+    assert isinstance(routing, RoutingTable) and [s.id for s in new.subscribers] == ["t"]
+    rig.pipeline.apply(new, routing)
+    assert rig.pipeline._routing is routing
+    await rig.handle(event(1))
+    assert [url for url, _, _ in rig.sender.posts] == ["http://127.0.0.1:9/other"]
+
+
 def _doc(cfg: Config, tmp_path: Path) -> dict[str, Any]:
     return {
         "allow_private_networks": True,
