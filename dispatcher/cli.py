@@ -177,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _describe(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     name = type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{name}: {text}"  # a file, not the network: the path is in the text
     if isinstance(exc, ConnectionError | OSError) or "AMQP" in name or "Connection" in name:
         return f"broker: {text} (is RabbitMQ running and [broker].url right?)"
     return f"{name}: {text}"

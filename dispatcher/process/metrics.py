@@ -42,6 +42,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from dispatcher.clock import SYSTEM_CLOCK, Clock
@@ -415,9 +416,10 @@ class SubscriberMetrics:
 def render_metrics(metrics: Metrics | None, *extra: Collector) -> bytes:
     """The text exposition: the merged view of every worker when ``PROMETHEUS_MULTIPROC_DIR``
     is set (``metrics`` is then ignored), else ``metrics``' own registry."""
-    if _multiprocess_dir():
+    path = _multiprocess_dir()
+    if path:
         reg = CollectorRegistry()
-        multiprocess.MultiProcessCollector(reg)  # type: ignore[no-untyped-call]
+        reg.register(_WorkerValues(path))
     else:
         assert metrics is not None, "render_metrics(None) needs PROMETHEUS_MULTIPROC_DIR"
         reg = metrics.registry
@@ -435,9 +437,41 @@ def live_gauge_sum(name: str) -> float:
     path = _multiprocess_dir()
     if not path:
         return 0.0
-    files = glob.glob(os.path.join(path, "gauge_livesum_*.db"))
+    files = _worker_files(path, "gauge_livesum_*.db")
     total = 0.0
     for family in multiprocess.MultiProcessCollector.merge(files, accumulate=False):  # type: ignore[no-untyped-call]
         if family.name == name:
             total += sum(s.value for s in family.samples)
     return total
+
+
+# A worker's value file holds a 4-byte length first; prometheus_client creates it empty and
+# sizes it a moment later, and reading it in that moment fails (struct.error).
+_FILE_HEADER = 8
+
+
+def _worker_files(path: str, pattern: str = "*.db") -> list[str]:
+    """The workers' value files, less any a worker is creating right now (still empty) or
+    a dead worker's that was just removed."""
+    files = []
+    for name in glob.glob(os.path.join(path, pattern)):
+        try:
+            if os.path.getsize(name) >= _FILE_HEADER:
+                files.append(name)
+        except FileNotFoundError:
+            continue
+    return files
+
+
+class _WorkerValues(Collector):
+    """Every worker's values, merged (prometheus_client's multiprocess collector, reading only
+    the files that are ready to be read)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def collect(self) -> Iterable[Metric]:
+        merged: Iterable[Metric] = multiprocess.MultiProcessCollector.merge(  # type: ignore[no-untyped-call]
+            _worker_files(self._path), accumulate=True
+        )
+        return merged

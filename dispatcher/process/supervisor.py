@@ -26,6 +26,7 @@ import ctypes
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -178,7 +179,7 @@ class _Supervisor:
 
         try:
             self._ready_workers = live_gauge_sum("dispatcher_ready")
-        except (OSError, ValueError) as exc:  # a file being written or removed right now
+        except (OSError, ValueError, struct.error) as exc:  # a file being written or removed
             log.debug("readiness_read_failed", error=str(exc))
 
     def ready(self) -> bool:

@@ -117,9 +117,10 @@ mutations = st.one_of(
 
 
 def _unchanged(mutated: str, body: bytes, token: str) -> bool:
-    """The request still carries the token and body: spaces or tabs around the token are
-    HTTP's white space in the Authorization header, not part of the token."""
-    return (mutated.strip(" \t"), body) == (token, BODY)
+    """The request still carries the token and body. In ``Bearer <token>`` only spaces may
+    stand between the scheme and the token (RFC 7235: ``1*SP``); spaces or tabs after it are
+    the header value's own white space. A tab before the token makes it malformed."""
+    return (mutated.lstrip(" ").rstrip(" \t"), body) == (token, BODY)
 
 
 def _mutate(token: str, body: bytes, mutation: tuple[Any, ...]) -> tuple[str, bytes]:
@@ -176,6 +177,21 @@ def test_mutated_request_with_token_and_hmac_is_never_accepted(
             assert isinstance(runner.run(verifier.verify(headers, body)), dict)
         else:
             _refused(runner, verifier, headers, body)
+
+
+def test_only_spaces_separate_the_scheme_from_the_token(
+    setup: tuple[KeyRing, TokenMinter, bytes],
+) -> None:
+    """``Bearer  <token>`` and a tab or space after the token are HTTP's white space; a tab
+    between the scheme and the token is not (RFC 7235 allows only spaces there)."""
+    ring, minter, _ = setup
+    token = minter.mint(audience=AUDIENCE, webhook_id=WEBHOOK_ID, body=BODY)
+    with asyncio.Runner() as runner:
+        for fine in ("  " + token, token + "\t", token + " \t "):
+            assert isinstance(runner.run(_verifier(ring).verify(headers_for(fine), BODY)), dict)
+        assert _refused(runner, _verifier(ring), headers_for("\t" + token), BODY) == (
+            "malformed_token"
+        )
 
 
 @pytest.mark.parametrize("around", ["\r", "\n", "\x0b", "\x0c", "\xa0", "\u2003"])
