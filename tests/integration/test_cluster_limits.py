@@ -407,7 +407,10 @@ async def test_a_reload_changes_the_limits_in_every_process(
             assert await eventually(done, timeout=60)
         wide = await spans_of(rx, "wide")
     peak_before = wide.until(reloaded_at - 0.3).concurrency()
-    peak_after = wide.concurrency(since=reloaded_at)
+    # Counted from half a second on: a request admitted under the old limit just before its
+    # process reloaded can reach the receiver after the last "reloaded" line is read, when the
+    # box is busy (seen once in CI: 4 at once with the limit at 3).
+    peak_after = wide.concurrency(since=reloaded_at + 0.5)
     print(
         f"\nreload: at most {peak_before} at once with max_in_flight 8, "
         f"{peak_after} after the reload to 3"
