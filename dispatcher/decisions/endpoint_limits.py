@@ -220,7 +220,11 @@ class Lane:
     @room.setter
     def room(self, value: int) -> None:
         self._room = value
-        self.max_waiting = max(0, value - self._budget)
+        self._fit_waiting()
+
+    def _fit_waiting(self) -> None:
+        """What may queue is the room its budget does not use (the budget or the room moved)."""
+        self.max_waiting = max(0, self._room - self._budget)
 
     # --- shares ----------------------------------------------------------------------------------
 
@@ -247,7 +251,7 @@ class Lane:
                     self._sent = deque(self._sent, maxlen=per_second)
         self._alone = standing.alone
         self.breaker.prober = standing.prober
-        self.max_waiting = max(0, self._room - self._budget)
+        self._fit_waiting()
         if self._budget <= 0:
             self._turn_away_waiters()
         else:

@@ -9,20 +9,12 @@ import asyncio
 import pytest
 
 from dispatcher.broker.acks import Acks, AckWindow
-from dispatcher.clock import Clock
-
-
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.fake_time import FakeTime
 
 
 def window(max_delay: float = 0.02) -> tuple[AckWindow, FakeTime]:
     time = FakeTime()
-    clock = Clock(wall=time, monotonic=time, elapsed=time)
+    clock = time.clock
     return AckWindow(object(), max_delay=max_delay, clock=clock), time  # type: ignore[arg-type]
 
 

@@ -10,23 +10,11 @@ from dataclasses import replace
 
 import pytest
 
-from dispatcher.clock import Clock
 from dispatcher.config import BreakerConfig, SubscriberConfig
 from dispatcher.decisions.circuit_breaker import BreakerState, Signal
 from dispatcher.decisions.cluster_shares import ALONE, Standing
 from dispatcher.decisions.endpoint_limits import Admitted, Deferred, Lane, send_at
-
-
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    @property
-    def clock(self) -> Clock:
-        return Clock(wall=self, monotonic=self, elapsed=self)
+from tests.support.fake_time import FakeTime
 
 
 def lane(time: FakeTime, **sub: object) -> Lane:
@@ -36,7 +24,7 @@ def lane(time: FakeTime, **sub: object) -> Lane:
 
 
 async def test_a_full_lane_defers_work_but_a_patient_delivery_waits() -> None:
-    lane_ = lane(FakeTime(), max_in_flight=1)
+    lane_ = lane(FakeTime(100.0), max_in_flight=1)
     first = await lane_.acquire()
     assert isinstance(first, Admitted)
     assert await lane_.acquire() == Deferred("lane_full")
@@ -49,7 +37,7 @@ async def test_a_full_lane_defers_work_but_a_patient_delivery_waits() -> None:
 
 
 async def test_a_delivery_that_waited_while_the_breaker_opened_is_not_attempted() -> None:
-    clock = FakeTime()
+    clock = FakeTime(100.0)
     lane_ = lane(clock, max_in_flight=1)
     first = await lane_.acquire()
     assert isinstance(first, Admitted)
@@ -70,7 +58,7 @@ async def test_a_delivery_that_waited_while_the_breaker_opened_is_not_attempted(
 
 
 async def test_a_distant_rate_turn_defers_work_but_not_a_patient_delivery() -> None:
-    clock = FakeTime()
+    clock = FakeTime(100.0)
     lane_ = lane(clock, rate_limit=1)
     lane_.max_rate_wait = 0.0  # a work-queue delivery waits for no turn at all
     first = await lane_.acquire()
@@ -126,7 +114,7 @@ def shared(time: FakeTime, standing: Standing, **sub: object) -> Lane:
 
 
 async def test_a_lane_takes_its_share_and_defers_without_one() -> None:
-    clock = FakeTime()
+    clock = FakeTime(100.0)
     last_of_four = Standing(members=4, rank=3, settled=(4, 3))
     lane_ = shared(clock, last_of_four, max_in_flight=2, rate_limit=40)
     assert (lane_.budget, lane_.rate) == (0, 10.0)  # rank 3 of 4: none of 2 slots
@@ -139,7 +127,7 @@ async def test_a_lane_takes_its_share_and_defers_without_one() -> None:
 
 
 async def test_a_growing_share_lets_waiting_deliveries_in() -> None:
-    clock = FakeTime()
+    clock = FakeTime(100.0)
     lane_ = shared(clock, Standing(members=2, rank=1, settled=(2, 1)), max_in_flight=2)
     first = await lane_.acquire()
     assert isinstance(first, Admitted) and lane_.budget == 1
@@ -151,7 +139,7 @@ async def test_a_growing_share_lets_waiting_deliveries_in() -> None:
 
 
 async def test_losing_every_share_turns_waiting_deliveries_away() -> None:
-    lane_ = shared(FakeTime(), ALONE, max_in_flight=1)
+    lane_ = shared(FakeTime(100.0), ALONE, max_in_flight=1)
     first = await lane_.acquire()
     assert isinstance(first, Admitted)
     waiting = asyncio.create_task(lane_.acquire(patient=True))
@@ -162,7 +150,7 @@ async def test_losing_every_share_turns_waiting_deliveries_away() -> None:
 
 
 async def test_a_failed_attempt_keeps_its_slot_until_every_process_could_count_it() -> None:
-    clock = FakeTime()
+    clock = FakeTime(100.0)
     lane_ = shared(clock, Standing(members=2, rank=0, settled=(2, 0)), max_in_flight=2)
     said = Announcements()
     lane_.announcer = said
@@ -179,7 +167,7 @@ async def test_a_failed_attempt_keeps_its_slot_until_every_process_could_count_i
 
 
 async def test_alone_a_failure_is_announced_but_frees_its_slot_at_once() -> None:
-    lane_ = shared(FakeTime(), ALONE, max_in_flight=1)
+    lane_ = shared(FakeTime(100.0), ALONE, max_in_flight=1)
     said = Announcements()
     lane_.announcer = said
     slot = await lane_.acquire()
@@ -238,7 +226,7 @@ def test_when_a_rate_limited_request_may_go(
 
 
 async def test_a_growing_rate_share_moves_waiting_turns_up() -> None:
-    clock = FakeTime()
+    clock = FakeTime(100.0)
     lane_ = shared(clock, Standing(members=2, rank=0, settled=(2, 0)), rate_limit=20)
     assert lane_.rate == 10
     first = await lane_.acquire()

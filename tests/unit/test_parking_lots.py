@@ -12,18 +12,10 @@ import pytest
 
 from dispatcher.broker import parking as parking_module
 from dispatcher.broker.parking import ParkingLots, ParkingTuning
-from dispatcher.clock import Clock
 from dispatcher.config import BreakerConfig, BrokerConfig, SubscriberConfig
 from dispatcher.decisions.circuit_breaker import BreakerState, Signal
 from dispatcher.decisions.endpoint_limits import Admitted, Lane, LaneSet
-
-
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.fake_time import FakeTime
 
 
 class FakeQueue:
@@ -60,7 +52,7 @@ SUB = SubscriberConfig(id="s", url="https://s.example/h")
 
 class Rig:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.time = FakeTime()
+        self.time = FakeTime(1000.0)
         self.queues: dict[str, FakeQueue] = {}
         self.handled: list[Any] = []
 
@@ -68,7 +60,7 @@ class Rig:
             return self.queues.setdefault(sub, FakeQueue(sub))
 
         monkeypatch.setattr(parking_module, "declare_parking", declare)
-        clock = Clock(wall=self.time, monotonic=self.time, elapsed=self.time)
+        clock = self.time.clock
         self.lanes = LaneSet(
             BreakerConfig(failure_threshold=1, cooldown=30), prefetch=64, clock=clock
         )

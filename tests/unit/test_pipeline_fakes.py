@@ -11,23 +11,15 @@ from typing import Any
 import orjson
 import pytest
 
-from dispatcher.clock import Clock
 from dispatcher.config import Config, parse_config
 from dispatcher.decisions.circuit_breaker import BreakerState
 from dispatcher.decisions.retry_policy import DeadLetter, Outcome, OutcomeKind, Park, Retry
 from dispatcher.names import H_BATCH_ID, H_BATCH_SIZE
 from dispatcher.process.metrics import Metrics
 from dispatcher.process.pipeline import Pipeline
+from tests.support.fake_time import FakeTime
 
 EXCHANGE = "unit.events"
-
-
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeSender:
@@ -127,7 +119,7 @@ def config(tmp_path: Path, **sub: Any) -> Config:
 
 class Rig:
     def __init__(self, tmp_path: Path, *statuses: int, **sub: Any) -> None:
-        self.time = FakeTime()
+        self.time = FakeTime(1_700_000_000.0)
         self.sender = FakeSender(*statuses)
         self.settlement = FakeSettlement()
         self.channel = FakeChannel()
@@ -138,7 +130,7 @@ class Rig:
             settlement=self.settlement,  # type: ignore[arg-type]
             minter=None,
             metrics=self.metrics,
-            clock=Clock(wall=self.time, monotonic=self.time, elapsed=self.time),
+            clock=self.time.clock,
         )
         self._tag = 0
 
