@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from dispatcher.config import BatchConfig, SubscriberConfig
@@ -51,15 +51,19 @@ class Batch:
     account: str | None = None
 
 
+def _unwatched(_: BaseException | None) -> None:
+    """What a member nobody waits on is told (the batcher's own tests)."""
+
+
 @dataclass(slots=True)
 class Member:
-    """One event waiting in an open batch; ``done`` resolves when its batch is settled."""
+    """One event waiting in an open batch. ``settled`` is called once, when its batch is
+    settled (with None) or could not be (with the exception): a callback, not a future, so a
+    member needs no task waiting on it."""
 
     event: Event
     carry: dict[str, Any]
-    done: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    settled: Callable[[BaseException | None], None] = _unwatched
 
 
 class _Open:

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
+from yarl import URL
 
 from dispatcher import __version__
 from dispatcher.clock import SYSTEM_CLOCK, Clock
@@ -22,6 +23,7 @@ __all__ = ["USER_AGENT", "HttpSender", "parse_retry_after"]
 
 USER_AGENT = f"bounce-dispatcher/{__version__}"
 _ERROR_SNIPPET = 200
+_URL_CACHE_LIMIT = 100_000  # parsed subscriber URLs kept (a provider's endpoints, with room)
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -58,6 +60,9 @@ class HttpSender:
         self._max_response_bytes = max_response_bytes
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        # Each subscriber URL parsed (and, with the guard, checked for a forbidden literal)
+        # once, not per request: the answer depends on the URL alone.
+        self._urls: dict[str, URL | _Blocked] = {}
 
     async def __aenter__(self) -> HttpSender:
         connector = aiohttp.TCPConnector(
@@ -87,10 +92,11 @@ class HttpSender:
         """POST ``body`` and classify the result; never raises for network or HTTP failures."""
         assert self._session is not None, "HttpSender used outside its context"
         try:
-            if self._guard:
-                check_literal(urlsplit(url).hostname or "")
+            target = self._urls.get(url) or self._parse(url)
+            if isinstance(target, _Blocked):
+                raise BlockedDestination(target.why)
             async with self._session.post(
-                url,
+                target,
                 data=body,
                 headers=headers,
                 allow_redirects=False,
@@ -123,6 +129,23 @@ class HttpSender:
                 OutcomeKind.FAILED, error=f"connection: {_one_line(str(exc)) or type(exc).__name__}"
             )
 
+    def _parse(self, url: str) -> URL | _Blocked | str:
+        """The URL to send to, or why it is refused; a URL that does not parse is left to
+        aiohttp (which reports it as a client error) and not kept."""
+        target: URL | _Blocked
+        try:
+            if self._guard:
+                check_literal(urlsplit(url).hostname or "")
+            target = URL(url)
+        except BlockedDestination as exc:
+            target = _Blocked(str(exc))
+        except ValueError:
+            return url
+        if len(self._urls) >= _URL_CACHE_LIMIT:
+            self._urls.clear()
+        self._urls[url] = target
+        return target
+
     def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
         found = self._timeouts.get(seconds)
         if found is None:
@@ -143,6 +166,15 @@ class HttpSender:
         if got >= cap and not resp.content.at_eof():
             resp.close()  # do not download an enormous body; drop the connection instead
         return b"".join(chunks)[:_ERROR_SNIPPET].decode("utf-8", "replace")
+
+
+class _Blocked:
+    """A URL the guard refuses, and why (a fresh exception is raised for each attempt)."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str) -> None:
+        self.why = why
 
 
 def _one_line(text: str) -> str:

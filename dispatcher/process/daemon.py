@@ -211,7 +211,7 @@ class Dispatcher:
         gc.freeze()
         # The work queue is consumed without aio-pika's message objects
         # (dispatcher/broker/work_consumer.py).
-        self._consumer = WorkConsumer(consume_channel, topology.work.name, self.pipeline.handle)
+        self._consumer = WorkConsumer(consume_channel, topology.work.name, self.pipeline.take)
         await self._consumer.start()
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         self._connection.close_callbacks.add(self._on_close)

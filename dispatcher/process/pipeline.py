@@ -120,6 +120,8 @@ class Pipeline:
         # The messages held (taken and not yet acked or handed back): the one count, which the
         # prefetch gauge shows.
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Messages whose events wait in open batches with no task of their own (`take`).
+        self._joined = 0
         self._batches: set[asyncio.Task[None]] = set()
         self._batcher = Batcher(self._send_batch)
         self.acks = Acks(clock=clock)
@@ -156,7 +158,7 @@ class Pipeline:
     @property
     def held(self) -> int:
         """Messages taken from the queue and not yet acked or requeued."""
-        return len(self._tasks)
+        return len(self._tasks) + self._joined
 
     @property
     def lanes(self) -> LaneSet:
@@ -165,9 +167,10 @@ class Pipeline:
     async def drain(self, timeout: float) -> int:
         """Wait for held messages to settle; cancel (and so requeue) what is left. Returns it.
 
-        Open batches are sent first: their members' messages wait on them."""
+        Open batches are sent first: their members' messages wait on them (cancelling a batch
+        hands its members' messages back)."""
         self._batcher.flush()
-        pending = set(self._tasks)
+        pending = self._tasks | self._batches
         if pending:
             _, pending = await asyncio.wait(pending, timeout=timeout)
         for task in pending:
@@ -179,12 +182,91 @@ class Pipeline:
 
     # --- one message -------------------------------------------------------------------------
 
-    async def handle(self, message: InboundMessage) -> None:
-        """The consumer callback. Owns the ack or requeue of ``message``."""
+    def take(self, message: InboundMessage) -> None:
+        """Where the work queue's deliveries start (synchronously, as each arrives).
+
+        A fresh event whose subscribers all take batches joins their open batches at once and
+        needs no task: its message is settled by the batches' callbacks. Anything else gets a
+        task of its own (`handle`), with the event parsed here passed on.
+        """
+        parsed: tuple[Event, tuple[SubscriberConfig, ...]] | None = None
+        try:
+            if not self._is_internal(message.exchange):
+                event = parse_event(
+                    message.body,
+                    message_id=message.message_id,
+                    max_bytes=self.config.broker.max_event_bytes,
+                )
+                parsed = (event, self._routing.targets(event.account, event.type, event.doc))
+        except Exception:  # InvalidEvent (or worse): the task dead-letters it, with the reason
+            parsed = None
+        if parsed is not None and parsed[1] and all(s.batch is not None for s in parsed[1]):
+            self._join(message, *parsed)
+        else:
+            asyncio.get_running_loop().create_task(self.handle(message, parsed))
+
+    def _join(
+        self, message: InboundMessage, event: Event, targets: tuple[SubscriberConfig, ...]
+    ) -> None:
+        """`take` for an event that only batched subscribers want: into their batches, and the
+        message settled when the last of them is."""
+        self.acks.received(message.channel, message.delivery_tag)
+        self._joined += 1
+        self._metrics.prefetch_used.set(self.held)
+        self._count_events.inc()
+        carry = self._carry(message, message.headers or {}, internal=False)
+        if event.account is not None:
+            carry[H_ACCOUNT] = event.account
+        left = len(targets)
+        failure: BaseException | None = None
+
+        def settled(exc: BaseException | None) -> None:
+            nonlocal left, failure
+            left -= 1
+            failure = failure or exc
+            if left == 0:
+                self._joined_settled(message, failure)
+
+        for sub in targets:
+            self._batcher.add(sub, Member(event, carry, settled))
+        if self.held >= self.config.broker.prefetch:
+            self._batcher.flush()  # see _fan_out_with_batches
+
+    def _joined_settled(self, message: InboundMessage, failure: BaseException | None) -> None:
+        if failure is None or isinstance(failure, asyncio.CancelledError):
+            self._joined -= 1
+            self._metrics.prefetch_used.set(self.held)
+            if failure is not None:
+                log.warning("message_handed_back", reason="shutdown", message_id=message.message_id)
+            self._finish(message, _Verdict.ACK if failure is None else _Verdict.REQUEUE)
+            return
+        # A batch that failed (a bug, or the broker link) : decided as `handle` would, on a
+        # task (the broker may have to be waited for).
+        task = asyncio.get_running_loop().create_task(self._joined_failed(message, failure))
+        self._tasks.add(task)
+        self._joined -= 1
+        task.add_done_callback(self._tasks.discard)
+
+    async def _joined_failed(self, message: InboundMessage, exc: BaseException) -> None:
+        verdict = _Verdict.REQUEUE
+        try:
+            if isinstance(exc, Exception):
+                verdict = await self._poisoned(message, exc)
+        finally:
+            self._metrics.prefetch_used.set(self.held - 1)
+            self._finish(message, verdict)
+
+    async def handle(
+        self,
+        message: InboundMessage,
+        parsed: tuple[Event, tuple[SubscriberConfig, ...]] | None = None,
+    ) -> None:
+        """The consumer callback. Owns the ack or requeue of ``message``. ``parsed``: the
+        event and its subscribers, if `take` worked them out already."""
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        self._metrics.prefetch_used.set(len(self._tasks))
+        self._metrics.prefetch_used.set(self.held)
         # (try, not suppress(): no context manager per message)
         try:  # noqa: SIM105
             self.acks.received(message.channel, message.delivery_tag)
@@ -192,7 +274,7 @@ class Pipeline:
             pass  # closed already: whatever happens here, the broker redelivers it
         verdict = _Verdict.REQUEUE
         try:
-            verdict = await self._process(message)
+            verdict = await self._process(message, parsed)
         except asyncio.CancelledError:
             log.warning("message_handed_back", reason="shutdown", message_id=message.message_id)
         except Exception as exc:  # a bug or a broker failure: hand the message back
@@ -205,7 +287,7 @@ class Pipeline:
             verdict = await self._poisoned(message, exc)
         finally:
             self._tasks.discard(task)
-            self._metrics.prefetch_used.set(len(self._tasks))
+            self._metrics.prefetch_used.set(self.held)
             self._finish(message, verdict)
 
     async def _poisoned(self, message: InboundMessage, exc: Exception) -> _Verdict:
@@ -249,14 +331,10 @@ class Pipeline:
             return  # closed already: the broker hands the message to a consumer again
         self.acks.settle(channel, message.delivery_tag, verdict is _Verdict.ACK)
 
-    async def _process(self, message: InboundMessage) -> _Verdict:
-        now = self._clock()
-        headers = message.headers or {}
-        # Our own headers are trusted only on messages that came back through our own delay
-        # tiers or a replay; on anything published to the events exchange they are ignored,
-        # so a publisher cannot narrow an event to one subscriber.
-        internal = self._is_internal(message.exchange)
-        delivery = Delivery.from_headers(headers, now) if internal else None
+    def _carry(
+        self, message: InboundMessage, headers: Mapping[str, Any], *, internal: bool
+    ) -> dict[str, Any]:
+        """What a retry, park or dead letter carries on from the consumed message."""
         carry: dict[str, Any] = {}
         stamp = published_at(headers, message.timestamp)
         if stamp is not None:
@@ -264,15 +342,34 @@ class Pipeline:
         routing_key = headers.get(H_ROUTING_KEY) if internal else message.routing_key
         if isinstance(routing_key, str):
             carry[H_ROUTING_KEY] = routing_key[:255]
+        return carry
+
+    async def _process(
+        self,
+        message: InboundMessage,
+        parsed: tuple[Event, tuple[SubscriberConfig, ...]] | None = None,
+    ) -> _Verdict:
+        now = self._clock()
+        headers = message.headers or {}
+        # Our own headers are trusted only on messages that came back through our own delay
+        # tiers or a replay; on anything published to the events exchange they are ignored,
+        # so a publisher cannot narrow an event to one subscriber.
+        internal = parsed is None and self._is_internal(message.exchange)
+        delivery = Delivery.from_headers(headers, now) if internal else None
+        carry = self._carry(message, headers, internal=internal)
         if delivery is not None and H_BATCH_ID in headers:
             await self._process_batch(message, headers, delivery, carry, now)
             return _Verdict.ACK
 
         try:
-            event = parse_event(
-                message.body,
-                message_id=message.message_id,
-                max_bytes=self.config.broker.max_event_bytes,
+            event = (
+                parsed[0]
+                if parsed is not None
+                else parse_event(
+                    message.body,
+                    message_id=message.message_id,
+                    max_bytes=self.config.broker.max_event_bytes,
+                )
             )
         except InvalidEvent as exc:
             self._metrics.events.labels("invalid").inc()
@@ -294,7 +391,15 @@ class Pipeline:
         patient = False
         if delivery is None:
             self._count_events.inc()
-            targets = self._routing.targets(event.account, event.type, event.doc)
+            targets = (
+                parsed[1]
+                if parsed is not None
+                else self._routing.targets(event.account, event.type, event.doc)
+            )
+            if len(targets) == 1 and targets[0].batch is None:  # the usual case, directly
+                only = targets[0]
+                await self._deliver(event, only, Delivery(only.id, 1, now), carry)
+                return _Verdict.ACK
             if any(s.batch is not None for s in targets):
                 await self._fan_out_with_batches(event, targets, carry, now)
                 return _Verdict.ACK
@@ -339,9 +444,7 @@ class Pipeline:
             if sub.batch is None:
                 waits.append(self._deliver(event, sub, Delivery(sub.id, 1, now), carry))
             else:
-                member = Member(event, carry)
-                self._batcher.add(sub, member)
-                waits.append(member.done)
+                waits.append(self._member_of(sub, event, carry))
         if self.held >= self.config.broker.prefetch:
             # No more messages come until something is acked: waiting for a fuller batch
             # would wait forever.
@@ -350,6 +453,23 @@ class Pipeline:
             await waits[0]
         else:
             await asyncio.gather(*waits)
+
+    def _member_of(
+        self, sub: SubscriberConfig, event: Event, carry: dict[str, Any]
+    ) -> asyncio.Future[None]:
+        """Into ``sub``'s open batch, with a future to wait on for its settling."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def settled(exc: BaseException | None) -> None:
+            if done.done():
+                return  # the task waiting on it was cancelled
+            if exc is None:
+                done.set_result(None)
+            else:
+                done.set_exception(exc)
+
+        self._batcher.add(sub, Member(event, carry, settled))
+        return done
 
     def _send_batch(self, sub: SubscriberConfig, members: list[Member]) -> None:
         task = asyncio.get_running_loop().create_task(self._run_batch(sub, members))
@@ -376,15 +496,13 @@ class Pipeline:
             await self._deliver(batch, sub, Delivery(sub.id, 1, self._clock()), carry)
         except BaseException as exc:
             for m in members:
-                if not m.done.done():
-                    m.done.set_exception(exc)
+                m.settled(exc)
             if not isinstance(exc, Exception):
                 raise
             log.error("batch_failed", subscriber=sub.id, batch=batch.id, error=str(exc))
         else:
             for m in members:
-                if not m.done.done():
-                    m.done.set_result(None)
+                m.settled(None)
 
     async def _process_batch(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 
+import aio_pika
 import orjson
 from aiohttp import web
 
@@ -18,6 +19,7 @@ from tests.support.harness import (
     Receiver,
     ReceiverServer,
     always,
+    broker_url,
     event_body,
     fail_times,
     running,
@@ -224,3 +226,36 @@ async def test_a_dead_letter_survives_for_a_batch_to_an_always_failing_endpoint(
         "broken",
     )
     assert [e["id"] for e in orjson.loads(letters[0].body)] == ["x0", "x1"]
+
+
+async def test_events_only_batched_subscribers_want_are_settled_without_a_task_each(
+    make, receivers: ReceiverServer
+) -> None:
+    """Such events join their batches as they arrive (no task waits on each); every message is
+    still acked only through its batch, and none is left in the queue."""
+    first = receivers.add("first")
+    second = receivers.add("second")
+    batch = {"max_events": 8, "max_wait": "200ms"}
+    cfg = make(
+        [
+            {"id": "first", "url": first.url, "batch": batch},
+            {"id": "second", "url": second.url, "batch": batch},
+        ]
+    )
+    n = 30
+    async with running(cfg) as disp, Publisher(cfg) as pub:
+        await pub.publish_many([event_body(n=i, event_id=f"t{i:02}") for i in range(n)])
+        assert await wait_until(
+            lambda: sum(map(len, members_of(first))) == n and sum(map(len, members_of(second))) == n
+        )
+        await settle()
+        assert disp.pipeline.held == 0
+        consumer = disp._consumer
+        assert consumer is not None and consumer.taken == n  # all through the tap
+    for rec in (first, second):
+        assert [i for b in members_of(rec) for i in b] == [f"t{i:02}" for i in range(n)]
+    connection = await aio_pika.connect(broker_url())
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(cfg.broker.queue, passive=True)
+        assert declared.declaration_result.message_count == 0
