@@ -189,6 +189,10 @@ class Pipeline:
         needs no task: its message is settled by the batches' callbacks. Anything else gets a
         task of its own (`handle`), with the event parsed here passed on.
         """
+        # Registered here, in delivery order, whichever way it goes on (`handle` registering
+        # it again is a no-op): a batched event settled before an earlier task started must not
+        # make the ack window reorder itself.
+        self.acks.received(message.channel, message.delivery_tag)
         parsed: tuple[Event, tuple[SubscriberConfig, ...]] | None = None
         try:
             if not self._is_internal(message.exchange):
@@ -210,7 +214,6 @@ class Pipeline:
     ) -> None:
         """`take` for an event that only batched subscribers want: into their batches, and the
         message settled when the last of them is."""
-        self.acks.received(message.channel, message.delivery_tag)
         self._joined += 1
         self._metrics.prefetch_used.set(self.held)
         self._count_events.inc()
