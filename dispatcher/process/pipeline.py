@@ -168,11 +168,20 @@ class Pipeline:
         """Wait for held messages to settle; cancel (and so requeue) what is left. Returns it.
 
         Open batches are sent first: their members' messages wait on them (cancelling a batch
-        hands its members' messages back)."""
+        hands its members' messages back). Work started meanwhile is waited for too (a
+        delivery that reached the consumer just before it was cancelled is taken a moment
+        later, through aiormq's own callback)."""
         self._batcher.flush()
-        pending = self._tasks | self._batches
-        if pending:
-            _, pending = await asyncio.wait(pending, timeout=timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending: set[asyncio.Task[Any]] = set()
+        while True:
+            await asyncio.sleep(0)  # let tasks created just now start (and count themselves)
+            pending = self._tasks | self._batches
+            left = deadline - loop.time()
+            if not pending or left <= 0:
+                break
+            await asyncio.wait(pending, timeout=left)
         for task in pending:
             task.cancel()
         if pending:
@@ -207,7 +216,9 @@ class Pipeline:
         if parsed is not None and parsed[1] and all(s.batch is not None for s in parsed[1]):
             self._join(message, *parsed)
         else:
-            asyncio.get_running_loop().create_task(self.handle(message, parsed))
+            # Counted as held from now, not from its first step: a drain that starts before
+            # the task does must wait for it.
+            self._tasks.add(asyncio.get_running_loop().create_task(self.handle(message, parsed)))
 
     def _join(
         self, message: InboundMessage, event: Event, targets: tuple[SubscriberConfig, ...]

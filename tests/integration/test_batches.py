@@ -22,6 +22,7 @@ from tests.support.harness import (
     broker_url,
     event_body,
     fail_times,
+    hang,
     running,
     settle,
     wait_for_dead_letters,
@@ -259,3 +260,37 @@ async def test_events_only_batched_subscribers_want_are_settled_without_a_task_e
         channel = await connection.channel()
         declared = await channel.declare_queue(cfg.broker.queue, passive=True)
         assert declared.declaration_result.message_count == 0
+
+
+async def queued(cfg) -> int:  # type: ignore[no-untyped-def]
+    """Messages ready in the work queue (after the dispatcher stopped: what it handed back)."""
+    connection = await aio_pika.connect(broker_url())
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(cfg.broker.queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+
+
+async def test_stopping_sends_the_open_batch_and_acks_its_members(make, receivers) -> None:
+    rec = receivers.add("bulk")
+    cfg = make([{"id": "bulk", "url": rec.url, "batch": {"max_events": 100, "max_wait": "5m"}}])
+    async with running(cfg) as disp, Publisher(cfg) as pub:
+        await pub.publish_many([event_body(n=i, event_id=f"o{i:02}") for i in range(12)])
+        assert await wait_until(lambda: disp.pipeline.held == 12)
+        assert rec.count == 0  # waiting for more, for up to five minutes
+    assert members_of(rec) == [[f"o{i:02}" for i in range(12)]]
+    assert await queued(cfg) == 0
+
+
+async def test_a_batch_still_in_flight_when_the_drain_ends_hands_its_members_back(
+    make, receivers
+) -> None:
+    rec = receivers.add("stuck", hang(30))
+    cfg = make(
+        [{"id": "stuck", "url": rec.url, "timeout": "30s", "batch": {"max_events": 5}}],
+        dispatcher={"drain_timeout": "1s"},
+    )
+    async with running(cfg) as disp, Publisher(cfg) as pub:
+        await pub.publish_many([event_body(n=i, event_id=f"h{i}") for i in range(5)])
+        assert await wait_until(lambda: disp.pipeline.held == 5 and rec.in_flight == 1)
+    assert await queued(cfg) == 5  # none acked, none lost: the broker has them all again

@@ -279,3 +279,15 @@ def _doc(cfg: Config, tmp_path: Path) -> dict[str, Any]:
         "broker": {"exchange": cfg.broker.exchange, "queue": cfg.broker.queue, "prefetch": 64},
         "signing": {"keys_dir": str(tmp_path / "keys")},
     }
+
+
+async def test_drain_also_waits_for_work_taken_after_it_began(tmp_path: Path) -> None:
+    """A delivery that reached the consumer just before it was cancelled is taken a moment
+    later; the drain must not stop (and the process exit) before that message is acked."""
+    rig = Rig(tmp_path, 204)
+    late = rig.message(event(1))
+    loop = asyncio.get_running_loop()
+    loop.call_soon(rig.pipeline.take, late)  # type: ignore[arg-type]
+    assert await rig.pipeline.drain(1.0) == 0
+    assert rig.channel.acked == {late.delivery_tag} and len(rig.sender.posts) == 1
+    assert rig.pipeline.held == 0
