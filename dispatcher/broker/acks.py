@@ -1,6 +1,6 @@
 """Acknowledgements in groups: one ``basic.ack(multiple=True)`` for many settled messages.
 
-The pipeline decides *whether* a message is acked or handed back (`Pipeline.handle` is the one
+The pipeline decides *whether* a message is acked or handed back (`Pipeline._finish` is the one
 owner of that decision); this module decides *how the frames go out*. Deliveries on one channel
 carry increasing tags, and an ack with ``multiple=True`` settles every outstanding tag up to
 its own. So once per event-loop pass, for each channel:

@@ -1,10 +1,11 @@
 """The delivery pipeline: one consumed message in, every matching subscriber settled, one ack.
 
-`Pipeline.handle` is the only place that acks or requeues a consumed message (from the work
-queue or a subscriber's parking queue). A message is acked when each of its deliveries is
-settled: delivered (2xx), or waiting in the retry tiers or the subscriber's parking queue, or
-written as a dead letter, each confirmed by the broker. Anything else (a publish that failed,
-a cancellation during shutdown, a bug) requeues the message: at-least-once, never lost.
+Messages come in through `Pipeline.take` (the work queue) and `Pipeline.handle` (a subscriber's
+parking queue); `Pipeline._finish` is the only place that acks or requeues one. A message is
+acked when each of its deliveries is settled: delivered (2xx), or waiting in the retry tiers
+or the subscriber's parking queue, or written as a dead letter, each confirmed by the broker.
+Anything else (a publish that failed, a cancellation during shutdown, a bug) requeues the
+message: at-least-once, never lost.
 """
 
 from __future__ import annotations
@@ -196,11 +197,10 @@ class Pipeline:
 
         A fresh event whose subscribers all take batches joins their open batches at once and
         needs no task: its message is settled by the batches' callbacks. Anything else gets a
-        task of its own (`handle`), with the event parsed here passed on.
+        task of its own (`_run`), with the event parsed here passed on.
         """
-        # Registered here, in delivery order, whichever way it goes on (`handle` registering
-        # it again is a no-op): a batched event settled before an earlier task started must not
-        # make the ack window reorder itself.
+        # Registered here, in delivery order, whichever way it goes on: a batched event settled
+        # before an earlier task started must not make the ack window reorder itself.
         self.acks.received(message.channel, message.delivery_tag)
         parsed: tuple[Event, tuple[SubscriberConfig, ...]] | None = None
         try:
@@ -218,7 +218,7 @@ class Pipeline:
         else:
             # Counted as held from now, not from its first step: a drain that starts before
             # the task does must wait for it.
-            self._tasks.add(asyncio.get_running_loop().create_task(self.handle(message, parsed)))
+            self._tasks.add(asyncio.get_running_loop().create_task(self._run(message, parsed)))
 
     def _join(
         self, message: InboundMessage, event: Event, targets: tuple[SubscriberConfig, ...]
@@ -254,7 +254,7 @@ class Pipeline:
                 log.warning("message_handed_back", reason="shutdown", message_id=message.message_id)
             self._finish(message, _Verdict.ACK if failure is None else _Verdict.REQUEUE)
             return
-        # A batch that failed (a bug, or the broker link) : decided as `handle` would, on a
+        # A batch that failed (a bug, or the broker link): decided as `_run` would, on a
         # task (the broker may have to be waited for).
         task = asyncio.get_running_loop().create_task(self._joined_failed(message, failure))
         self._tasks.add(task)
@@ -270,22 +270,28 @@ class Pipeline:
             self._metrics.prefetch_used.set(self.held - 1)
             self._finish(message, verdict)
 
-    async def handle(
-        self,
-        message: InboundMessage,
-        parsed: tuple[Event, tuple[SubscriberConfig, ...]] | None = None,
-    ) -> None:
-        """The consumer callback. Owns the ack or requeue of ``message``. ``parsed``: the
-        event and its subscribers, if `take` worked them out already."""
+    async def handle(self, message: InboundMessage) -> None:
+        """The consumer callback of the parking queues (the work queue's deliveries come
+        through `take`). Owns the ack or requeue of ``message``."""
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        self._metrics.prefetch_used.set(self.held)
         # (try, not suppress(): no context manager per message)
         try:  # noqa: SIM105
             self.acks.received(message.channel, message.delivery_tag)
         except ChannelInvalidStateError:
             pass  # closed already: whatever happens here, the broker redelivers it
+        await self._run(message)
+
+    async def _run(
+        self,
+        message: InboundMessage,
+        parsed: tuple[Event, tuple[SubscriberConfig, ...]] | None = None,
+    ) -> None:
+        """One held message's task (registered with the acks and counted in ``_tasks``
+        already), to its ack or requeue. ``parsed``: the event and its subscribers, if `take`
+        worked them out already."""
+        self._metrics.prefetch_used.set(self.held)
         verdict = _Verdict.REQUEUE
         try:
             verdict = await self._process(message, parsed)
@@ -300,7 +306,7 @@ class Pipeline:
             )
             verdict = await self._poisoned(message, exc)
         finally:
-            self._tasks.discard(task)
+            self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
             self._metrics.prefetch_used.set(self.held)
             self._finish(message, verdict)
 
