@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         "--prefetch",
         type=int,
         default=None,
-        help="the dispatcher's [broker].prefetch (hol, batch; default 256)",
+        help="the dispatcher's [broker].prefetch (hol: default 256; batch: default 1024)",
     )
     run.add_argument(
         "--candidate", type=Path, help="another checkout to compare against (ab scenario)"

@@ -300,6 +300,7 @@ class DispatcherProcess:
             "dispatcher_parked_total",
             "dispatcher_dead_letters_total",
             "dispatcher_broker_confirm_seconds",
+            "dispatcher_request_duration_seconds",
         ),
     ) -> dict[str, float]:
         """The dispatcher's own counters (Prometheus text), for the phase report."""

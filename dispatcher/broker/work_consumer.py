@@ -16,6 +16,11 @@ together as they arrive and each delivery is started at once; every other frame 
 returns, a close, other consumers' deliveries) goes on into the queue untouched, in order.
 Without the tap (an aiormq whose channel has no frame queue), aiormq's own callback path is used.
 
+One step earlier still: the tap is registered with the connection's frame reader
+(`dispatcher.broker.frames`), which, where it is installed, takes the tap's deliveries from the
+bytes it reads and hands them to `DeliveryTap.hand`, so they never become pamqp frames or enter
+the queue at all. The tap's own ``put`` is what remains when that reader is not installed.
+
 The consumer lives on a robust channel: when the channel or the connection is restored, the
 channel's ``reopen_callbacks`` consume again on the new underlying channel (aio-pika restores
 only the consumers it made itself).
@@ -35,6 +40,8 @@ from aiormq.abc import DeliveredMessage
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
+
+from dispatcher.broker import frames
 
 __all__ = ["DeliveryTap", "Inbound", "InboundMessage", "WorkConsumer"]
 
@@ -80,22 +87,49 @@ class Inbound:
         "timestamp",
     )
 
-    def __init__(self, delivery: Any, header: ContentHeader, body: bytes, channel: Any) -> None:
+    def __init__(
+        self,
+        body: bytes,
+        channel: Any,
+        delivery_tag: int | None,
+        exchange: str | None,
+        routing_key: str | None,
+        redelivered: bool | None,
+        headers: Mapping[str, Any] | None,
+        message_id: str | None,
+        timestamp: dt.datetime | None,
+    ) -> None:
+        self.body = body
+        self.channel = channel
+        self.delivery_tag = delivery_tag
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.redelivered = redelivered
+        self.headers = headers
+        self.message_id = message_id
+        self.timestamp = timestamp
+
+    @classmethod
+    def of_frames(cls, delivery: Any, header: ContentHeader, body: bytes, channel: Any) -> Inbound:
+        """From pamqp's frames of one delivery."""
         props = header.properties
-        self.body: bytes = body
-        self.channel: Any = channel
-        self.delivery_tag: int | None = delivery.delivery_tag
-        self.exchange: str | None = delivery.exchange
-        self.routing_key: str | None = delivery.routing_key
-        self.redelivered: bool | None = delivery.redelivered
-        self.headers: Mapping[str, Any] | None = props.headers
-        self.message_id: str | None = props.message_id
-        self.timestamp: dt.datetime | None = props.timestamp
+        return cls(
+            body,
+            channel,
+            delivery.delivery_tag,
+            delivery.exchange,
+            delivery.routing_key,
+            delivery.redelivered,
+            props.headers,
+            props.message_id,
+            props.timestamp,
+        )
 
     @classmethod
     def of(cls, delivered: DeliveredMessage) -> Inbound:
         """From aiormq's own message (its callback path)."""
-        return cls(delivered.delivery, delivered.header, delivered.body, delivered.channel)
+        d = delivered
+        return cls.of_frames(d.delivery, d.header, d.body, d.channel)
 
 
 # Deliveries taken between two turns of the event loop. aiormq's reader does not wait while
@@ -133,6 +167,7 @@ class DeliveryTap:
         self._passing = False  # content of a frame that went on into the queue
         self._stopped = False
         self.taken = 0  # deliveries handed over
+        self.from_reader = 0  # of which the connection's frame reader took from the bytes
 
     def stop(self) -> None:
         """The consumer was cancelled: deliveries still on their way go to the channel, as
@@ -177,13 +212,47 @@ class DeliveryTap:
         self._passing = True
         await self.queue.put(item)
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def hand(
+        self,
+        body: bytes,
+        delivery_tag: int,
+        exchange: str,
+        routing_key: str,
+        redelivered: bool,
+        headers: Mapping[str, Any] | None,
+        message_id: str | None,
+        timestamp: dt.datetime | None,
+    ) -> None:
+        """A delivery the connection's frame reader took from the bytes (`frames`)."""
+        self.from_reader += 1
+        self._give(
+            Inbound(
+                body,
+                self._channel,
+                delivery_tag,
+                exchange,
+                routing_key,
+                redelivered,
+                headers,
+                message_id,
+                timestamp,
+            )
+        )
+
     def _complete(self, body: bytes) -> None:
         delivery, header = self._delivery, self._header
         self._reset()
         assert header is not None
+        self._give(Inbound.of_frames(delivery, header, body, self._channel))
+
+    def _give(self, message: Inbound) -> None:
         self.taken += 1
         try:
-            self._take(Inbound(delivery, header, body, self._channel))
+            self._take(message)
         except Exception as exc:  # a bug: never into aiormq's reader (it would drop the link)
             # The message stays unacked: the broker hands it out again when the channel closes.
             log.error("delivery_not_taken", error=f"{type(exc).__name__}: {exc}", exc_info=True)
@@ -222,7 +291,8 @@ class WorkConsumer:
         if isinstance(queue, asyncio.Queue):
             # In place before the consume goes out: its first deliveries may follow the reply
             # into the queue before basic_consume returns.
-            raw.frames = DeliveryTap(queue, raw, tag, self._take)
+            raw.frames = tap = DeliveryTap(queue, raw, tag, self._take)
+            frames.register(tag, tap)
         ok = await raw.basic_consume(self._queue, self._deliver, no_ack=False, consumer_tag=tag)
         self._tag, self._underlay = ok.consumer_tag, raw
 
@@ -254,6 +324,12 @@ class WorkConsumer:
         """Deliveries taken through the tap on the current channel (0 on aiormq's own path)."""
         tap = getattr(self._underlay, "frames", None)
         return tap.taken if isinstance(tap, DeliveryTap) else 0
+
+    @property
+    def from_reader(self) -> int:
+        """Of those, the deliveries the connection's frame reader took from the bytes."""
+        tap = getattr(self._underlay, "frames", None)
+        return tap.from_reader if isinstance(tap, DeliveryTap) else 0
 
     @property
     def consuming(self) -> bool:

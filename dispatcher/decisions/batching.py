@@ -20,18 +20,32 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from dispatcher.config import BatchConfig, SubscriberConfig
 from dispatcher.decisions.events import Event
 
-__all__ = ["Batch", "Batcher", "Member", "batch_body", "new_batch_id"]
+__all__ = ["Batch", "Batcher", "Member", "batch_body", "new_batch_id", "window_for_batches"]
+
+# Full batches of its largest batched subscriber the prefetch window should hold: with fewer,
+# the worker, the broker and the subscriber take turns instead of working at once (measured
+# with batches of 100: 3.7-3.9x the unbatched rate at a window of 256, 5.6x at 512, 7.3x at
+# 1,024; loadtest/RESULTS.md).
+WINDOW_BATCHES = 4
 
 
 def new_batch_id() -> str:
     return "bat_" + os.urandom(12).hex()
+
+
+def window_for_batches(prefetch: int, subscribers: Iterable[SubscriberConfig]) -> int | None:
+    """The prefetch that holds `WINDOW_BATCHES` full batches of the largest batched
+    subscriber, when ``prefetch`` holds fewer; None when it is enough (or nobody batches)."""
+    largest = max((s.batch.max_events for s in subscribers if s.batch is not None), default=0)
+    wanted = WINDOW_BATCHES * largest
+    return wanted if prefetch < wanted else None
 
 
 def batch_body(bodies: list[bytes]) -> bytes:

@@ -9,6 +9,7 @@ import aio_pika
 import orjson
 from aiohttp import web
 
+from dispatcher.broker import frames
 from dispatcher.broker.dead_letters import DeadLetterTool
 from dispatcher.config import BatchConfig, SubscriberConfig
 from dispatcher.decisions.batching import Batcher, Member, batch_body
@@ -253,6 +254,7 @@ async def test_events_only_batched_subscribers_want_are_settled_without_a_task_e
         assert disp.pipeline.held == 0
         consumer = disp._consumer
         assert consumer is not None and consumer.taken == n  # all through the tap
+        assert frames.installed() and consumer.from_reader == n  # taken from the bytes
     for rec in (first, second):
         assert [i for b in members_of(rec) for i in b] == [f"t{i:02}" for i in range(n)]
     connection = await aio_pika.connect(broker_url())
