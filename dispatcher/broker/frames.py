@@ -29,6 +29,7 @@ still takes deliveries from the channel's frame queue, one step later.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import struct
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -69,10 +70,22 @@ def installed() -> bool:
     return _AiormqReader is not None and aiormq.connection.FrameReceiver is FrameReader
 
 
+def _fits(reader: Any) -> bool:
+    """Is this aiormq's reader the one `FrameReader` extends: made from a stream reader alone,
+    read through ``get_frame``?"""
+    if reader is None or not callable(getattr(reader, "get_frame", None)):
+        return False
+    try:
+        params = list(inspect.signature(reader.__init__).parameters)
+    except (TypeError, ValueError):
+        return False
+    return params == ["self", "reader"]
+
+
 def install() -> bool:
     """Use `FrameReader` for every aiormq connection made from now on; False if this aiormq
-    does not read frames where this expects (then nothing changed)."""
-    if _AiormqReader is None or not hasattr(_AiormqReader, "get_frame"):
+    does not read frames the way this expects (then nothing changed)."""
+    if not _fits(_AiormqReader):
         return False
     setattr(aiormq.connection, "FrameReceiver", FrameReader)  # noqa: B010 (a module's name)
     return True

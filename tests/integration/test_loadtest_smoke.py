@@ -428,3 +428,29 @@ def test_hot_path_bench_runs_every_case() -> None:
     assert any(n.startswith("Pipeline.handle, 1 subscriber") for n in names), names
     assert any("no token" in n for n in names), names
     assert all(r.median_us > 0 for r in results)
+
+
+def test_intake_bench_takes_every_delivery_both_ways() -> None:
+    """The intake bench on a small backlog: aiormq's reader puts every delivery together in
+    the tap, the dispatcher's takes every one from the bytes; both see all of them."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadtest.bench_intake",
+            "--events",
+            "600",
+            "--rounds",
+            "1",
+            "--broker-url",
+            os.environ.get("DISPATCHER_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = {line.split()[2]: line for line in out.stdout.splitlines() if " us CPU " in line}
+    assert lines["aiormq"].endswith(" 0 taken from the bytes"), out.stdout
+    assert lines["dispatcher"].endswith(" 600 taken from the bytes"), out.stdout
+    assert "median CPU per delivery" in out.stdout

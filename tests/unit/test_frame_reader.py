@@ -227,3 +227,13 @@ def test_install_replaces_aiormqs_reader_for_new_connections() -> None:
         assert aiormq.connection.FrameReceiver is FrameReader
     finally:
         aiormq.connection.FrameReceiver = before
+
+
+def test_a_reader_of_another_shape_is_not_replaced() -> None:
+    class Other:
+        def __init__(self, reader: Any, loop: Any) -> None: ...
+
+        async def get_frame(self) -> None: ...
+
+    assert frames._fits(frames._AiormqReader)
+    assert not frames._fits(Other) and not frames._fits(None) and not frames._fits(object)
