@@ -171,14 +171,17 @@ class FrameReader(_Base):  # type: ignore[misc]
             await self._fill()
 
     async def _fill(self) -> None:
+        # As aiormq's reader: a stream that had ended before the read is the iteration's end;
+        # one that ends while the reader waits is a connection lost (the connection closes
+        # with that error, and a robust one reconnects).
+        left = len(self._data) - self._at
+        if not left and self.reader.at_eof():
+            raise StopAsyncIteration
         try:
             chunk = await self.reader.read(_READ)
         except (ConnectionError, OSError) as exc:
             raise AMQPConnectionError(f"Server communication error: {exc!r}") from exc
         if not chunk:
-            left = len(self._data) - self._at
-            if not left:
-                raise StopAsyncIteration
             raise AMQPConnectionError(
                 f"Server connection unexpectedly closed. Read {left} bytes of a frame"
             )

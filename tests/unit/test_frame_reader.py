@@ -203,6 +203,18 @@ async def test_a_stream_cut_inside_a_frame_is_a_connection_error(tag: str) -> No
         await rig.returned()
 
 
+async def test_a_stream_that_ends_while_the_reader_waits_is_a_connection_error(tag: str) -> None:
+    rig = Rig(tag)
+    rig.stream.feed_data(wire(0, START) + wire(1, Basic.QosOk()))
+    got = [await rig.reader.get_frame(), await rig.reader.get_frame()]
+    assert [type(f) for _, _, f in got] == [Connection.Start, Basic.QosOk]
+    waiting = asyncio.ensure_future(rig.reader.get_frame())
+    await asyncio.sleep(0.01)
+    rig.stream.feed_eof()
+    with pytest.raises(AMQPConnectionError, match="unexpectedly closed"):
+        await waiting
+
+
 async def test_many_deliveries_let_the_loop_run_between_them(tag: str) -> None:
     rig = Rig(tag)
     ticks = 0
