@@ -44,7 +44,7 @@ from pamqp.heartbeat import Heartbeat
 if TYPE_CHECKING:
     from dispatcher.broker.work_consumer import DeliveryTap
 
-__all__ = ["FrameReader", "install", "installed", "register"]
+__all__ = ["YIELD_EVERY", "FrameReader", "install", "installed", "register"]
 
 _READ = 1 << 18  # bytes asked of the socket at a time
 _HEAD = struct.Struct(">BHI")  # frame type, channel, payload size
@@ -53,7 +53,10 @@ _TAG_BITS = struct.Struct(">QB")  # delivery tag, redelivered
 _CONTENT = struct.Struct(">HHQH")  # class, weight, body size, property flags
 _FRAME_METHOD, _FRAME_HEADER, _FRAME_BODY = 1, 2, 3
 _FRAME_END = 0xCE
-_YIELD_EVERY = 16  # deliveries taken between two turns of the event loop
+# Deliveries taken between two turns of the event loop. aiormq's reader does not wait while
+# frames are buffered, so a burst of deliveries would otherwise be taken in one stretch while
+# the work they started (a closed batch's POST, the answers that settle them) waits behind it.
+YIELD_EVERY = 16
 
 # Consumer tags whose deliveries are taken from the bytes (unique per consume: a uuid).
 _taps: weakref.WeakValueDictionary[bytes, DeliveryTap] = weakref.WeakValueDictionary()
@@ -154,7 +157,7 @@ class FrameReader(_Base):  # type: ignore[misc]
                         handed = self._handed
                         if self._tapped(kind, channel, data, at + 7, end):
                             self._quiet = True
-                            if self._handed != handed and self._handed % _YIELD_EVERY == 0:
+                            if self._handed != handed and self._handed % YIELD_EVERY == 0:
                                 await asyncio.sleep(0)
                             continue
                     self._quiet = False

@@ -132,12 +132,6 @@ class Inbound:
         return cls.of_frames(d.delivery, d.header, d.body, d.channel)
 
 
-# Deliveries taken between two turns of the event loop. aiormq's reader does not wait while
-# frames are buffered, so a burst of deliveries would otherwise be taken in one stretch while
-# the work they started (a closed batch's POST, the answers that settle them) waits behind it.
-_YIELD_EVERY = 16
-
-
 class DeliveryTap:
     """Stands in front of an aiormq channel's frame queue (``channel.frames``).
 
@@ -192,7 +186,7 @@ class DeliveryTap:
                 if self._got >= self._header.body_size:
                     parts = self._parts
                     self._complete(parts[0] if len(parts) == 1 else b"".join(parts))
-                    if self.taken % _YIELD_EVERY == 0:
+                    if self.taken % frames.YIELD_EVERY == 0:
                         await asyncio.sleep(0)
                 return
             # A frame out of place (the broker broke off the message): what was gathered is

@@ -229,7 +229,7 @@ async def test_many_deliveries_let_the_loop_run_between_them(tag: str) -> None:
     task = asyncio.create_task(ticker())
     await rig.returned()
     task.cancel()
-    assert len(rig.taken) == 160 and ticks >= 160 // frames._YIELD_EVERY
+    assert len(rig.taken) == 160 and ticks >= 160 // frames.YIELD_EVERY
 
 
 def test_install_replaces_aiormqs_reader_for_new_connections() -> None:
